@@ -1,0 +1,46 @@
+// The CPU engine's public C++ entry points: raw pointers and int64 sizes, no Python.  Each call picks the ISA
+// once (dispatch), then runs the tile kernels over row tiles in one OpenMP parallel-for (serial below a size
+// threshold); an exception in any worker is collected and rethrown once on the calling thread.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernelatlas/model.h"
+#include "kernelatlas/types.h"
+
+namespace kernelatlas {
+
+// ---- instruction-set dispatch ----
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+Isa best_supported_isa();                      // what this CPU (and OS) can run
+std::vector<std::string> supported_isas();     // e.g. {"scalar", "avx2", "avx512"}
+Isa active_isa();                              // the forced one, else the best
+std::string isa_name(Isa isa);
+// Forces an ISA ("scalar", "avx2", "avx512") or restores automatic choice (""); returns the previous setting.
+// Throws std::invalid_argument when the CPU cannot run it.  Initialised from $KERNELATLAS_ISA.
+std::string set_isa(const std::string& name);
+std::string forced_isa();
+
+int default_threads();  // OpenMP's max threads (1 without OpenMP)
+bool openmp_enabled();
+
+// ---- kernels ----
+// normalized: [n, d] float32, norms: [n] float32
+void normalize(const KernelsIn& x, float min_abs, float* normalized, float* norms, int threads);
+// codes: [n]
+void encode(const ModelView& m, const KernelsIn& x, float min_abs, float* codes, int threads);
+// codes: [n] -> decoded: [n, d]
+void decode(const ModelView& m, const float* codes, idx_t n, float* decoded, int threads);
+// decoded: [n, d] = decode(encode(x))
+void reconstruct(const ModelView& m, const KernelsIn& x, float min_abs, float* decoded, int threads);
+// labels: [n] int16, scores: [n], codes: [n]
+void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments,
+            int16_t* labels, float* scores, float* codes, int threads);
+// labels: [n] int16, scores: [n]
+void assign_prototypes(const PrototypeView& p, const KernelsIn& x, float threshold, float min_abs, int16_t* labels,
+                       float* scores, int threads);
+
+// Measured FP32 FMA throughput of the active ISA with `threads` threads over about `seconds`, in GFLOP/s.
+double fma_peak_gflops(double seconds, int threads);
+
+}  // namespace kernelatlas

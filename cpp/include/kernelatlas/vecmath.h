@@ -1,0 +1,59 @@
+// Per-value math shared by every backend: the scalar CPU path, the reference semantics the SIMD paths must
+// match, and (later) the CUDA kernels.  Everything is inline with internal linkage so that a copy compiled
+// with AVX-512 flags can never be picked by the linker for the scalar path.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernelatlas/types.h"
+
+#if defined(__CUDACC__)
+#define KA_HD __host__ __device__
+#else
+#define KA_HD
+#endif
+
+namespace kernelatlas {
+namespace {
+
+// A kernel whose centred L2 norm is at most kFlatRelTol * max|w| carries no pattern above fp32 rounding of
+// its mean (a constant kernel): it is treated like an all-zero kernel (zero row, norm 0, label -1).
+constexpr float kFlatRelTol = 1e-5f;
+
+KA_HD inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float v = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  uint32_t bits;
+  if (exponent == 31) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf / NaN
+  } else {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+KA_HD inline float activate_scalar(Activation act, float x) {
+  switch (act) {
+    case Activation::identity: return x;
+    case Activation::relu: return x > 0.f ? x : 0.f;
+    case Activation::sigmoid: return 1.f / (1.f + std::exp(-x));
+    case Activation::tanh: return std::tanh(x);
+    case Activation::gelu: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
+    case Activation::gelu_tanh: {
+      const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+      return 0.5f * x * (1.f + std::tanh(inner));
+    }
+  }
+  return x;
+}
+
+}  // namespace
+}  // namespace kernelatlas

@@ -1,0 +1,340 @@
+// kernelatlas._core: the boundary between Python and the engine.  Every array is checked here (dtype, shape,
+// C-contiguity, writeability of outputs) with an error that names the fix; nothing is ever copied silently,
+// and the GIL is released around all heavy work.  Inputs may be numpy arrays or memmaps of any size.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+
+#include "kernelatlas/engine.h"
+#include "kernelatlas/model.h"
+
+namespace py = pybind11;
+using namespace kernelatlas;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  os << (a.ndim() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+bool is_c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
+
+std::string kernel_size_name(int d) {
+  const int k = static_cast<int>(std::lround(std::sqrt(static_cast<double>(d))));
+  if (k * k == d) return std::to_string(k) + "x" + std::to_string(k);
+  return std::to_string(d) + " entries";
+}
+
+// A batch of kernels: float32/float16, C-contiguous, [n, d] or [n, k, k].  expected_d < 0: any d.
+KernelsIn kernels_arg(const py::array& x, int expected_d, const char* name) {
+  const char kind = x.dtype().kind();
+  const auto itemsize = x.itemsize();
+  KernelsIn in;
+  if (kind == 'f' && itemsize == 4) {
+    in.dtype = DType::float32;
+  } else if (kind == 'f' && itemsize == 2) {
+    in.dtype = DType::float16;
+  } else {
+    throw py::type_error(std::string(name) + " must be float32 or float16, got " + dtype_str(x) + ": convert it with " +
+                         name + ".astype(np.float32)");
+  }
+  int d = 0;
+  if (x.ndim() == 2) {
+    d = static_cast<int>(x.shape(1));
+  } else if (x.ndim() == 3 && x.shape(1) == x.shape(2)) {
+    d = static_cast<int>(x.shape(1) * x.shape(2));
+  } else {
+    throw py::value_error(std::string(name) + " must have shape [n, k*k] or [n, k, k], got " + shape_str(x) +
+                          ": reshape it with " + name + ".reshape(len(" + name + "), -1)");
+  }
+  if (d < 1 || d > kMaxDim)
+    throw py::value_error(std::string(name) + " has " + std::to_string(d) + " entries per kernel; the engine takes 1.." +
+                          std::to_string(kMaxDim) + " (3x3, 5x5, 7x7 kernels are 9, 25, 49)");
+  if (expected_d >= 0 && d != expected_d)
+    throw py::value_error(std::string(name) + " holds " + kernel_size_name(d) + " kernels but the model is for " +
+                          kernel_size_name(expected_d) + " kernels: use the model trained for this kernel size");
+  if (!is_c_contiguous(x))
+    throw py::value_error(std::string(name) + " is not C-contiguous (a transposed view or strided slice?): pass "
+                          "np.ascontiguousarray(" + name + "); kernelatlas never copies large inputs silently");
+  in.data = x.data();
+  in.rows = x.shape(0);
+  in.d = d;
+  return in;
+}
+
+// An output array: exact dtype, exact shape, C-contiguous, writeable -- or a freshly allocated one.
+template <class T>
+py::array_t<T> out_arg(const std::optional<py::array>& out, const std::vector<py::ssize_t>& shape, const char* name) {
+  if (!out) return py::array_t<T>(shape);
+  const py::array& a = *out;
+  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must be " + py::str(py::dtype::of<T>()).cast<std::string>() + ", got " +
+                         dtype_str(a));
+  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
+  if (!same) {
+    std::ostringstream os;
+    os << name << " must have shape (";
+    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+    os << (shape.size() == 1 ? ",)" : ")") << ", got " << shape_str(a);
+    throw py::value_error(os.str());
+  }
+  if (!is_c_contiguous(a)) throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (!a.writeable())
+    throw py::value_error(std::string(name) + " is read-only: open an output memmap with mode 'r+' or 'w+'");
+  return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
+float check_threshold(double threshold) {
+  if (!std::isfinite(threshold) || threshold < -1.0 || threshold > 1.0)
+    throw py::value_error("threshold must be a cosine in [-1, 1], got " + std::to_string(threshold));
+  return static_cast<float>(threshold);
+}
+
+float check_min_abs(double min_abs) {
+  if (!std::isfinite(min_abs) || min_abs < 0.0)
+    throw py::value_error("min_abs must be finite and >= 0 (0 = only exact zeros are dead), got " +
+                          std::to_string(min_abs));
+  return static_cast<float>(min_abs);
+}
+
+std::vector<DenseSpec> layers_arg(const py::list& layers, const char* side) {
+  std::vector<DenseSpec> out;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto t = layers[i].cast<py::tuple>();
+    if (t.size() != 3)
+      throw py::value_error(std::string(side) + " layer " + std::to_string(i) + " must be (weight, bias, activation)");
+    auto w = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(t[0]);
+    auto b = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(t[1]);
+    if (!w || w.ndim() != 2) throw py::value_error(std::string(side) + " layer " + std::to_string(i) + ": weight must be 2-D [out, in]");
+    if (!b || b.ndim() != 1) throw py::value_error(std::string(side) + " layer " + std::to_string(i) + ": bias must be 1-D [out]");
+    DenseSpec s;
+    s.out = static_cast<int>(w.shape(0));
+    s.in = static_cast<int>(w.shape(1));
+    s.act = parse_activation(t[2].cast<std::string>());
+    s.weight.assign(w.data(), w.data() + w.size());
+    s.bias.assign(b.data(), b.data() + b.size());
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+template <class T>
+py::array_t<T> vec_to_array(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> a(shape);
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+bool use_segments_arg(const AutoencoderModel& m, const std::string& decoder) {
+  if (decoder == "auto") return m.piecewise_linear();
+  if (decoder == "mlp") return false;
+  if (decoder == "segments") {
+    if (!m.piecewise_linear())
+      throw py::value_error("decoder='segments' needs a decoder whose activations are all relu/identity; "
+                            "use decoder='auto' or 'mlp'");
+    return true;
+  }
+  throw py::value_error("decoder must be 'auto', 'segments' or 'mlp', got '" + decoder + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "kernelatlas native CPU engine (private; use the kernelatlas package)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def("normalize",
+        [](const py::array& x, std::optional<py::array> out, std::optional<py::array> norms, double min_abs,
+           int threads) {
+          const KernelsIn in = kernels_arg(x, -1, "x");
+          std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+          auto out_a = out_arg<float>(out, shape, "out");
+          auto norms_a = out_arg<float>(norms, {static_cast<py::ssize_t>(in.rows)}, "norms");
+          const float ma = check_min_abs(min_abs);
+          float* o = out_a.mutable_data();
+          float* nr = norms_a.mutable_data();
+          {
+            py::gil_scoped_release release;
+            kernelatlas::normalize(in, ma, o, nr, threads);
+          }
+          return py::make_tuple(out_a, norms_a);
+        },
+        py::arg("x"), py::kw_only(), py::arg("out") = py::none(), py::arg("norms") = py::none(),
+        py::arg("min_abs") = 0.0, py::arg("threads") = 0,
+        "Centre each kernel and divide by its L2 norm -> (normalized float32, norms float32).");
+
+  py::class_<AutoencoderModel>(m, "AutoencoderEngine")
+      .def(py::init([](int d, const py::list& encoder, const py::list& decoder, std::vector<float> lo,
+                       std::vector<float> hi) {
+             return new AutoencoderModel(d, layers_arg(encoder, "encoder"), layers_arg(decoder, "decoder"),
+                                         std::move(lo), std::move(hi));
+           }),
+           py::arg("d"), py::arg("encoder"), py::arg("decoder"), py::arg("intervals_lo") = std::vector<float>{},
+           py::arg("intervals_hi") = std::vector<float>{})
+      .def_property_readonly("d", &AutoencoderModel::d)
+      .def_property_readonly("piecewise_linear", &AutoencoderModel::piecewise_linear)
+      .def_property_readonly("n_segments", &AutoencoderModel::n_segments)
+      .def("segments",
+           [](const AutoencoderModel& self) {
+             const auto n = static_cast<py::ssize_t>(self.n_segments());
+             py::dict out;
+             out["breakpoints"] = vec_to_array(self.seg_t(), {std::max<py::ssize_t>(n - 1, 0)});
+             out["centers"] = vec_to_array(self.seg_zc(), {n});
+             out["values"] = vec_to_array(self.seg_c(), {n, self.d()});
+             out["slopes"] = vec_to_array(self.seg_b(), {n, self.d()});
+             return out;
+           },
+           "The piecewise-linear decoder table (segment s decodes z to values[s] + (z - centers[s]) * slopes[s]).")
+      .def("encode",
+           [](const AutoencoderModel& self, const py::array& x, std::optional<py::array> out, double min_abs,
+              int threads) {
+             const KernelsIn in = kernels_arg(x, self.d(), "x");
+             auto codes = out_arg<float>(out, {static_cast<py::ssize_t>(in.rows)}, "out");
+             const float ma = check_min_abs(min_abs);
+             float* c = codes.mutable_data();
+             {
+               py::gil_scoped_release release;
+               kernelatlas::encode(self.view(), in, ma, c, threads);
+             }
+             return codes;
+           },
+           py::arg("x"), py::kw_only(), py::arg("out") = py::none(), py::arg("min_abs") = 0.0, py::arg("threads") = 0)
+      .def("decode",
+           [](const AutoencoderModel& self, const py::array& codes, std::optional<py::array> out, int threads) {
+             if (codes.ndim() != 1) throw py::value_error("codes must be 1-D [n], got shape " + shape_str(codes));
+             if (!codes.dtype().is(py::dtype::of<float>()))
+               throw py::type_error("codes must be float32, got " + dtype_str(codes) + ": use codes.astype(np.float32)");
+             if (!is_c_contiguous(codes)) throw py::value_error("codes must be C-contiguous: pass np.ascontiguousarray(codes)");
+             const idx_t n = codes.shape(0);
+             auto dec = out_arg<float>(out, {static_cast<py::ssize_t>(n), self.d()}, "out");
+             const float* z = static_cast<const float*>(codes.data());
+             float* o = dec.mutable_data();
+             {
+               py::gil_scoped_release release;
+               kernelatlas::decode(self.view(), z, n, o, threads);
+             }
+             return dec;
+           },
+           py::arg("codes"), py::kw_only(), py::arg("out") = py::none(), py::arg("threads") = 0)
+      .def("reconstruct",
+           [](const AutoencoderModel& self, const py::array& x, std::optional<py::array> out, double min_abs,
+              int threads) {
+             const KernelsIn in = kernels_arg(x, self.d(), "x");
+             auto dec = out_arg<float>(out, {static_cast<py::ssize_t>(in.rows), self.d()}, "out");
+             const float ma = check_min_abs(min_abs);
+             float* o = dec.mutable_data();
+             {
+               py::gil_scoped_release release;
+               kernelatlas::reconstruct(self.view(), in, ma, o, threads);
+             }
+             return dec;
+           },
+           py::arg("x"), py::kw_only(), py::arg("out") = py::none(), py::arg("min_abs") = 0.0, py::arg("threads") = 0)
+      .def("assign",
+           [](const AutoencoderModel& self, const py::array& x, double threshold, std::optional<py::array> labels,
+              std::optional<py::array> scores, std::optional<py::array> codes, double min_abs, int threads,
+              const std::string& decoder) {
+             const KernelsIn in = kernels_arg(x, self.d(), "x");
+             const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(in.rows)};
+             auto lab = out_arg<int16_t>(labels, shape, "labels");
+             auto sc = out_arg<float>(scores, shape, "scores");
+             auto cd = out_arg<float>(codes, shape, "codes");
+             const float thr = check_threshold(threshold), ma = check_min_abs(min_abs);
+             const bool seg = use_segments_arg(self, decoder);
+             int16_t* l = lab.mutable_data();
+             float* s = sc.mutable_data();
+             float* c = cd.mutable_data();
+             {
+               py::gil_scoped_release release;
+               kernelatlas::assign(self.view(), in, thr, ma, seg, l, s, c, threads);
+             }
+             return py::make_tuple(lab, sc, cd);
+           },
+           py::arg("x"), py::kw_only(), py::arg("threshold") = 0.85, py::arg("labels") = py::none(),
+           py::arg("scores") = py::none(), py::arg("codes") = py::none(), py::arg("min_abs") = 0.0,
+           py::arg("threads") = 0, py::arg("decoder") = "auto");
+
+  py::class_<PrototypeSet>(m, "PrototypeEngine")
+      .def(py::init([](const py::array& prototypes) {
+             if (prototypes.ndim() != 2 || !prototypes.dtype().is(py::dtype::of<float>()) || !is_c_contiguous(prototypes))
+               throw py::value_error("prototypes must be a C-contiguous float32 array [n_prototypes, k*k], got " +
+                                     dtype_str(prototypes) + " " + shape_str(prototypes));
+             return new PrototypeSet(static_cast<int>(prototypes.shape(1)), static_cast<int>(prototypes.shape(0)),
+                                     static_cast<const float*>(prototypes.data()));
+           }),
+           py::arg("prototypes"))
+      .def_property_readonly("d", [](const PrototypeSet& p) { return p.view().d; })
+      .def_property_readonly("n_prototypes", [](const PrototypeSet& p) { return p.view().n_proto; })
+      .def_property_readonly("normalized",
+                             [](const PrototypeSet& p) {
+                               return vec_to_array(p.normalized(), {p.view().n_proto, p.view().d});
+                             })
+      .def("assign",
+           [](const PrototypeSet& self, const py::array& x, double threshold, std::optional<py::array> labels,
+              std::optional<py::array> scores, double min_abs, int threads) {
+             const KernelsIn in = kernels_arg(x, self.view().d, "x");
+             const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(in.rows)};
+             auto lab = out_arg<int16_t>(labels, shape, "labels");
+             auto sc = out_arg<float>(scores, shape, "scores");
+             const float thr = check_threshold(threshold), ma = check_min_abs(min_abs);
+             int16_t* l = lab.mutable_data();
+             float* s = sc.mutable_data();
+             {
+               py::gil_scoped_release release;
+               kernelatlas::assign_prototypes(self.view(), in, thr, ma, l, s, threads);
+             }
+             return py::make_tuple(lab, sc);
+           },
+           py::arg("x"), py::kw_only(), py::arg("threshold"), py::arg("labels") = py::none(),
+           py::arg("scores") = py::none(), py::arg("min_abs") = 0.0, py::arg("threads") = 0);
+
+  m.def("set_isa", &kernelatlas::set_isa, py::arg("name"),
+        "Force 'scalar', 'avx2' or 'avx512' ('' or 'auto' = best supported); returns the previous setting.");
+  m.def("active_isa", [] { return isa_name(active_isa()); });
+  m.def("supported_isas", &supported_isas);
+  m.def("fma_peak_gflops",
+        [](double seconds, int threads) {
+          py::gil_scoped_release release;
+          return fma_peak_gflops(seconds, threads);
+        },
+        py::arg("seconds") = 0.5, py::arg("threads") = 0,
+        "Measured FP32 FMA throughput of the active ISA (GFLOP/s), for putting kernel speeds against the peak.");
+  m.def("build_info", [] {
+    py::dict info;
+    info["version"] = KERNELATLAS_VERSION;
+#if defined(__clang__)
+    info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    info["compiler"] = "unknown";
+#endif
+    info["isa"] = isa_name(active_isa());
+    info["isa_forced"] = forced_isa();
+    info["isa_supported"] = supported_isas();
+    info["isa_compiled"] = std::vector<std::string>{"scalar", "avx2", "avx512"};
+    info["openmp"] = openmp_enabled();
+    info["threads"] = default_threads();
+    info["cuda_built"] = static_cast<bool>(KERNELATLAS_CUDA_BUILT);
+    return info;
+  });
+}

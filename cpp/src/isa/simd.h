@@ -1,0 +1,206 @@
+// A minimal SIMD vocabulary with one meaning per ISA level, so that tile_impl.h is written once.
+// KA_ISA selects the level: 0 scalar (W = 1), 1 AVX2+FMA+F16C (W = 8), 2 AVX-512 F/BW/DQ/VL (W = 16).
+// Every function is static inline inside the ISA's own namespace: no symbol is shared between variants.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if KA_ISA >= 1
+#include <immintrin.h>
+#endif
+
+#include "kernelatlas/vecmath.h"
+
+namespace kernelatlas {
+namespace KA_NS {
+
+#if KA_ISA == 2
+constexpr int W = 16;
+using vf = __m512;
+using vi = __m512i;
+using vm = __mmask16;
+static inline vf vset(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vsqrt(vf a) { return _mm512_sqrt_ps(a); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
+static inline vm vlt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline vm vle(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+static inline vm vgt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline vm vge(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+static inline vm mand(vm a, vm b) { return static_cast<vm>(a & b); }
+static inline vm mnot(vm a) { return static_cast<vm>(~a); }
+static inline vm mtrue() { return static_cast<vm>(0xffff); }
+static inline vf vsel(vm m, vf a, vf b) { return _mm512_mask_blend_ps(m, b, a); }
+static inline vi iset(int32_t a) { return _mm512_set1_epi32(a); }
+static inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
+static inline vi imul(vi a, vi b) { return _mm512_mullo_epi32(a, b); }
+static inline vi imin(vi a, vi b) { return _mm512_min_epi32(a, b); }
+static inline vm ile(vi a, vi b) { return _mm512_cmple_epi32_mask(a, b); }
+static inline vi isel(vm m, vi a, vi b) { return _mm512_mask_blend_epi32(m, b, a); }
+static inline void istore(int32_t* p, vi a) { _mm512_storeu_si512(p, a); }
+static inline vf vgather(const float* base, vi idx) { return _mm512_i32gather_ps(idx, base, 4); }
+static inline vi vround_i(vf a) { return _mm512_cvtps_epi32(a); }
+static inline vf vfrom_i(vi a) { return _mm512_cvtepi32_ps(a); }
+static inline vf vpow2i(vi n) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, iset(127)), 23)); }
+static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float load_half(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+#elif KA_ISA == 1
+constexpr int W = 8;
+using vf = __m256;
+using vi = __m256i;
+using vm = __m256;  // lanes of all ones / all zeros
+static inline vf vset(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vsqrt(vf a) { return _mm256_sqrt_ps(a); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline vm vlt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+static inline vm vle(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+static inline vm vgt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+static inline vm vge(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+static inline vm mand(vm a, vm b) { return _mm256_and_ps(a, b); }
+static inline vm mtrue() { return _mm256_castsi256_ps(_mm256_set1_epi32(-1)); }
+static inline vm mnot(vm a) { return _mm256_xor_ps(a, mtrue()); }
+static inline vf vsel(vm m, vf a, vf b) { return _mm256_blendv_ps(b, a, m); }
+static inline vi iset(int32_t a) { return _mm256_set1_epi32(a); }
+static inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
+static inline vi imul(vi a, vi b) { return _mm256_mullo_epi32(a, b); }
+static inline vi imin(vi a, vi b) { return _mm256_min_epi32(a, b); }
+static inline vm ile(vi a, vi b) { return mnot(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, b))); }
+static inline vi isel(vm m, vi a, vi b) { return _mm256_blendv_epi8(b, a, _mm256_castps_si256(m)); }
+static inline void istore(int32_t* p, vi a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+static inline vf vgather(const float* base, vi idx) { return _mm256_i32gather_ps(base, idx, 4); }
+static inline vi vround_i(vf a) { return _mm256_cvtps_epi32(a); }
+static inline vf vfrom_i(vi a) { return _mm256_cvtepi32_ps(a); }
+static inline vf vpow2i(vi n) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, iset(127)), 23)); }
+static inline float hsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float load_half(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+#else
+constexpr int W = 1;
+using vf = float;
+using vi = int32_t;
+using vm = bool;
+static inline vf vset(float a) { return a; }
+static inline vf vload(const float* p) { return *p; }
+static inline void vstore(float* p, vf a) { *p = a; }
+static inline vf vadd(vf a, vf b) { return a + b; }
+static inline vf vsub(vf a, vf b) { return a - b; }
+static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vdiv(vf a, vf b) { return a / b; }
+static inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
+static inline vf vsqrt(vf a) { return std::sqrt(a); }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+static inline vf vabs(vf a) { return std::fabs(a); }
+static inline vm vlt(vf a, vf b) { return a < b; }
+static inline vm vle(vf a, vf b) { return a <= b; }
+static inline vm vgt(vf a, vf b) { return a > b; }
+static inline vm vge(vf a, vf b) { return a >= b; }
+static inline vm mand(vm a, vm b) { return a && b; }
+static inline vm mnot(vm a) { return !a; }
+static inline vm mtrue() { return true; }
+static inline vf vsel(vm m, vf a, vf b) { return m ? a : b; }
+static inline vi iset(int32_t a) { return a; }
+static inline vi iadd(vi a, vi b) { return a + b; }
+static inline vi imul(vi a, vi b) { return a * b; }
+static inline vi imin(vi a, vi b) { return a < b ? a : b; }
+static inline vm ile(vi a, vi b) { return a <= b; }
+static inline vi isel(vm m, vi a, vi b) { return m ? a : b; }
+static inline void istore(int32_t* p, vi a) { *p = a; }
+static inline vf vgather(const float* base, vi idx) { return base[idx]; }
+static inline float hsum(vf a) { return a; }
+static inline float load_half(const uint16_t* p) { return half_to_float(*p); }
+#endif
+
+// ---- transcendental functions, vectorised (the scalar level uses libm, which is the reference) ----
+#if KA_ISA >= 1
+// exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial (error < 1e-8 relative).
+static inline vf vexp(vf x) {
+  x = vmin(vmax(x, vset(-87.3f)), vset(88.3f));
+  const vi n = vround_i(vmul(x, vset(1.44269504088896341f)));
+  const vf nf = vfrom_i(n);
+  vf r = vfma(nf, vset(-0.693359375f), x);
+  r = vfma(nf, vset(2.12194440e-4f), r);
+  vf p = vset(1.f / 5040.f);
+  p = vfma(p, r, vset(1.f / 720.f));
+  p = vfma(p, r, vset(1.f / 120.f));
+  p = vfma(p, r, vset(1.f / 24.f));
+  p = vfma(p, r, vset(1.f / 6.f));
+  p = vfma(p, r, vset(0.5f));
+  p = vfma(p, r, vset(1.f));
+  p = vfma(p, r, vset(1.f));
+  return vmul(p, vpow2i(n));
+}
+static inline vf vsigmoid(vf x) { return vdiv(vset(1.f), vadd(vset(1.f), vexp(vsub(vset(0.f), x)))); }
+// tanh(x) = sign(x) (1 - 2 / (exp(2|x|) + 1)); absolute error ~1e-7 near 0, which is what matters downstream.
+static inline vf vtanh(vf x) {
+  const vf ax = vabs(x);
+  const vf t = vsub(vset(1.f), vdiv(vset(2.f), vadd(vexp(vadd(ax, ax)), vset(1.f))));
+  return vsel(vlt(x, vset(0.f)), vsub(vset(0.f), t), t);
+}
+// erf(x) = x P(x^2) / Q(x^2) on |x| <= 4 (erf = +-1 to fp32 beyond), a rational minimax form.
+static inline vf verf(vf x) {
+  x = vmin(vmax(x, vset(-4.f)), vset(4.f));
+  const vf x2 = vmul(x, x);
+  vf p = vset(-2.72614225801306e-10f);
+  p = vfma(p, x2, vset(2.77068142495902e-08f));
+  p = vfma(p, x2, vset(-2.10102402082508e-06f));
+  p = vfma(p, x2, vset(-5.69250639462346e-05f));
+  p = vfma(p, x2, vset(-7.34990630326855e-04f));
+  p = vfma(p, x2, vset(-2.95459980854025e-03f));
+  p = vfma(p, x2, vset(-1.60960333262415e-02f));
+  p = vmul(p, x);
+  vf q = vset(-1.45660718464996e-05f);
+  q = vfma(q, x2, vset(-2.13374055278905e-04f));
+  q = vfma(q, x2, vset(-1.68282697438203e-03f));
+  q = vfma(q, x2, vset(-7.37332916720468e-03f));
+  q = vfma(q, x2, vset(-1.42647390514189e-02f));
+  return vdiv(p, q);
+}
+#else
+static inline vf vexp(vf x) { return std::exp(x); }
+static inline vf vsigmoid(vf x) { return 1.f / (1.f + std::exp(-x)); }
+static inline vf vtanh(vf x) { return std::tanh(x); }
+static inline vf verf(vf x) { return std::erf(x); }
+#endif
+
+static inline vf vactivate(Activation act, vf x) {
+  switch (act) {
+    case Activation::identity: return x;
+    case Activation::relu: return vmax(x, vset(0.f));
+    case Activation::sigmoid: return vsigmoid(x);
+    case Activation::tanh: return vtanh(x);
+    case Activation::gelu: return vmul(vmul(vset(0.5f), x), vadd(vset(1.f), verf(vmul(x, vset(0.70710678118654752f)))));
+    case Activation::gelu_tanh: {
+      const vf inner = vmul(vset(0.7978845608028654f), vfma(vmul(vset(0.044715f), vmul(x, x)), x, x));
+      return vmul(vmul(vset(0.5f), x), vadd(vset(1.f), vtanh(inner)));
+    }
+  }
+  return x;
+}
+
+}  // namespace KA_NS
+}  // namespace kernelatlas

@@ -1,0 +1,28 @@
+"""kernelatlas: recurring patterns and quality of the trained convolution kernels of public CNNs, at scale.
+
+The heavy lifting is done by a native engine (``kernelatlas._core``: C++ with per-ISA SIMD kernels and
+OpenMP threads); this package is the thin, typed layer over it.  Start with :func:`assign`,
+:class:`Autoencoder` and :func:`normalize`; ``kernelatlas --help`` lists the command-line jobs.
+"""
+
+from __future__ import annotations
+
+from kernelatlas._version import __version__
+from kernelatlas.autoencoder import Autoencoder
+from kernelatlas.engine import (
+    assign,
+    assign_prototypes,
+    build_info,
+    normalize,
+    set_isa,
+)
+
+__all__ = [
+    "Autoencoder",
+    "__version__",
+    "assign",
+    "assign_prototypes",
+    "build_info",
+    "normalize",
+    "set_isa",
+]

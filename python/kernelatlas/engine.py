@@ -1,0 +1,158 @@
+"""The public face of the native engine: batched normalisation, fused autoencoder assignment and prototype
+assignment over numpy arrays and memmaps of any size.
+
+Inputs are float32 or float16 arrays of shape [n, k*k] or [n, k, k], C-contiguous: a strided or transposed
+view is rejected with the fix rather than copied, since a silent copy of a billion-kernel memmap would
+exhaust memory.  Every call releases the GIL and runs on ``threads`` OpenMP threads (default: all).
+Outputs can be preallocated (``out=`` arguments), e.g. as writable memmaps, so results stream to disk.
+
+Semantics shared by every call (and every backend):
+
+* a kernel is centred (its mean subtracted) and divided by the L2 norm of the centred kernel;
+* a kernel holding NaN or Inf is *non-finite* (norm NaN); one whose entries are all ``<= min_abs`` in
+  magnitude is *dead* (default ``min_abs=0``: exact zeros only); one whose centred norm is at most
+  1e-5 x max|w| is *flat* (a constant kernel).  All three become zero rows, norm 0 (NaN if non-finite),
+  label -1, score 0 and code NaN -- never an error, never a division by zero.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kernelatlas import _core
+
+if TYPE_CHECKING:
+    from kernelatlas.autoencoder import Autoencoder
+
+__all__ = ["assign", "assign_prototypes", "build_info", "normalize", "set_isa"]
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return 0
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None for all cores), got {threads}")
+    return int(threads)
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    if device == "cuda":
+        raise ValueError(
+            "device='cuda': the CUDA backend has no kernels in this build yet; use device='cpu' or 'auto'"
+        )
+    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
+def normalize(
+    x: np.ndarray,
+    *,
+    out: np.ndarray | None = None,
+    norms: np.ndarray | None = None,
+    min_abs: float = 0.0,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centre every kernel and divide it by its L2 norm.
+
+    Returns ``(normalized, norms)``: float32 of x's shape, and float32 [n] with the centred norms (0 for dead
+    or flat kernels, NaN for non-finite ones, whose rows are zero).
+    """
+    return _core.normalize(x, out=out, norms=norms, min_abs=float(min_abs), threads=_threads(threads))
+
+
+def assign(
+    x: np.ndarray,
+    model: Autoencoder,
+    *,
+    threshold: float = 0.85,
+    min_abs: float = 0.0,
+    threads: int | None = None,
+    device: str = "auto",
+    decoder: str = "auto",
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paper-mode assignment in one fused pass: normalise, encode to the 1-D code, decode, take the cosine of
+    kernel and reconstruction; label = index of the model's cluster interval holding the code when the cosine
+    is >= ``threshold``, else -1.  A model without clusters labels every kernel that passes the threshold 0.
+
+    Returns ``(labels int16, scores float32, codes float32)``, each [n].  ``out`` may give the three output
+    arrays (e.g. writable memmaps).  ``decoder``: 'auto' uses the exact piecewise-linear table of a ReLU
+    decoder (see DESIGN.md), 'mlp' forces the decoder network, 'segments' requires the table.
+    """
+    _check_device(device)
+    labels, scores, codes = out if out is not None else (None, None, None)
+    return model._engine.assign(
+        x,
+        threshold=float(threshold),
+        labels=labels,
+        scores=scores,
+        codes=codes,
+        min_abs=float(min_abs),
+        threads=_threads(threads),
+        decoder=decoder,
+    )
+
+
+def assign_prototypes(
+    x: np.ndarray,
+    prototypes: np.ndarray | Any,
+    *,
+    threshold: float,
+    min_abs: float = 0.0,
+    threads: int | None = None,
+    device: str = "auto",
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label each kernel with the prototype of highest cosine (kernels and prototypes both centred and
+    L2-normalised), or -1 when that cosine is below ``threshold``.
+
+    ``prototypes``: an array [P, k*k] or [P, k, k] (1 <= P <= 256), or a ``_core.PrototypeEngine`` built once
+    and reused.  Returns ``(labels int16, scores float32)``.
+    """
+    _check_device(device)
+    engine = prototypes if isinstance(prototypes, _core.PrototypeEngine) else prototype_engine(prototypes)
+    labels, scores = out if out is not None else (None, None)
+    return engine.assign(
+        x, threshold=float(threshold), labels=labels, scores=scores, min_abs=float(min_abs), threads=_threads(threads)
+    )
+
+
+def prototype_engine(prototypes: np.ndarray) -> _core.PrototypeEngine:
+    """Normalise and pack a prototype set once, for repeated :func:`assign_prototypes` calls."""
+    p = np.asarray(prototypes, dtype=np.float32)
+    if p.ndim == 3:
+        p = p.reshape(len(p), -1)
+    return _core.PrototypeEngine(np.ascontiguousarray(p))
+
+
+def set_isa(name: str | None) -> str | None:
+    """Force the engine's instruction-set path ('scalar', 'avx2', 'avx512'), or None for the best the CPU
+    supports.  Returns the previous setting.  The environment variable ``KERNELATLAS_ISA`` sets the initial
+    value.  Meant for tests and benchmarks: every path gives the same results to fp32 rounding."""
+    previous = _core.set_isa(name or "")
+    return previous or None
+
+
+def build_info() -> dict[str, Any]:
+    """Version, compiler, the ISA chosen at run time (and those supported / compiled), OpenMP and thread
+    count, and whether the CUDA module was built (and which devices it sees)."""
+    info = dict(_core.build_info())
+    info["omp_num_threads_env"] = os.environ.get("OMP_NUM_THREADS")
+    info["cuda_available"] = False
+    info["cuda_devices"] = []
+    if info["cuda_built"]:
+        try:
+            from kernelatlas import _cuda  # type: ignore[attr-defined]
+        except ImportError as exc:  # built, but the CUDA runtime cannot load here
+            info["cuda_error"] = str(exc)
+        else:
+            dev = _cuda.device_info()
+            info["cuda_available"] = dev["device_count"] > 0
+            info["cuda_devices"] = list(dev.get("devices", []))
+            if "error" in dev:
+                info["cuda_error"] = dev["error"]
+    return info

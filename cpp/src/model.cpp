@@ -229,6 +229,26 @@ void AutoencoderModel::build_segments(const std::vector<DenseSpec>& decoder, Act
   view_.seg_zc = seg_zc_.data();
   view_.seg_c = seg_c_.data();
   view_.seg_b = seg_b_.data();
+
+  if (n <= kMaxTableSeg) {
+    const int pad = (n + 15) / 16 * 16;
+    seg_t_pad_.assign(pad, INFINITY);
+    seg_zc_pad_.assign(pad, 0.f);
+    seg_c_t_.assign(static_cast<size_t>(d) * pad, 0.f);
+    seg_b_t_.assign(static_cast<size_t>(d) * pad, 0.f);
+    std::copy(seg_t_.begin(), seg_t_.end(), seg_t_pad_.begin());
+    std::copy(seg_zc_.begin(), seg_zc_.end(), seg_zc_pad_.begin());
+    for (int s = 0; s < n; ++s)
+      for (int j = 0; j < d; ++j) {
+        seg_c_t_[static_cast<size_t>(j) * pad + s] = seg_c_[static_cast<size_t>(s) * d + j];
+        seg_b_t_[static_cast<size_t>(j) * pad + s] = seg_b_[static_cast<size_t>(s) * d + j];
+      }
+    view_.seg_pad = pad;
+    view_.seg_t_pad = seg_t_pad_.data();
+    view_.seg_zc_pad = seg_zc_pad_.data();
+    view_.seg_c_t = seg_c_t_.data();
+    view_.seg_b_t = seg_b_t_.data();
+  }
 }
 
 PrototypeSet::PrototypeSet(int d, int n_proto, const float* prototypes) {

@@ -45,6 +45,7 @@ class AutoencoderModel {
   void build_segments(const std::vector<DenseSpec>& decoder, Activation code_act);
   std::vector<PackedLayer> enc_, dec_;
   std::vector<float> seg_t_, seg_zc_, seg_c_, seg_b_, int_lo_, int_hi_;
+  std::vector<float> seg_t_pad_, seg_zc_pad_, seg_c_t_, seg_b_t_;
   ModelView view_;
 };
 

@@ -15,6 +15,7 @@ constexpr int kMaxLayersPerSide = 5;   // up to 4 hidden layers + the code / out
 constexpr int kMaxWidth = 256;         // widest hidden layer
 constexpr int kMaxDim = 64;            // kernel entries per row (7x7 = 49; 8x8 is the largest we accept)
 constexpr int kMaxPrototypes = 256;
+constexpr int kMaxTableSeg = 64;    // longest segment table looked up by SIMD permutes
 constexpr int kBlockOut = 8;           // output units per packed weight block (see LayerView)
 
 // A dense layer y = act(W x + b), weights packed for the rows-in-lanes kernels:
@@ -44,6 +45,12 @@ struct ModelView {
   const float* seg_zc = nullptr; // [n_seg] expansion point inside each segment
   const float* seg_c = nullptr;  // [n_seg, d] decoded pattern at zc
   const float* seg_b = nullptr;  // [n_seg, d] slope d(decoded)/dz
+  // The same table transposed and padded for in-register lookups (SIMD permutes) when n_seg <= kMaxTableSeg:
+  int32_t seg_pad = 0;            // n_seg rounded up to 16, or 0 when the table is too long for permutes
+  const float* seg_t_pad = nullptr;   // [seg_pad] breakpoints, +inf padded (entry s-1 ends segment s-1)
+  const float* seg_zc_pad = nullptr;  // [seg_pad]
+  const float* seg_c_t = nullptr;     // [d, seg_pad]
+  const float* seg_b_t = nullptr;     // [d, seg_pad]
 
   // Cluster intervals on the code axis, sorted, non-overlapping: [lo, hi), the last one closed.
   int32_t n_int = 0;

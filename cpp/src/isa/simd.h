@@ -54,6 +54,42 @@ static inline vf vpow2i(vi n) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm
 static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline float load_half(const uint16_t* p) { return _cvtsh_ss(*p); }
 
+// In-register transpose of a 16x16 block: r[i] holds row i on entry, column i on exit (64 shuffles).
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane k: column 4k + c of rows 4i..4i+3
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 p0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 p1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 q0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 q1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(p0, q0, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(p0, q0, 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(p1, q1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(p1, q1, 0xdd);
+  }
+}
+
+// tbl[idx] for a table of `pad` (16, 32, 48 or 64) floats, by in-register permutes instead of a gather.
+static inline vf vlookup(const float* tbl, int pad, vi idx) {
+  const __m512 lo = pad == 16 ? _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tbl))
+                              : _mm512_permutex2var_ps(_mm512_loadu_ps(tbl), idx, _mm512_loadu_ps(tbl + 16));
+  if (pad <= 32) return lo;
+  const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(tbl + 32), idx,
+                                           pad == 64 ? _mm512_loadu_ps(tbl + 48) : _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
+}
+
 #elif KA_ISA == 1
 constexpr int W = 8;
 using vf = __m256;

@@ -18,15 +18,17 @@
 namespace kernelatlas {
 namespace KA_NS {
 
-constexpr int T = 64;        // kernels per tile
-constexpr int NV = T / W;    // SIMD vectors of rows per tile
 #if KA_ISA == 2
-constexpr int BB = 8, V = 2; // 16 accumulators of 32 zmm
+constexpr int T = 96;        // kernels per tile
+constexpr int BB = 8, V = 3; // 24 accumulators of 32 zmm
 #elif KA_ISA == 1
+constexpr int T = 64;
 constexpr int BB = 4, V = 2; // 8 accumulators of 16 ymm
 #else
+constexpr int T = 64;
 constexpr int BB = 4, V = 4;
 #endif
+constexpr int NV = T / W;    // SIMD vectors of rows per tile
 static_assert(NV % V == 0, "tile must hold whole register blocks");
 static_assert(kBlockOut % BB == 0, "packed block must split into micro-kernel blocks");
 
@@ -38,6 +40,30 @@ static inline float qnan() { return std::numeric_limits<float>::quiet_NaN(); }
 // x rows [r0, r0+rows) -> xt [d][T], zero-padded to T rows.
 static void load_tile(const KernelsIn& x, idx_t r0, int rows, float* xt) {
   const int d = x.d;
+#if KA_ISA == 2
+  // 16 rows x 16 entries at a time: masked row loads, an in-register transpose, column stores
+  for (int v = 0; v < NV; ++v) {
+    for (int cb = 0; cb < d; cb += 16) {
+      const int nc = d - cb < 16 ? d - cb : 16;
+      const __mmask16 cols = static_cast<__mmask16>((1u << nc) - 1u);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int row = v * 16 + i;
+        const idx_t off = (r0 + row) * d + cb;
+        if (row >= rows) {
+          r[i] = _mm512_setzero_ps();
+        } else if (x.dtype == DType::float32) {
+          r[i] = _mm512_maskz_loadu_ps(cols, static_cast<const float*>(x.data) + off);
+        } else {
+          r[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(cols, static_cast<const uint16_t*>(x.data) + off));
+        }
+      }
+      transpose16(r);
+      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(xt + (cb + c) * T + v * 16, r[c]);
+    }
+  }
+  return;
+#endif
   if (x.dtype == DType::float32) {
     const float* src = static_cast<const float*>(x.data) + r0 * d;  // [rows, d]
     for (int r = 0; r < rows; ++r)
@@ -50,6 +76,26 @@ static void load_tile(const KernelsIn& x, idx_t r0, int rows, float* xt) {
   if (rows < T)
     for (int j = 0; j < d; ++j)
       for (int r = rows; r < T; ++r) xt[j * T + r] = 0.f;
+}
+
+// xt [d][T] -> rows [rows, d] (the inverse of load_tile's transpose).
+static void store_rows(const float* xt, int d, int rows, float* out) {
+#if KA_ISA == 2
+  for (int v = 0; v < NV && v * 16 < rows; ++v) {
+    for (int cb = 0; cb < d; cb += 16) {
+      const int nc = d - cb < 16 ? d - cb : 16;
+      const __mmask16 cols = static_cast<__mmask16>((1u << nc) - 1u);
+      __m512 r[16];
+      for (int c = 0; c < 16; ++c) r[c] = c < nc ? _mm512_loadu_ps(xt + (cb + c) * T + v * 16) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int i = 0; i < 16 && v * 16 + i < rows; ++i)
+        _mm512_mask_storeu_ps(out + static_cast<idx_t>(v * 16 + i) * d + cb, cols, r[i]);
+    }
+  }
+#else
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < d; ++j) out[static_cast<idx_t>(r) * d + j] = xt[j * T + r];
+#endif
 }
 
 // Centre and L2-normalise every row of xt in place.  Dead (max|w| <= min_abs), flat (centred norm
@@ -87,8 +133,16 @@ static void normalize_tile(float* xt, int d, float min_abs, float* good, float* 
   }
 }
 
-// acc[b][v] = bias[b] + sum_j w[j*stride + b] * src[j][v0+v]  for NB units and NVB row vectors.
-template <int NB, int NVB>
+// Activation as a compile-time parameter, so the micro-kernel epilogue stays in registers.
+template <Activation A>
+static inline vf act(vf x) {
+  if constexpr (A == Activation::identity) return x;
+  else if constexpr (A == Activation::relu) return vmax(x, vset(0.f));
+  else return vactivate(A, x);
+}
+
+// dst[b][v0+v] = act(bias[b] + sum_j w[j*stride + b] * src[j][v0+v])  for NB units and NVB row vectors.
+template <int NB, int NVB, Activation A>
 static inline void dense_micro(const float* w, int stride, const float* bias, int in, const float* src, float* dst,
                                int v0) {
   vf acc[NB][NVB];
@@ -106,29 +160,34 @@ static inline void dense_micro(const float* w, int stride, const float* bias, in
     }
   }
   for (int b = 0; b < NB; ++b)
-    for (int v = 0; v < NVB; ++v) vstore(dst + b * T + (v0 + v) * W, acc[b][v]);
-}
-
-static void activate_rows(Activation act, float* buf, int n_units) {
-  if (act == Activation::identity) return;
-  const int n = n_units * T;
-  for (int i = 0; i < n; i += W) vstore(buf + i, vactivate(act, vload(buf + i)));
+    for (int v = 0; v < NVB; ++v) vstore(dst + b * T + (v0 + v) * W, act<A>(acc[b][v]));
 }
 
 // dst[out_pad][T] = act(W src + b), src [in][T].
-static void dense_layer(const LayerView& L, const float* src, float* dst) {
+template <Activation A>
+static void dense_layer_t(const LayerView& L, const float* src, float* dst) {
   if (L.block == 1) {
     // a single unit (the code layer): all row vectors at once, for enough independent FMA chains
-    for (int o = 0; o < L.out_pad; ++o) dense_micro<1, NV>(L.w + o * L.in, 1, L.b + o, L.in, src, dst + o * T, 0);
-  } else {
-    for (int ob = 0; ob < L.out_pad; ob += kBlockOut) {
-      const float* panel = L.w + static_cast<idx_t>(ob) * L.in;  // [in][kBlockOut]
-      for (int boff = 0; boff < kBlockOut; boff += BB)
-        for (int v0 = 0; v0 < NV; v0 += V)
-          dense_micro<BB, V>(panel + boff, kBlockOut, L.b + ob + boff, L.in, src, dst + (ob + boff) * T, v0);
-    }
+    for (int o = 0; o < L.out_pad; ++o) dense_micro<1, NV, A>(L.w + o * L.in, 1, L.b + o, L.in, src, dst + o * T, 0);
+    return;
   }
-  activate_rows(L.act, dst, L.out);
+  for (int ob = 0; ob < L.out_pad; ob += kBlockOut) {
+    const float* panel = L.w + static_cast<idx_t>(ob) * L.in;  // [in][kBlockOut]
+    for (int boff = 0; boff < kBlockOut; boff += BB)
+      for (int v0 = 0; v0 < NV; v0 += V)
+        dense_micro<BB, V, A>(panel + boff, kBlockOut, L.b + ob + boff, L.in, src, dst + (ob + boff) * T, v0);
+  }
+}
+
+static void dense_layer(const LayerView& L, const float* src, float* dst) {
+  switch (L.act) {
+    case Activation::identity: return dense_layer_t<Activation::identity>(L, src, dst);
+    case Activation::relu: return dense_layer_t<Activation::relu>(L, src, dst);
+    case Activation::sigmoid: return dense_layer_t<Activation::sigmoid>(L, src, dst);
+    case Activation::tanh: return dense_layer_t<Activation::tanh>(L, src, dst);
+    case Activation::gelu: return dense_layer_t<Activation::gelu>(L, src, dst);
+    case Activation::gelu_tanh: return dense_layer_t<Activation::gelu_tanh>(L, src, dst);
+  }
 }
 
 // Runs layers[0..n) from src; returns the buffer holding the last output.
@@ -149,8 +208,10 @@ static void encode_normalized(const ModelView& m, const TileScratch& s) {
 }
 
 // Count of breakpoints <= z, i.e. the segment index, by a branchless vector binary search.
-static inline vi find_segment(const ModelView& m, vf z) {
-  const int nb = m.n_seg - 1;
+// lookup(idx) reads breakpoint idx (a gather, or an in-register permute for short tables).
+template <class Lookup>
+static inline vi find_segment(int n_seg, vf z, Lookup lookup) {
+  const int nb = n_seg - 1;
   vi c = iset(0);
   if (nb <= 0) return c;
   int step = 1;
@@ -159,7 +220,7 @@ static inline vi find_segment(const ModelView& m, vf z) {
   for (; step > 0; step >>= 1) {
     const vi probe = iadd(c, iset(step));
     const vm inside = ile(probe, nbv);
-    const vf t = vgather(m.seg_t, iadd(imin(probe, nbv), iset(-1)));
+    const vf t = lookup(iadd(imin(probe, nbv), iset(-1)));
     c = isel(mand(inside, vge(z, t)), probe, c);
   }
   return c;
@@ -169,11 +230,30 @@ static inline vi find_segment(const ModelView& m, vf z) {
 static void cosine_tile(const ModelView& m, bool use_segments, const TileScratch& s, float* scores) {
   const int d = m.d;
   const float* z = s.aux + kCode * T;
+#if KA_ISA == 2
+  if (use_segments && m.seg_pad > 0) {
+    // short table: every lookup is an in-register permute of a column of the transposed table
+    const int pad = m.seg_pad;
+    for (int v = 0; v < NV; ++v) {
+      const vf zv = vload(z + v * W);
+      const vi seg = find_segment(m.n_seg, zv, [&](vi idx) { return vlookup(m.seg_t_pad, pad, idx); });
+      const vf u = vsub(zv, vlookup(m.seg_zc_pad, pad, seg));
+      vf xr = vset(0.f), rr = vset(0.f);
+      for (int j = 0; j < d; ++j) {
+        const vf r = vfma(u, vlookup(m.seg_b_t + j * pad, pad, seg), vlookup(m.seg_c_t + j * pad, pad, seg));
+        xr = vfma(vload(s.xt + j * T + v * W), r, xr);
+        rr = vfma(r, r, rr);
+      }
+      vstore(scores + v * W, vsel(vgt(rr, vset(0.f)), vdiv(xr, vsqrt(rr)), vset(0.f)));
+    }
+    return;
+  }
+#endif
   if (use_segments && m.n_seg > 0) {
     const vi dv = iset(d);
     for (int v = 0; v < NV; ++v) {
       const vf zv = vload(z + v * W);
-      const vi seg = find_segment(m, zv);
+      const vi seg = find_segment(m.n_seg, zv, [&](vi idx) { return vgather(m.seg_t, idx); });
       const vf u = vsub(zv, vgather(m.seg_zc, seg));
       const vi base = imul(seg, dv);
       vf xr = vset(0.f), rr = vset(0.f);
@@ -208,9 +288,7 @@ static void normalize_entry(const KernelsIn& x, idx_t r0, int rows, float min_ab
                             const TileScratch& s) {
   load_tile(x, r0, rows, s.xt);
   normalize_tile(s.xt, x.d, min_abs, s.aux + kGood * T, s.aux + kNorm * T);
-  const int d = x.d;
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < d; ++j) normalized[static_cast<idx_t>(r) * d + j] = s.xt[j * T + r];
+  store_rows(s.xt, x.d, rows, normalized);
   std::memcpy(norms, s.aux + kNorm * T, sizeof(float) * rows);
 }
 
@@ -229,10 +307,10 @@ static void decode_entry(const ModelView& m, const float* codes, int rows, float
   for (int r = 0; r < T; ++r) zin[r] = (r < rows && std::isfinite(codes[r])) ? codes[r] : 0.f;
   const float* rec = run_layers(m.dec, m.n_dec, zin, s);  // [d][T]
   const int d = m.d;
-  for (int r = 0; r < rows; ++r) {
-    const bool ok = std::isfinite(codes[r]);
-    for (int j = 0; j < d; ++j) decoded[static_cast<idx_t>(r) * d + j] = ok ? rec[j * T + r] : qnan();
-  }
+  store_rows(rec, d, rows, decoded);
+  for (int r = 0; r < rows; ++r)
+    if (!std::isfinite(codes[r]))
+      for (int j = 0; j < d; ++j) decoded[static_cast<idx_t>(r) * d + j] = qnan();
 }
 
 static void assign_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, const AssignParams& p,

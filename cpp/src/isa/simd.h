@@ -80,6 +80,17 @@ static inline void transpose16(__m512 r[16]) {
   }
 }
 
+static inline vf load_part(const float* p, int n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+}
+static inline vf load_part(const uint16_t* p, int n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p));
+}
+static inline void store_part(float* p, vf a, int n) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), a);
+}
+static inline void transpose(vf r[16]) { transpose16(r); }
+
 // tbl[idx] for a table of `pad` (16, 32, 48 or 64) floats, by in-register permutes instead of a gather.
 static inline vf vlookup(const float* tbl, int pad, vi idx) {
   const __m512 lo = pad == 16 ? _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tbl))
@@ -133,6 +144,35 @@ static inline float hsum(vf a) {
   return _mm_cvtss_f32(s);
 }
 static inline float load_half(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+static inline __m256i lanes_below(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf load_part(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+static inline vf load_part(const uint16_t* p, int n) {
+  alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(buf, p, sizeof(uint16_t) * static_cast<size_t>(n));
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+static inline void store_part(float* p, vf a, int n) { _mm256_maskstore_ps(p, lanes_below(n), a); }
+// In-register transpose of an 8x8 block: r[i] holds row i on entry, column i on exit.
+static inline void transpose(vf r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
 
 #else
 constexpr int W = 1;

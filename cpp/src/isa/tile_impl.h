@@ -40,26 +40,25 @@ static inline float qnan() { return std::numeric_limits<float>::quiet_NaN(); }
 // x rows [r0, r0+rows) -> xt [d][T], zero-padded to T rows.
 static void load_tile(const KernelsIn& x, idx_t r0, int rows, float* xt) {
   const int d = x.d;
-#if KA_ISA == 2
-  // 16 rows x 16 entries at a time: masked row loads, an in-register transpose, column stores
+#if KA_ISA >= 1
+  // W rows x W entries at a time: partial row loads, an in-register transpose, column stores
   for (int v = 0; v < NV; ++v) {
-    for (int cb = 0; cb < d; cb += 16) {
-      const int nc = d - cb < 16 ? d - cb : 16;
-      const __mmask16 cols = static_cast<__mmask16>((1u << nc) - 1u);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int row = v * 16 + i;
+    for (int cb = 0; cb < d; cb += W) {
+      const int nc = d - cb < W ? d - cb : W;
+      vf r[W];
+      for (int i = 0; i < W; ++i) {
+        const int row = v * W + i;
         const idx_t off = (r0 + row) * d + cb;
         if (row >= rows) {
-          r[i] = _mm512_setzero_ps();
+          r[i] = vset(0.f);
         } else if (x.dtype == DType::float32) {
-          r[i] = _mm512_maskz_loadu_ps(cols, static_cast<const float*>(x.data) + off);
+          r[i] = load_part(static_cast<const float*>(x.data) + off, nc);
         } else {
-          r[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(cols, static_cast<const uint16_t*>(x.data) + off));
+          r[i] = load_part(static_cast<const uint16_t*>(x.data) + off, nc);
         }
       }
-      transpose16(r);
-      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(xt + (cb + c) * T + v * 16, r[c]);
+      transpose(r);
+      for (int c = 0; c < nc; ++c) vstore(xt + (cb + c) * T + v * W, r[c]);
     }
   }
   return;
@@ -80,16 +79,14 @@ static void load_tile(const KernelsIn& x, idx_t r0, int rows, float* xt) {
 
 // xt [d][T] -> rows [rows, d] (the inverse of load_tile's transpose).
 static void store_rows(const float* xt, int d, int rows, float* out) {
-#if KA_ISA == 2
-  for (int v = 0; v < NV && v * 16 < rows; ++v) {
-    for (int cb = 0; cb < d; cb += 16) {
-      const int nc = d - cb < 16 ? d - cb : 16;
-      const __mmask16 cols = static_cast<__mmask16>((1u << nc) - 1u);
-      __m512 r[16];
-      for (int c = 0; c < 16; ++c) r[c] = c < nc ? _mm512_loadu_ps(xt + (cb + c) * T + v * 16) : _mm512_setzero_ps();
-      transpose16(r);
-      for (int i = 0; i < 16 && v * 16 + i < rows; ++i)
-        _mm512_mask_storeu_ps(out + static_cast<idx_t>(v * 16 + i) * d + cb, cols, r[i]);
+#if KA_ISA >= 1
+  for (int v = 0; v < NV && v * W < rows; ++v) {
+    for (int cb = 0; cb < d; cb += W) {
+      const int nc = d - cb < W ? d - cb : W;
+      vf r[W];
+      for (int c = 0; c < W; ++c) r[c] = c < nc ? vload(xt + (cb + c) * T + v * W) : vset(0.f);
+      transpose(r);
+      for (int i = 0; i < W && v * W + i < rows; ++i) store_part(out + static_cast<idx_t>(v * W + i) * d + cb, r[i], nc);
     }
   }
 #else

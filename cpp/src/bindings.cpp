@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <sstream>
@@ -12,6 +13,7 @@
 
 #include "kernelatlas/engine.h"
 #include "kernelatlas/model.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 using namespace kernelatlas;
@@ -318,6 +320,20 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("seconds") = 0.5, py::arg("threads") = 0,
         "Measured FP32 FMA throughput of the active ISA (GFLOP/s), for putting kernel speeds against the peak.");
+  m.def("_check_parallel_errors",
+        [](int64_t rows, int64_t fail_from_tile, int threads) {
+          // Test hook for the parallel-for's error path: tiles >= fail_from_tile throw; returns tiles run.
+          std::atomic<int64_t> done{0};
+          {
+            py::gil_scoped_release release;
+            for_each_tile(rows, 64, 8, threads, [&](idx_t r0, int, const TileScratch&) {
+              if (r0 / 64 >= fail_from_tile) throw std::runtime_error("tile " + std::to_string(r0 / 64) + " failed");
+              ++done;
+            });
+          }
+          return done.load();
+        },
+        py::arg("rows"), py::arg("fail_from_tile"), py::arg("threads") = 0);
   m.def("build_info", [] {
     py::dict info;
     info["version"] = KERNELATLAS_VERSION;

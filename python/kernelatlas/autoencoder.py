@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kernelatlas import _core
+from kernelatlas.engine import _threads
 
 __all__ = ["ACTIVATIONS", "Autoencoder", "Dense"]
 
@@ -98,8 +99,7 @@ class Autoencoder:
     @property
     def _engine(self) -> _core.AutoencoderEngine:
         if self._engine_cache is None:
-            lo = [lo for lo, _ in self.clusters] if self.clusters else []
-            hi = [hi for _, hi in self.clusters] if self.clusters else []
+            lo, hi = _float32_bounds(self.clusters or [])
             self._engine_cache = _core.AutoencoderEngine(
                 self.d,
                 [(L.weight, L.bias, L.activation) for L in self.encoder],
@@ -120,17 +120,17 @@ class Autoencoder:
         self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite)."""
-        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=threads or 0)
+        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=_threads(threads))
 
     def decode(self, codes: np.ndarray, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Decode codes float32 [n] into patterns [n, d] (rows of NaN for non-finite codes)."""
-        return self._engine.decode(codes, out=out, threads=threads or 0)
+        return self._engine.decode(codes, out=out, threads=_threads(threads))
 
     def reconstruct(
         self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
         """decode(encode(x)): the model's reconstruction of each normalised kernel, [n, d]."""
-        return self._engine.reconstruct(x, out=out, min_abs=float(min_abs), threads=threads or 0)
+        return self._engine.reconstruct(x, out=out, min_abs=float(min_abs), threads=_threads(threads))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -249,6 +249,27 @@ class Autoencoder:
             names = [str(iv.get("name", f"cluster_{i}")) for i, iv in enumerate(ivs)]
         info = {k: v for k, v in meta.items() if k not in ("encoder", "decoder")}
         return cls(side("encoder"), side("decoder"), int(meta["kernel_size"]), clusters, names, info)
+
+
+def _float32_bounds(intervals: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Interval edges as float32 values that give exactly the real-number comparisons for float32 codes:
+    ``z >= lo`` and ``z < hi`` hold for a float32 z iff they hold against the float32 edge rounded up;
+    the closed last ``z <= hi`` iff against hi rounded down.  (Plain rounding to nearest would put a code of
+    float32(0.7) = 0.69999999 inside [0.7, ...).)"""
+    lo32: list[float] = []
+    hi32: list[float] = []
+    for i, (lo, hi) in enumerate(intervals):
+        lo_f, hi_f = np.float32(lo), np.float32(hi)
+        if float(lo_f) < lo:
+            lo_f = np.nextafter(lo_f, np.float32(np.inf))
+        last = i == len(intervals) - 1
+        if not last and float(hi_f) < hi:
+            hi_f = np.nextafter(hi_f, np.float32(np.inf))
+        if last and float(hi_f) > hi:
+            hi_f = np.nextafter(hi_f, np.float32(-np.inf))
+        lo32.append(float(lo_f))
+        hi32.append(float(hi_f))
+    return lo32, hi32
 
 
 def _layer_meta(L: Dense) -> dict[str, Any]:

@@ -52,6 +52,12 @@ static inline vi vround_i(vf a) { return _mm512_cvtps_epi32(a); }
 static inline vf vfrom_i(vi a) { return _mm512_cvtepi32_ps(a); }
 static inline vf vpow2i(vi n) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, iset(127)), 23)); }
 static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vi vexponent_field(vf a) {
+  return _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(0xff));
+}
+static inline vf vfrom_exponent_field(vi e) { return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)); }
+static inline vi iclamp(vi a, int lo, int hi) { return _mm512_min_epi32(_mm512_max_epi32(a, iset(lo)), iset(hi)); }
+static inline vi isub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 static inline float load_half(const uint16_t* p) { return _cvtsh_ss(*p); }
 
 // In-register transpose of a 16x16 block: r[i] holds row i on entry, column i on exit (64 shuffles).
@@ -144,6 +150,12 @@ static inline float hsum(vf a) {
   return _mm_cvtss_f32(s);
 }
 static inline float load_half(const uint16_t* p) { return _cvtsh_ss(*p); }
+static inline vi vexponent_field(vf a) {
+  return _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(a), 23), _mm256_set1_epi32(0xff));
+}
+static inline vf vfrom_exponent_field(vi e) { return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)); }
+static inline vi iclamp(vi a, int lo, int hi) { return _mm256_min_epi32(_mm256_max_epi32(a, iset(lo)), iset(hi)); }
+static inline vi isub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 
 static inline __m256i lanes_below(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -209,6 +221,19 @@ static inline void istore(int32_t* p, vi a) { *p = a; }
 static inline vf vgather(const float* base, vi idx) { return base[idx]; }
 static inline float hsum(vf a) { return a; }
 static inline float load_half(const uint16_t* p) { return half_to_float(*p); }
+static inline vi vexponent_field(vf a) {
+  uint32_t bits;
+  std::memcpy(&bits, &a, sizeof(bits));
+  return static_cast<vi>((bits >> 23) & 0xffu);
+}
+static inline vf vfrom_exponent_field(vi e) {
+  const uint32_t bits = static_cast<uint32_t>(e) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+static inline vi iclamp(vi a, int lo, int hi) { return a < lo ? lo : (a > hi ? hi : a); }
+static inline vi isub(vi a, vi b) { return a - b; }
 #endif
 
 // ---- transcendental functions, vectorised (the scalar level uses libm, which is the reference) ----

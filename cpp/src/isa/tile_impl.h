@@ -98,35 +98,41 @@ static void store_rows(const float* xt, int d, int rows, float* out) {
 // Centre and L2-normalise every row of xt in place.  Dead (max|w| <= min_abs), flat (centred norm
 // <= kFlatRelTol max|w|) and non-finite kernels become zero rows; good[r] = 1 for the others.
 // norms[r] = centred norm, 0 for dead/flat, NaN for non-finite.
+// Each kernel is first scaled by the power of two that brings max|w| into [1, 2) -- exact in binary floating
+// point -- so that sums and squares neither overflow (|w| ~ 1e20) nor underflow (|w| ~ 1e-30) in fp32.
 static void normalize_tile(float* xt, int d, float min_abs, float* good, float* norms) {
   const vf inf = vset(std::numeric_limits<float>::infinity());
   const vf dv = vset(static_cast<float>(d));
   for (int v = 0; v < NV; ++v) {
     float* col = xt + v * W;
-    vf sum = vset(0.f), amax = vset(0.f);
+    vf amax = vset(0.f);
     vm finite = mtrue();
     for (int j = 0; j < d; ++j) {
-      const vf x = vload(col + j * T);
-      const vf ax = vabs(x);
-      sum = vadd(sum, x);
+      const vf ax = vabs(vload(col + j * T));
       finite = mand(finite, vlt(ax, inf));
       amax = vmax(amax, ax);
     }
+    // 2^-(e) and 2^e with e the (clamped) exponent of max|w|: fields 254 - E and E of normal floats
+    const vi e_field = iclamp(vexponent_field(amax), 1, 253);
+    const vf scale = vfrom_exponent_field(isub(iset(254), e_field));
+    const vf unscale = vfrom_exponent_field(e_field);
+    vf sum = vset(0.f);
+    for (int j = 0; j < d; ++j) sum = vfma(vload(col + j * T), scale, sum);
     const vf mean = vdiv(sum, dv);
     vf ss = vset(0.f);
     for (int j = 0; j < d; ++j) {
-      const vf c = vsub(vload(col + j * T), mean);
+      const vf c = vfma(vload(col + j * T), scale, vsub(vset(0.f), mean));
       vstore(col + j * T, c);
       ss = vfma(c, c, ss);
     }
-    const vf norm = vsqrt(ss);
+    const vf norm = vsqrt(ss);  // of the scaled kernel
     const vm live = mnot(vle(amax, vset(min_abs)));
-    const vm shaped = vgt(norm, vmul(vset(kFlatRelTol), amax));
+    const vm shaped = vgt(norm, vmul(vset(kFlatRelTol), vmul(amax, scale)));
     const vm ok = mand(finite, mand(live, shaped));
     const vf inv = vsel(ok, vdiv(vset(1.f), norm), vset(0.f));
     for (int j = 0; j < d; ++j) vstore(col + j * T, vsel(ok, vmul(vload(col + j * T), inv), vset(0.f)));
     vstore(good + v * W, vsel(ok, vset(1.f), vset(0.f)));
-    vstore(norms + v * W, vsel(finite, vsel(ok, norm, vset(0.f)), vset(qnan())));
+    vstore(norms + v * W, vsel(finite, vsel(ok, vmul(norm, unscale), vset(0.f)), vset(qnan())));
   }
 }
 

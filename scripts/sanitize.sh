@@ -11,6 +11,7 @@ site=$root/build/asan-site
 rm -rf "$site"
 "$py" -m pip install -q --no-deps --target "$site" \
   -Ccmake.define.KERNELATLAS_SANITIZE=ON -Ccmake.define.KERNELATLAS_CUDA=OFF -Cbuild-dir="$root/build/asan" "$root"
+nm -D "$site"/kernelatlas/_core*.so | grep -q __asan_report || { echo "sanitize: _core is not instrumented" >&2; exit 1; }
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 cd "$root"

@@ -1,0 +1,238 @@
+"""The ``kernelatlas`` command line: one subcommand per job of DESIGN.md (``kernelatlas --help``).
+
+Each verb is one ``_add_<verb>`` function that declares its options and one ``_cmd_<verb>`` function that runs
+it and returns the exit status; a new verb is one more pair and one line in :data:`_VERBS`.  torch is imported
+only inside the verbs that need it, so ``kernelatlas --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+DESCRIPTION = """\
+kernelatlas finds the recurring patterns in the trained convolution kernels of public CNNs and measures their
+quality, at the scale of whole model zoos (billions of kernels).  It extracts kernels into a memory-mapped
+corpus, trains a 1-D-code autoencoder per kernel size, names the clusters on the code axis, and assigns every
+kernel to one with a native engine (C++, SIMD, OpenMP; CUDA where built).
+
+Run `kernelatlas VERB --help` for the options of each verb."""
+
+EPILOG = """\
+examples:
+  kernelatlas build-info                 what this build runs (ISA, threads, CUDA)
+  kernelatlas bench --n 2000000 --k 3    a quick engine-vs-PyTorch comparison"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the paragraphs of descriptions and epilogs (wrapped by :func:`_text`)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=28)
+
+
+def _text(*paragraphs: str) -> str:
+    """Paragraphs wrapped to 100 columns, a blank line between them."""
+    return "\n\n".join(textwrap.fill(" ".join(p.split()), 100) for p in paragraphs)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    return [v for v in text.replace(" ", "").split(",") if v]
+
+
+# ---------------------------------------------------------------------------------------------- build-info
+
+
+def _add_build_info(sub: Any) -> None:
+    p = sub.add_parser(
+        "build-info",
+        help="show what this build of the engine runs on",
+        description=_text(
+            "Show the engine build: version, compiler, the instruction set chosen at run time (and "
+            "those this CPU supports and this build compiled), OpenMP and the default thread count, and "
+            "whether the CUDA module was built and sees a GPU."),
+        epilog=_text("The instruction set can be forced with KERNELATLAS_ISA=scalar|avx2|avx512; the default "
+                     "thread count follows OMP_NUM_THREADS."),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--json", action="store_true", help="print the raw dict as JSON")
+
+
+def _cmd_build_info(args: argparse.Namespace) -> int:
+    import kernelatlas
+
+    info = kernelatlas.build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("kernelatlas", info.get("version")),
+        ("compiler", info.get("compiler")),
+        ("ISA in use", str(info.get("isa"))
+         + (f" (forced: {info['isa_forced']})" if info.get("isa_forced") else "")),
+        ("ISAs this CPU runs", ", ".join(info.get("isa_supported", []))),
+        ("ISAs compiled", ", ".join(info.get("isa_compiled", []))),
+        ("OpenMP", "yes" if info.get("openmp") else "no (single thread)"),
+        ("threads (default)", f"{info.get('threads')}"
+         + (f" (OMP_NUM_THREADS={info['omp_num_threads_env']})" if info.get("omp_num_threads_env") else "")),
+        ("CUDA module built", "yes" if info.get("cuda_built") else "no"),
+    ]
+    if info.get("cuda_built"):
+        devices = info.get("cuda_devices") or []
+        rows.append(("CUDA available", "yes" if info.get("cuda_available") else "no"))
+        if devices:
+            rows.append(("CUDA devices", "; ".join(str(d) for d in devices)))
+        if info.get("cuda_error"):
+            rows.append(("CUDA note", info["cuda_error"]))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub: Any) -> None:
+    from kernelatlas.bench import DEFAULT_CHUNK_SIZES, STAGES
+
+    p = sub.add_parser(
+        "bench",
+        help="the engine against the PyTorch peer, same run, as ratios",
+        description=_text(
+            "Measure the native engine against the pipeline a researcher would write in PyTorch "
+            "(reference/README.md section C) on a synthetic corpus of N kernels per size, in the same "
+            "process, alternating rounds, same thread count, torch at its best chunk size.  Prints kernels/s "
+            "per stage (normalise; normalise+encode; assign, end to end; prototypes), the ratio engine/peer "
+            "(median over rounds), the FLOP rates against this CPU's measured FMA peak, the input bandwidth, "
+            "and the label agreement of the two.",
+            "Both run with glibc's malloc tuned by GLIBC_TUNABLES (mmap and trim thresholds, so that torch's "
+            "chunk buffers are not handed back to the OS after every op); glibc reads it only at start, so "
+            "the command re-executes itself with it set when needed, and says so."),
+        epilog=_text(
+            "The corpus files (N x k*k x 4 bytes each: 3.9 GB for 20M 7x7 kernels) are kept in --workdir "
+            "and reused by later runs.  Needs torch.  Run it on an idle machine: the report shows how much "
+            "CPU other processes took during the timed runs.  See BENCHMARKS.md.",
+            "example: kernelatlas bench --n 2000000 --k 3,7 --json bench.json"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--n", type=int, default=20_000_000, help="kernels per kernel size (default: %(default)s)")
+    p.add_argument("--k", type=_int_list, default=[3, 7], metavar="K[,K...]",
+                   help="kernel sizes (default: 3,7)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for the engine and torch (default: all cores available to this process)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating engine/peer rounds; medians are reported (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="corpus dtype (default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where corpus files are written and reused (default: kernelatlas-bench in the "
+                   "temp dir)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also save the results as JSON")
+    p.add_argument("--chunk-sizes", type=_int_list, default=list(DEFAULT_CHUNK_SIZES), metavar="R[,R...]",
+                   help="torch chunk sizes (rows) tried on a prefix; the fastest is used (default: "
+                   + ",".join(map(str, DEFAULT_CHUNK_SIZES)) + ")")
+    p.add_argument("--stages", type=_str_list, default=list(STAGES), metavar="S[,S...]",
+                   help=f"stages to measure, among {','.join(STAGES)} (default: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the corpus and of the model's random init (default: %(default)s)")
+    p.add_argument("--wait-idle", type=float, default=30.0, metavar="SECONDS",
+                   help="before each engine/peer pair, wait up to this long for other processes to leave the "
+                   "CPUs; 0: never wait (default: %(default)s)")
+    p.add_argument("--allocator", choices=("auto", "as-is"), default="auto",
+                   help="'auto': run under the glibc tunables (re-executing if needed); 'as-is': measure "
+                   "with the allocator this process has, reported (default: %(default)s)")
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kernelatlas import bench
+
+    threads = args.threads if args.threads is not None else _default_threads()
+    params = dict(n=args.n, ks=args.k, threads=threads, rounds=args.rounds, dtype=args.dtype,
+                  workdir=args.workdir, chunk_sizes=args.chunk_sizes, stages=args.stages, seed=args.seed,
+                  wait_idle=args.wait_idle)
+    bench.check_params(n=args.n, ks=args.k, threads=threads, rounds=args.rounds, dtype=args.dtype,
+                       chunk_sizes=args.chunk_sizes, stages=args.stages, allocator=args.allocator)
+    if args.allocator == "auto" and args.standalone and bench.needs_reexec():
+        # This process is the command itself: replace it (progress bars keep their terminal).  When main() is
+        # called from other Python code, run_bench measures in a child process instead.
+        print(f"[bench] re-executing with GLIBC_TUNABLES={bench.ALLOCATOR_SETTING} (glibc reads it only "
+              "at start)", file=sys.stderr)
+        bench.exec_with_tunables([sys.executable, "-m", "kernelatlas.cli", "bench",
+                                  *bench.bench_cli_args(**params, json_path=args.json)])
+    bench.run_bench(**params, json_path=args.json, allocator=args.allocator)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+# verb -> (declare its parser, run it: args -> exit status)
+_VERBS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], int]]] = {
+    "build-info": (_add_build_info, _cmd_build_info),
+    "bench": (_add_bench, _cmd_bench),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kernelatlas import __version__
+
+    parser = argparse.ArgumentParser(prog="kernelatlas", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"kernelatlas {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+    for add, _ in _VERBS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kernelatlas`` with ``argv`` (default: the command line); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    # standalone: this process is the command itself (not main() called by other code), so a verb may
+    # replace it with os.execv
+    args.standalone = argv is None
+    _, run = _VERBS[args.verb]
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        print(f"kernelatlas {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kernelatlas {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `kernelatlas build-info | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter from failing at exit
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

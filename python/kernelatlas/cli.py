@@ -189,12 +189,123 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- extract
+
+
+def _meta_pairs(items: Sequence[str]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--meta takes KEY=VALUE, got {item!r}")
+        meta[key.strip()] = value
+    return meta
+
+
+def _add_extract(sub: Any) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="checkpoints -> a memory-mapped kernel corpus",
+        description=_text(
+            "Extract the convolution kernels of checkpoints into a corpus (created if absent): files, folders "
+            "(searched recursively for .pth .pt .bin .ckpt .safetensors .onnx .tflite .h5 .keras) and zoo:NAME "
+            "entries (see `kernelatlas zoo list`).  Depthwise kernels of the square sizes in --sizes are stored; "
+            "--all-convs stores regular and grouped convs too (every (out, in) slice is a kernel).  Every conv "
+            "layer, stored or not, is recorded in layers.parquet.",
+            "Files already in the corpus (same sha256) are skipped, so rerunning an interrupted extract "
+            "completes it; work is committed every --commit-rows kernels and at the end.  Checkpoints are read "
+            "without executing code (torch.load with weights_only=True; no pickle elsewhere)."),
+        epilog=_text(
+            "Exit status 0 when every input was read, even if some held no convs (they are listed); 1 when some "
+            "file could not be read (each is named with the reason; the others are still extracted).",
+            "example: kernelatlas extract ../weights zoo:mobilenet_v2 --out corpus --meta task=classification"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="checkpoint files, folders, or zoo:NAME")
+    p.add_argument("--out", required=True, type=Path, metavar="CORPUS", help="corpus directory")
+    p.add_argument("--sizes", type=_int_list, default=[3, 5, 7], metavar="K[,K...]",
+                   help="square kernel sizes to store (default: 3,5,7); other sizes are counted, not stored")
+    p.add_argument("--all-convs", action="store_true", help="store regular and grouped convs too")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold BatchNorm into the preceding conv (live modules; ONNX exports are usually "
+                   "folded already)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of a new corpus; must match an existing one (default: %(default)s)")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VAL",
+                   help="metadata for every model of this run (task, category, dataset, family, ...); repeatable")
+    p.add_argument("--commit-rows", type=int, default=1 << 24, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from kernelatlas.extract import extract
+
+    if args.fold_bn:
+        print("kernelatlas extract: note: --fold-bn applies to live modules (Python API); checkpoint files "
+              "hold no module graph, so their BN layers are left as they are", file=sys.stderr)
+    report = extract(args.sources, args.out, sizes=args.sizes, all_convs=args.all_convs, dtype=args.dtype,
+                     meta=_meta_pairs(args.meta), progress=not args.no_progress, commit_rows=args.commit_rows)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for path in report.empty:
+        print(f"note: {path} holds no conv layer", file=sys.stderr)
+    for path, reason in report.failed:
+        print(f"error: {reason}" if path in reason else f"error: {path}: {reason}", file=sys.stderr)
+    kernels = sum(int(r["n_kernels"]) for r in report.added)
+    print(f"{args.out}: added {len(report.added)} model(s) ({kernels:,} kernels), skipped {len(report.skipped)} "
+          f"already present, {len(report.failed)} unreadable")
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+
+def _add_info(sub: Any) -> None:
+    p = sub.add_parser(
+        "info",
+        help="what a corpus holds",
+        description=_text("Models, layers, kernels by size and kind (stored and counted), all-zero and non-finite "
+                          "kernels, shards and disk size of a corpus."),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--models", action="store_true", help="also list the models")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from kernelatlas.corpus import Corpus
+
+    corpus = Corpus.open(args.corpus)
+    s = corpus.summary()
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"corpus      {s['path']}  ({s['dtype']}, {s['shards']} shards, {s['disk_bytes'] / 2**20:,.1f} MiB)")
+    print(f"models      {s['models']:,}")
+    print(f"layers      {s['layers']:,}  (" + ", ".join(f"{k} {v:,}" for k, v in sorted(s["layers_by_kind"].items()))
+          + ")")
+    print(f"kernels     {s['kernels_stored']:,} stored; all-zero {s['zero_kernels']:,}, non-finite "
+          f"{s['nonfinite_kernels']:,}")
+    print("by size     kind: kernels (stored)")
+    for size, kinds in sorted(s["kernels_by_size"].items(), key=lambda kv: [int(x) for x in kv[0].split("x")]):
+        parts = [f"{kind} {n:,} ({kinds.get(kind + '_stored', 0):,})" for kind, n in sorted(kinds.items())
+                 if not kind.endswith("_stored")]
+        print(f"  {size:<9} " + ", ".join(parts))
+    if args.models:
+        cols = ["model_id", "name", "format", "weight_set", "n_layers", "n_kernels"]
+        print(corpus.models[cols].to_string(index=False))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 # verb -> (declare its parser, run it: args -> exit status)
 _VERBS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], int]]] = {
     "build-info": (_add_build_info, _cmd_build_info),
     "bench": (_add_bench, _cmd_bench),
+    "extract": (_add_extract, _cmd_extract),
+    "info": (_add_info, _cmd_info),
 }
 
 

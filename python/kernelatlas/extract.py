@@ -1,0 +1,118 @@
+"""`kernelatlas extract`: checkpoints (files, folders, ``zoo:NAME``) -> the corpus.
+
+Each input file is hashed (sha256, streamed), skipped if the corpus already holds it, read by its loader and
+streamed into the corpus writer; commits happen every ``commit_rows`` kernels or ``commit_seconds`` and at the
+end, so an interrupted run keeps everything committed and a rerun completes the rest.  A file that cannot be
+read is reported (naming it and the reason) and the others are still extracted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kernelatlas.corpus import CorpusWriter
+from kernelatlas.loaders import LoaderError, is_checkpoint, load_file
+
+__all__ = ["ExtractReport", "expand_sources", "extract", "sha256_file"]
+
+
+@dataclass
+class ExtractReport:
+    added: list[dict[str, Any]] = field(default_factory=list)      # model rows added
+    skipped: list[str] = field(default_factory=list)               # already in the corpus
+    failed: list[tuple[str, str]] = field(default_factory=list)    # (file, reason)
+    empty: list[str] = field(default_factory=list)                 # read, but held no conv layer
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every input was read (some may have held no convs)."""
+        return not self.failed
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | None = None) -> list[Path]:
+    """Files as given, folders searched recursively for known checkpoint suffixes (sorted), ``zoo:NAME``
+    resolved through the zoo cache (pulling the entry if needed)."""
+    files: list[Path] = []
+    for src in sources:
+        text = str(src)
+        if text.startswith("zoo:"):
+            from kernelatlas import zoo
+
+            files.extend(zoo.pull(text[4:], cache=cache))
+            continue
+        p = Path(text)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and is_checkpoint(f)))
+        else:
+            files.append(p)
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def extract(
+    sources: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    sizes: Sequence[int] = (3, 5, 7),
+    all_convs: bool = False,
+    dtype: str = "float32",
+    meta: Mapping[str, str] | None = None,
+    progress: bool = True,
+    commit_rows: int = 1 << 24,
+    commit_seconds: float = 60.0,
+    zoo_cache: Path | None = None,
+) -> ExtractReport:
+    """Extract every conv layer of every input into the corpus at ``out`` (created if absent)."""
+    from tqdm import tqdm
+
+    report = ExtractReport()
+    files = expand_sources(sources, cache=zoo_cache)
+    with CorpusWriter(out, dtype=dtype, commit_rows=commit_rows, commit_seconds=commit_seconds) as writer:
+        bar = tqdm(files, desc="extract", unit="file", disable=not progress, file=sys.stderr)
+        for path in bar:
+            bar.set_postfix_str(path.name[-40:])
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
+                continue
+            if writer.has_model(digest):
+                report.skipped.append(str(path))
+                continue
+            try:
+                model = load_file(path)
+            except LoaderError as exc:
+                report.failed.append((str(path), str(exc)))
+                continue
+            except (OSError, MemoryError) as exc:
+                report.failed.append((str(path), f"{path}: {exc}"))
+                continue
+            report.warnings.extend(model.warnings)
+            if not model.layers:
+                report.empty.append(str(path))
+            row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta)
+            report.added.append(row)
+            writer.maybe_commit()
+        bar.close()
+    return report

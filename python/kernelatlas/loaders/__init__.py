@@ -28,8 +28,8 @@ SUFFIXES = {
 
 def _family(path: Path) -> str | None:
     name = path.name.lower()
-    if name.endswith(".safetensors.index.json"):
-        return "safetensors"
+    if name.endswith(".safetensors.index.json") or name.endswith(".bin.index.json"):
+        return "safetensors"  # sharded sets (safetensors or torch .bin shards) are read through their index
     return SUFFIXES.get(path.suffix.lower())
 
 
@@ -37,9 +37,9 @@ def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` has a suffix some loader reads (shards of a sharded safetensors set count once,
     through their index file, when one exists)."""
     family = _family(path)
-    if family == "safetensors" and path.suffix == ".safetensors":
-        index = list(path.parent.glob("*.safetensors.index.json"))
-        return not index
+    if path.suffix.lower() in (".safetensors", ".bin"):
+        pattern = "*.safetensors.index.json" if path.suffix.lower() == ".safetensors" else "*.bin.index.json"
+        return not any(path.parent.glob(pattern))  # a shard of an indexed set: read once, via the index
     return family is not None
 
 
@@ -62,7 +62,7 @@ def load_file(path: str | Path, *, weight_set: str | None = None) -> LoadedModel
     if family == "safetensors":
         from kernelatlas.loaders import torch_checkpoint
 
-        return torch_checkpoint.load_safetensors(p)
+        return torch_checkpoint.load_safetensors(p, weight_set=weight_set)
     if family == "onnx":
         from kernelatlas.loaders import onnx_model
 

@@ -1,0 +1,1082 @@
+"""CNN Filter DB (Gavrikov & Keuper, CVPR 2022) ``dataset.h5`` <-> a kernelatlas corpus.
+
+The file (reference/README.md, section B) holds ``filters``, an (N, 3, 3) float64 array, and ``meta``, a pandas
+table written with ``to_hdf`` (PyTables): one row per conv layer, MultiIndex [model_id, conv_depth,
+conv_depth_norm, layer_id], a string column ``filter_ids`` = "start:end" with an INCLUSIVE end, and model
+columns (model, Name, Task, "Visual Category", Training-Dataset, producer, ...) repeated on every row.
+
+Why this module reads ``meta`` itself instead of calling ``pandas.read_hdf``: PyTables unpickles every
+attribute that looks like a pickle and pandas' "fixed" format stores object (string) columns as pickled numpy
+arrays, so ``read_hdf`` on a downloaded file can run arbitrary code.  Here the HDF5 structure is read with h5py
+and the few pickles pandas needs (lists of column names, object arrays of strings) go through
+:class:`RestrictedUnpickler`, which admits plain data only (numpy arrays/dtypes, str, numbers, containers).
+Both ``to_hdf`` formats ("fixed" and "table") are read, and the early release's CSV-bytes ``meta`` too.
+
+Import (:func:`import_filterdb`) validates the whole layout first (shapes, every filter_ids range inside
+``filters``, no overlaps, the data actually present in the file) and only then opens the corpus, so a bad file
+never touches it.  It streams ``filters`` one layer at a time (in blocks of ``chunk_rows``), never the whole
+array (the real file is 98 GiB).  Choices that are ours:
+
+* one corpus model per CNN Filter DB model_id, keyed ``f"{digest}:{model_id}"`` (a rerun skips imported
+  models).  ``identity="meta"`` (default): digest = sha256 of the file size, the ``filters`` shape/dtype, the
+  raw bytes of every dataset under ``meta`` and the first and last 4096 filters -- seconds on the real file,
+  and it changes whenever the table or the file's size does.  ``identity="file"``: sha256 of the whole file
+  (minutes for 98 GiB), for users who want the strict key.  Importing one file once with each mode imports
+  it twice (the keys differ).
+* kind (kind_inferred = True): with n filters, out_channels = c_out and in_channels = the conv's input
+  channels, c_in_per_group = n / out_channels and groups = in_channels / c_in_per_group; groups = 1 ->
+  regular, c_in_per_group = 1 and groups > 1 -> depthwise, else grouped (``classify_kind``).  When the
+  channels are missing or do not divide n, the layer is recorded as regular with c_out = n,
+  c_in_per_group = 1 and a warning.  Files written by :func:`export_filterdb` carry ``groups``,
+  ``kind_inferred``, ``bn_folded`` and ``layer_name`` columns, which are used when present.
+* depth / depth_norm are the file's conv_depth / conv_depth_norm, unchanged (the real file counts depths over
+  all convs, not only the 3x3 ones, so they cannot be recomputed from the stored layers).
+* model columns: model -> name, Name (architecture name, not unique) -> family, Task -> task,
+  "Visual Category" -> category, Training-Dataset -> dataset, every other model-level column -> its
+  snake_case name (producer, op_set, pretraining_dataset, ...).  Per-layer columns (in/out channels,
+  layer_depth, layer_id) are not model metadata; layer_depth and the file's layer_id are kept as the extra
+  layer columns ``layer_depth`` and ``filterdb_layer_id``, the model_id as the model column
+  ``filterdb_model_id``.
+
+Export (:func:`export_filterdb`) writes the stored 3x3 kernels of a corpus in exactly that format (float64
+``filters`` written in blocks, ``meta`` with ``to_hdf(format="table")`` so that its data holds no pickles) to
+a temporary file that is renamed into place once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import pickle
+import re
+import struct
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernelatlas.loaders.base import KINDS, ConvLayer, LoadedModel, LoaderError, classify_kind
+
+__all__ = [
+    "ExportReport",
+    "FilterDBError",
+    "FilterDBLayout",
+    "ImportReport",
+    "RestrictedUnpickler",
+    "export_filterdb",
+    "filterdb_identity",
+    "import_filterdb",
+    "inspect_filterdb",
+    "layer_arrays",
+    "read_meta",
+    "restricted_loads",
+]
+
+FILTERS_KEY = "filters"
+META_KEY = "meta"
+INDEX_LEVELS = ("model_id", "conv_depth", "conv_depth_norm", "layer_id")
+# file column -> corpus model column
+MODEL_COLUMN_MAP = {"model": "name", "Name": "family", "Task": "task", "Visual Category": "category",
+                    "Training-Dataset": "dataset"}
+# documented CNN Filter DB model columns whose snake_case name is not the file's name (used on export)
+_KNOWN_MODEL_COLUMNS = {"paper": "Paper", "pretraining_dataset": "Pretraining-Dataset", "datatype": "Datatype",
+                        "accessible": "Accessible", "dataset_url": "Dataset URL"}
+# per-layer columns of the file (everything else is model metadata, repeated on each of a model's rows)
+LAYER_LEVEL_COLUMNS = frozenset({"model_id", "conv_depth", "conv_depth_norm", "layer_id", "filter_ids",
+                                 "in_channels", "out_channels", "layer_depth", "layer_name", "groups",
+                                 "kind", "kind_inferred", "bn_folded", "weight_set", "index", "level_0"})
+SAMPLE_ROWS = 4096  # filters hashed at each end of the array by identity="meta"
+
+
+class FilterDBError(LoaderError):
+    """A CNN Filter DB file that cannot be imported, or a corpus that cannot be exported; the message names the
+    file (and row or layer) and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- pickles
+
+
+def _numpy_attr(module_names: Sequence[str], name: str) -> Any:
+    import importlib
+
+    for module in module_names:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """(module, name) -> object for everything a pickle of plain data may reference.  numpy 1.x pickles name
+    ``numpy.core.*`` and numpy 2.x ``numpy._core.*``: both map to whichever this numpy has, without importing
+    the deprecated alias."""
+    multiarray = ("numpy._core.multiarray", "numpy.core.multiarray")
+    numeric = ("numpy._core.numeric", "numpy.core.numeric")
+    reconstruct = _numpy_attr(multiarray, "_reconstruct")
+    scalar = _numpy_attr(multiarray, "scalar")
+    frombuffer = _numpy_attr(numeric, "_frombuffer")
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): __import__("_codecs").encode,  # protocol-2 pickles of bytes
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "complex"): complex,
+        ("builtins", "bytearray"): bytearray,
+    }
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        if reconstruct is not None:
+            allowed[(module, "_reconstruct")] = reconstruct
+        if scalar is not None:
+            allowed[(module, "scalar")] = scalar
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        if frombuffer is not None:
+            allowed[(module, "_frombuffer")] = frombuffer
+    with contextlib.suppress(ImportError):
+        import pandas as pd
+
+        allowed[("pandas._libs.missing", "NA")] = pd.NA
+        allowed[("pandas", "NA")] = pd.NA
+    # numpy 2 names each dtype class (numpy.dtypes.Float64DType ...) in some pickles
+    with contextlib.suppress(ImportError):
+        import numpy.dtypes as npdtypes
+
+        for dname in dir(npdtypes):
+            if dname.endswith("DType") and dname not in ("VoidDType",):
+                allowed[("numpy.dtypes", dname)] = getattr(npdtypes, dname)
+    return allowed
+
+
+class PickleRefused(FilterDBError):
+    """A pickle references something other than plain data: it is never loaded."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: numpy arrays, dtypes and scalars, pd.NA, and what pickle builds without a
+    global (str, bytes, numbers, None, lists, tuples, dicts).  Any other global -- ``os.system``,
+    ``builtins.eval``, a class to instantiate -- raises :class:`PickleRefused` before anything is called."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def __init__(self, file: Any, *, where: str) -> None:
+        super().__init__(file, fix_imports=True, encoding="latin1")
+        self.where = where
+        if RestrictedUnpickler._allowed is None:
+            RestrictedUnpickler._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = RestrictedUnpickler._allowed or {}
+        obj = allowed.get((module, name))
+        if obj is None:
+            raise PickleRefused(
+                f"{self.where} holds a pickle that references {module}.{name}; kernelatlas refuses to load it "
+                "(unpickling it could run code -- pandas.read_hdf would).  Only plain data (numpy arrays, "
+                "strings, numbers) is accepted: re-create the meta table from a trusted copy, e.g. with "
+                "DataFrame.to_hdf(path, key='meta', format='table')")
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise PickleRefused(f"{self.where} holds a pickle with persistent ids; kernelatlas refuses to load it")
+
+
+def restricted_loads(data: bytes, *, where: str) -> Any:
+    """``pickle.loads`` limited to plain data (see :class:`RestrictedUnpickler`).  Raises
+    :class:`PickleRefused` for a forbidden global and :class:`FilterDBError` for a damaged pickle."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), where=where).load()
+    except PickleRefused:
+        raise
+    except Exception as exc:  # a malformed pickle raises all sorts of errors
+        raise FilterDBError(f"{where}: cannot decode a pickled value ({type(exc).__name__}: {exc}); the file "
+                            "is damaged or not a pandas table") from None
+
+
+# ---------------------------------------------------------------------------------------------- meta reading
+
+
+class _MetaReader:
+    """Reads the pandas table under ``meta`` with h5py; ``where`` prefixes every error message."""
+
+    def __init__(self, node: Any, where: str) -> None:
+        self.node = node
+        self.where = where
+        self.encoding = "UTF-8"
+        self.errors = "strict"
+
+    # attributes ---------------------------------------------------------------
+    def _raw_attr(self, obj: Any, name: str) -> Any:
+        try:
+            return obj.attrs[name]
+        except KeyError:
+            return None
+        except (OSError, TypeError, ValueError) as exc:
+            raise FilterDBError(f"{self.where}{obj.name}: attribute {name!r} is unreadable ({exc})") from None
+
+    def text_attr(self, obj: Any, name: str, default: str | None = None) -> str | None:
+        raw = self._raw_attr(obj, name)
+        if raw is None:
+            return default
+        if isinstance(raw, (bytes, np.bytes_)):
+            text = bytes(raw)
+            if text == b"N.":  # PyTables' pickle of None
+                return default
+            return text.decode(self.encoding, self.errors)
+        if isinstance(raw, str):
+            return raw
+        if type(raw).__name__ == "Empty":
+            return ""
+        return str(raw)
+
+    def int_attr(self, obj: Any, name: str) -> int:
+        raw = self._raw_attr(obj, name)
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise FilterDBError(f"{self.where}{obj.name}: attribute {name!r} should be an integer, got "
+                                f"{raw!r}") from None
+
+    def object_attr(self, obj: Any, name: str) -> Any:
+        """An attribute PyTables stored as a pickle (a list or dict), decoded with the restricted unpickler."""
+        raw = self._raw_attr(obj, name)
+        if raw is None:
+            raise FilterDBError(f"{self.where}{obj.name}: attribute {name!r} is missing; not a pandas table")
+        if isinstance(raw, (bytes, np.bytes_)):
+            return restricted_loads(bytes(raw), where=f"{self.where}{obj.name} attribute {name!r}")
+        if isinstance(raw, np.ndarray):
+            return raw.tolist()
+        return raw
+
+    def name_attr(self, obj: Any) -> str | None:
+        """An index node's ``name``: a plain string, or a pickle (None, or a non-string label)."""
+        raw = self._raw_attr(obj, "name")
+        if raw is None:
+            return None
+        if isinstance(raw, (bytes, np.bytes_)):
+            data = bytes(raw)
+            if data.endswith(b"."):
+                try:
+                    value = restricted_loads(data, where=f"{self.where}{obj.name} attribute 'name'")
+                    return None if value is None else str(value)
+                except PickleRefused:
+                    raise
+                except FilterDBError:
+                    pass  # a plain name that merely ends with '.'
+            return data.decode(self.encoding, self.errors)
+        return str(raw)
+
+    # values -------------------------------------------------------------------
+    def decode_strings(self, values: np.ndarray) -> np.ndarray:
+        flat = values.ravel()
+        out = np.empty(len(flat), dtype=object)
+        for i, v in enumerate(flat):
+            out[i] = v.decode(self.encoding, self.errors) if isinstance(v, (bytes, np.bytes_)) else v
+        return out.reshape(values.shape)
+
+    def read_array(self, ds: Any) -> np.ndarray:
+        """A pandas "fixed" array node: plain, or a VLArray holding one pickled object array."""
+        if not hasattr(ds, "dtype"):
+            raise FilterDBError(f"{self.where}{ds.name} should be an array, found a group")
+        cls = self.text_attr(ds, "CLASS", "")
+        if cls == "VLARRAY":
+            if self.text_attr(ds, "PSEUDOATOM", "") != "object":
+                raise FilterDBError(f"{self.where}{ds.name}: unsupported variable-length array")
+            try:
+                rows = ds[...]
+            except (OSError, ValueError) as exc:
+                raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); the file is damaged") from None
+            if len(rows) != 1:
+                raise FilterDBError(f"{self.where}{ds.name}: expected one pickled array, found {len(rows)} rows")
+            value = restricted_loads(np.asarray(rows[0], dtype=np.uint8).tobytes(), where=f"{self.where}{ds.name}")
+            values = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+        else:
+            shape = self._raw_attr(ds, "shape")
+            if shape is not None:  # pandas' placeholder for an empty array
+                values = np.empty(tuple(int(s) for s in np.atleast_1d(shape)), dtype=object)
+            else:
+                try:
+                    values = ds[...]
+                except (OSError, ValueError) as exc:
+                    raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); the file is damaged") \
+                        from None
+        if values.dtype.kind == "S":
+            values = self.decode_strings(values)
+        transposed = self._raw_attr(ds, "transposed")
+        if transposed is not None and bool(transposed):
+            values = values.T
+        return values
+
+    def read_index_node(self, ds: Any) -> tuple[np.ndarray, str | None]:
+        kind = self.text_attr(ds, "kind", "")
+        values = self.read_array(ds)
+        if kind == "string":
+            values = values.astype(object)
+        return values, self.name_attr(ds)
+
+    def read_index(self, key: str) -> list[tuple[str | None, np.ndarray]]:
+        """(name, values per row) for each level of the index stored under ``key``."""
+        group = self.node
+        variety = self.text_attr(group, f"{key}_variety", "regular")
+        if variety == "regular":
+            values, name = self.read_index_node(self._child(key))
+            return [(name, values)]
+        if variety != "multi":
+            raise FilterDBError(f"{self.where}: index {key!r} has an unknown variety {variety!r}")
+        levels = []
+        for i in range(self.int_attr(group, f"{key}_nlevels")):
+            level, name = self.read_index_node(self._child(f"{key}_level{i}"))
+            codes = np.asarray(self.read_array(self._child(f"{key}_label{i}")), dtype=np.int64)
+            if len(codes) and (codes.max() >= len(level) or codes.min() < -1):
+                raise FilterDBError(f"{self.where}: index level {i} of {key!r} has codes outside its "
+                                    f"{len(level)} values; the file is damaged")
+            per_row = np.empty(len(codes), dtype=object if level.dtype == object else level.dtype) \
+                if level.dtype != object else np.empty(len(codes), dtype=object)
+            if (codes == -1).any():
+                per_row = np.asarray(level, dtype=object)[np.maximum(codes, 0)]
+                per_row[codes == -1] = np.nan
+            else:
+                per_row = np.asarray(level)[codes]
+            levels.append((name, per_row))
+        return levels
+
+    def _child(self, name: str) -> Any:
+        try:
+            return self.node[name]
+        except KeyError:
+            raise FilterDBError(f"{self.where}: {self.node.name}/{name} is missing; not a pandas table "
+                                "written by to_hdf, or the file is damaged") from None
+        except (OSError, ValueError) as exc:
+            raise FilterDBError(f"{self.where}: {self.node.name}/{name} is unreadable ({exc})") from None
+
+    # formats ------------------------------------------------------------------
+    def read(self) -> Any:
+        import pandas as pd
+
+        node = self.node
+        if not hasattr(node, "keys"):  # a dataset: the early release stored meta as CSV bytes
+            return self.read_csv_bytes(node)
+        self.encoding = self.text_attr(node, "encoding", "UTF-8") or "UTF-8"
+        self.errors = self.text_attr(node, "errors", "strict") or "strict"
+        pandas_type = self.text_attr(node, "pandas_type", "")
+        if pandas_type == "frame":
+            frame = self.read_fixed()
+        elif pandas_type == "frame_table":
+            frame = self.read_table()
+        else:
+            raise FilterDBError(f"{self.where}: /{META_KEY} is not a pandas DataFrame written by to_hdf "
+                                f"(pandas_type {pandas_type!r}); expected a CNN Filter DB dataset.h5")
+        return frame.reset_index(drop=True) if isinstance(frame, pd.DataFrame) else frame
+
+    def read_csv_bytes(self, ds: Any) -> Any:
+        import pandas as pd
+
+        try:
+            raw = ds[...]
+        except (OSError, ValueError) as exc:
+            raise FilterDBError(f"{self.where}/{META_KEY} is unreadable ({exc}); the file is damaged") from None
+        data = raw.tobytes() if isinstance(raw, np.ndarray) and raw.dtype.kind in "uiS" else bytes(raw)
+        try:
+            return pd.read_csv(io.StringIO(data.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FilterDBError(f"{self.where}/{META_KEY}: not a pandas table nor CSV text ({exc})") from None
+
+    def read_fixed(self) -> Any:
+        import pandas as pd
+
+        node = self.node
+        if self.int_attr(node, "ndim") != 2:
+            raise FilterDBError(f"{self.where}/{META_KEY} is not a 2-D DataFrame")
+        [(_, columns)] = self.read_index("axis0")
+        index_levels = self.read_index("axis1")
+        n_rows = len(index_levels[0][1])
+        data: dict[Any, np.ndarray] = {}
+        for i in range(self.int_attr(node, "nblocks")):
+            [(_, items)] = self.read_index(f"block{i}_items")
+            values = self.read_array(self._child(f"block{i}_values"))
+            if values.ndim == 1:
+                if len(items) != 1:
+                    raise FilterDBError(f"{self.where}: block {i} holds {len(items)} columns in a 1-D array")
+                block = values[:, None]
+            else:
+                block = values.T
+            if block.shape != (n_rows, len(items)):
+                raise FilterDBError(f"{self.where}: block {i} has shape {block.shape}, expected "
+                                    f"({n_rows}, {len(items)}); the file is damaged")
+            for j, item in enumerate(items):
+                data[item] = block[:, j]
+        missing = [c for c in columns if c not in data]
+        if missing:
+            raise FilterDBError(f"{self.where}: columns {missing} have no data block; the file is damaged")
+        frame = pd.DataFrame({c: data[c] for c in columns})
+        for level, (name, values) in enumerate(index_levels):
+            frame.insert(level, name if name is not None else f"level_{level}", values)
+        return frame
+
+    def read_table(self) -> Any:
+        import pandas as pd
+
+        node = self.node
+        table = self._child("table")
+        try:
+            rows = table[...]
+        except (OSError, ValueError) as exc:
+            raise FilterDBError(f"{self.where}/{META_KEY}/table is unreadable ({exc}); the file is damaged") \
+                from None
+        if rows.dtype.names is None:
+            raise FilterDBError(f"{self.where}/{META_KEY}/table is not a PyTables table")
+        nan_rep = self.text_attr(node, "nan_rep", None) or "nan"
+        data: dict[Any, np.ndarray] = {}
+        for field_name in rows.dtype.names:
+            if field_name == "index":
+                continue
+            kind_list = self.object_attr(table, f"{field_name}_kind")
+            if not isinstance(kind_list, (list, tuple)):
+                raise FilterDBError(f"{self.where}: {field_name}_kind should list column names")
+            values = rows[field_name]
+            if values.ndim == 1:
+                values = values[:, None]
+            if values.shape[1] != len(kind_list):
+                raise FilterDBError(f"{self.where}: {field_name} holds {values.shape[1]} columns, its kind "
+                                    f"lists {len(kind_list)}; the file is damaged")
+            for j, col in enumerate(kind_list):
+                column = values[:, j]
+                if column.dtype.kind == "S":
+                    column = self.decode_strings(column)
+                    column[column == nan_rep] = np.nan
+                data[col] = column
+        non_index = self.object_attr(node, "non_index_axes")
+        try:
+            [(_, order)] = non_index
+            order = list(order)
+        except (TypeError, ValueError):
+            raise FilterDBError(f"{self.where}: unexpected non_index_axes {non_index!r}") from None
+        frame = pd.DataFrame({c: data[c] for c in order if c in data})
+        levels = self.object_attr(node, "levels") if "levels" in node.attrs else []
+        if isinstance(levels, (list, tuple)) and levels:
+            head = [c for c in levels if c in frame.columns]
+            frame = frame[head + [c for c in frame.columns if c not in head]]
+        return frame
+
+
+def _open_h5(path: Path) -> Any:
+    import h5py
+
+    if not path.is_file():
+        raise FilterDBError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise FilterDBError(f"{path}: not a readable HDF5 file ({exc}); is it truncated or still compressed "
+                            "(dataset.h5.xz: run `xz -d` first)?") from None
+
+
+def _read_meta_frame(f: Any, path: Path) -> Any:
+    if META_KEY not in f:
+        raise FilterDBError(f"{path}: no /{META_KEY} table; expected a CNN Filter DB dataset.h5")
+    try:
+        node = f[META_KEY]
+    except (OSError, KeyError, ValueError) as exc:
+        raise FilterDBError(f"{path}: /{META_KEY} is unreadable ({exc}); the file is damaged") from None
+    return _MetaReader(node, str(path)).read()
+
+
+def read_meta(h5_path: str | os.PathLike[str]) -> Any:
+    """The ``meta`` table of a CNN Filter DB file as a pandas DataFrame, indexed like the file
+    ([model_id, conv_depth, conv_depth_norm, layer_id] where present), read without unrestricted pickle."""
+    path = Path(h5_path)
+    with _open_h5(path) as f:
+        frame = _read_meta_frame(f, path)
+    levels = [c for c in INDEX_LEVELS if c in frame.columns]
+    return frame.set_index(levels) if levels else frame
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+@dataclass
+class FilterDBLayer:
+    """One meta row: its filters are rows [start, stop) of ``filters`` (stop = the file's end + 1)."""
+
+    model_id: Any
+    layer_id: Any
+    conv_depth: int
+    conv_depth_norm: float
+    start: int
+    stop: int
+    row: dict[str, Any]
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class FilterDBLayout:
+    """A validated CNN Filter DB file: ``models`` maps each model_id to its layers (in filter order); models
+    are in the order of their first filter."""
+
+    path: Path
+    n_filters: int
+    filters_key: str
+    filters_dtype: str
+    models: dict[Any, list[FilterDBLayer]]
+    meta: Any  # flat DataFrame (index levels as columns)
+    unreferenced: int  # filters no meta row points to
+
+    @property
+    def n_layers(self) -> int:
+        return sum(len(v) for v in self.models.values())
+
+
+_RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+
+
+def _filters_dataset(f: Any, path: Path) -> tuple[str, Any]:
+    key = FILTERS_KEY if FILTERS_KEY in f else ("filter" if "filter" in f else None)
+    if key is None:
+        raise FilterDBError(f"{path}: no /{FILTERS_KEY} array; expected a CNN Filter DB dataset.h5")
+    ds = f[key]
+    if not hasattr(ds, "shape"):
+        raise FilterDBError(f"{path}: /{key} is a group, expected an (N, 3, 3) array")
+    shape = ds.shape
+    if not (len(shape) == 3 and shape[1:] == (3, 3)) and not (len(shape) == 2 and shape[1] == 9):
+        raise FilterDBError(f"{path}: /{key} has shape {shape}, expected (N, 3, 3) (or (N, 9))")
+    if ds.dtype.kind != "f":
+        raise FilterDBError(f"{path}: /{key} has dtype {ds.dtype}, expected float64 (or another float)")
+    return key, ds
+
+
+def _check_storage(ds: Any, path: Path) -> None:
+    """The bytes of ``filters`` lie inside the file and every chunk was written (a truncated or partly
+    written file is refused before anything is imported)."""
+    import h5py
+
+    size = path.stat().st_size
+    n_bytes = int(np.prod(ds.shape)) * ds.dtype.itemsize
+    if n_bytes == 0:
+        return
+    dcpl = ds.id.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = ds.id.get_offset()
+        if offset is None:
+            raise FilterDBError(f"{path}: /{ds.name.lstrip('/')} was created but never written; the file is "
+                                "incomplete")
+        if offset + ds.id.get_storage_size() > size:
+            raise FilterDBError(f"{path}: /{ds.name.lstrip('/')} ends at byte {offset + ds.id.get_storage_size():,}"
+                                f" but the file has {size:,} bytes: the file is truncated; download it again")
+    elif layout == h5py.h5d.CHUNKED:
+        chunk = ds.chunks
+        expected = int(np.prod([-(-s // c) for s, c in zip(ds.shape, chunk)]))
+        end = 0
+        count = 0
+        if hasattr(ds.id, "chunk_iter"):
+            def visit(info: Any) -> None:
+                nonlocal end, count
+                count += 1
+                end = max(end, info.byte_offset + info.size)
+            ds.id.chunk_iter(visit)
+        else:
+            count = ds.id.get_num_chunks()
+            for i in range(count):
+                info = ds.id.get_chunk_info(i)
+                end = max(end, info.byte_offset + info.size)
+        if end > size:
+            raise FilterDBError(f"{path}: chunks of /{ds.name.lstrip('/')} reach byte {end:,} but the file has "
+                                f"{size:,} bytes: the file is truncated; download it again")
+        if count < expected and ds.fillvalue == 0:
+            raise FilterDBError(f"{path}: /{ds.name.lstrip('/')} has {expected - count:,} of {expected:,} chunks "
+                                "never written (they would read as zeros); the file is incomplete")
+
+
+def _int_column(frame: Any, col: str, path: Path) -> np.ndarray:
+    import pandas as pd
+
+    values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise FilterDBError(f"{path}: meta row {i}: {col} = {frame[col].iloc[i]!r} is not an integer")
+    return values.astype(np.int64)
+
+
+def _plan(frame: Any, n_filters: int, path: Path) -> tuple[dict[Any, list[FilterDBLayer]], int]:
+    import pandas as pd
+
+    for col in ("model_id", "filter_ids", "conv_depth", "conv_depth_norm"):
+        if col not in frame.columns:
+            raise FilterDBError(f"{path}: the meta table has no {col!r} (index level or column); columns: "
+                                f"{list(frame.columns)[:12]}")
+    n = len(frame)
+    starts = np.empty(n, np.int64)
+    stops = np.empty(n, np.int64)
+    for i, text in enumerate(frame["filter_ids"].to_numpy()):
+        m = _RANGE.match(text.decode() if isinstance(text, bytes) else str(text))
+        if m is None:
+            raise FilterDBError(f"{path}: meta row {i} (model_id {frame['model_id'].iloc[i]}): filter_ids "
+                                f"{text!r} is not 'start:end'")
+        start, end = int(m.group(1)), int(m.group(2))
+        if end < start:
+            raise FilterDBError(f"{path}: meta row {i} (model_id {frame['model_id'].iloc[i]}): filter_ids "
+                                f"{text!r} is reversed (end before start); the meta table is damaged")
+        if start < 0 or end >= n_filters:
+            raise FilterDBError(f"{path}: meta row {i} (model_id {frame['model_id'].iloc[i]}): filter_ids "
+                                f"{text!r} is outside /filters (0:{n_filters - 1}, end inclusive); the meta "
+                                "table does not belong to these filters")
+        starts[i], stops[i] = start, end + 1
+    order = np.argsort(starts, kind="stable")
+    if n > 1:
+        clash = np.flatnonzero(starts[order][1:] < stops[order][:-1])
+        if len(clash):
+            a, b = order[clash[0]], order[clash[0] + 1]
+            raise FilterDBError(f"{path}: meta rows {a} and {b} claim overlapping filters "
+                                f"({frame['filter_ids'].iloc[a]!r}, {frame['filter_ids'].iloc[b]!r}); the file "
+                                "is damaged")
+    conv_depth = _int_column(frame, "conv_depth", path)
+    depth_norm = pd.to_numeric(frame["conv_depth_norm"], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(depth_norm).all():
+        i = int(np.flatnonzero(~np.isfinite(depth_norm))[0])
+        raise FilterDBError(f"{path}: meta row {i}: conv_depth_norm {frame['conv_depth_norm'].iloc[i]!r} is not "
+                            "a number")
+    layer_ids = frame["layer_id"].to_numpy() if "layer_id" in frame.columns else None
+    records = frame.to_dict("records")
+    models: dict[Any, list[FilterDBLayer]] = {}
+    for i in order:
+        record = records[i]
+        model_id = _plain(record["model_id"])
+        layer_id = _plain(layer_ids[i]) if layer_ids is not None else None
+        models.setdefault(model_id, []).append(FilterDBLayer(
+            model_id=model_id, layer_id=layer_id, conv_depth=int(conv_depth[i]),
+            conv_depth_norm=float(depth_norm[i]), start=int(starts[i]), stop=int(stops[i]), row=record))
+    for layers in models.values():
+        for j, layer in enumerate(layers):
+            if layer.layer_id is None:
+                layer.layer_id = j
+    unreferenced = n_filters - int((stops - starts).sum())
+    return models, unreferenced
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python values (so they hash and print plainly); NaN -> None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def inspect_filterdb(h5_path: str | os.PathLike[str]) -> FilterDBLayout:
+    """Open and validate a CNN Filter DB file without importing it: ``filters`` shape and dtype, the meta
+    table (read safely), every filter_ids range inside ``filters``, no two rows sharing a filter, and the
+    array's bytes present in the file.  Raises :class:`FilterDBError` naming the file and row."""
+    path = Path(h5_path)
+    with _open_h5(path) as f:
+        key, ds = _filters_dataset(f, path)
+        n_filters = int(ds.shape[0])
+        _check_storage(ds, path)
+        frame = _read_meta_frame(f, path)
+        models, unreferenced = _plan(frame, n_filters, path)
+        return FilterDBLayout(path=path, n_filters=n_filters, filters_key=key, filters_dtype=str(ds.dtype),
+                              models=models, meta=frame, unreferenced=unreferenced)
+
+
+def filterdb_identity(h5_path: str | os.PathLike[str], mode: str = "meta") -> str:
+    """The digest that keys a file's models in a corpus (see the module docstring): ``"meta"`` (fast) or
+    ``"file"`` (sha256 of every byte)."""
+    path = Path(h5_path)
+    if mode == "file":
+        from kernelatlas.extract import sha256_file
+
+        return sha256_file(path)
+    if mode != "meta":
+        raise ValueError(f"identity must be 'meta' or 'file', got {mode!r}")
+    h = hashlib.sha256(b"kernelatlas filterdb identity v1\0")
+    h.update(struct.pack("<q", path.stat().st_size))
+    with _open_h5(path) as f:
+        key, ds = _filters_dataset(f, path)
+        h.update(f"{key} {ds.shape} {ds.dtype.str}\0".encode())
+        node = f[META_KEY]
+        items: list[tuple[str, Any]] = []
+        if hasattr(node, "keys"):
+            node.visititems(lambda name, obj: items.append((name, obj)) if hasattr(obj, "dtype") else None)
+        else:
+            items.append(("", node))
+        for name, obj in sorted(items, key=lambda kv: kv[0]):
+            if name.split("/")[0].startswith("_i_"):
+                continue  # PyTables' column indexes: derived, may be rebuilt
+            h.update(name.encode() + b"\0")
+            values = obj[...]
+            if values.dtype == object:
+                for v in values.ravel():
+                    h.update(np.asarray(v).tobytes() if not isinstance(v, (bytes, str)) else
+                             (v if isinstance(v, bytes) else v.encode()))
+            else:
+                h.update(np.ascontiguousarray(values).tobytes())
+        n = int(ds.shape[0])
+        h.update(np.ascontiguousarray(ds[:min(n, SAMPLE_ROWS)]).tobytes())
+        h.update(np.ascontiguousarray(ds[max(0, n - SAMPLE_ROWS):n]).tobytes())
+    return h.hexdigest()
+
+
+def layer_arrays(h5_path: str | os.PathLike[str], *, model_id: Any = None,
+                 layout: FilterDBLayout | None = None) -> Iterator[tuple[FilterDBLayer, np.ndarray]]:
+    """The original per-layer filters of a CNN Filter DB file, float64 [n, 9] (rows as in the file), one
+    layer at a time, in the order :func:`import_filterdb` adds them (models by first filter, layers by filter
+    position); ``model_id``: only that model.  Each layer comes with its meta row (``FilterDBLayer.row``),
+    so a corpus layer is matched by (``filterdb_model_id``, ``filterdb_layer_id``)."""
+    layout = layout or inspect_filterdb(h5_path)
+    with _open_h5(layout.path) as f:
+        ds = f[layout.filters_key]
+        for mid, layers in layout.models.items():
+            if model_id is not None and mid != model_id:
+                continue
+            for layer in layers:
+                yield layer, np.asarray(ds[layer.start:layer.stop], dtype=np.float64).reshape(-1, 9)
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+
+class _LazyFilters:
+    """A layer's filters as a 4-D [c_out, c_in_per_group, 3, 3] array-like that reads the file only when
+    converted (``np.asarray``), in blocks of ``chunk_rows``, straight into the corpus dtype -- so the
+    corpus writer holds one layer at a time, never a whole model."""
+
+    def __init__(self, ds: Any, layer: FilterDBLayer, shape: tuple[int, int, int, int], dtype: np.dtype,
+                 chunk_rows: int, where: str, on_rows: Callable[[int], None] | None) -> None:
+        self.ds, self.layer, self.shape, self.dtype = ds, layer, shape, dtype
+        self.chunk_rows, self.where, self.on_rows = chunk_rows, where, on_rows
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        n = self.layer.n
+        out = np.empty((n, 9), dtype=self.dtype)
+        for a in range(0, n, self.chunk_rows):
+            b = min(a + self.chunk_rows, n)
+            try:
+                block = self.ds[self.layer.start + a:self.layer.start + b]
+            except (OSError, ValueError) as exc:
+                raise FilterDBError(f"{self.where}: filters {self.layer.start + a}:{self.layer.start + b} are "
+                                    f"unreadable ({exc}); the file is damaged") from None
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                out[a:b] = np.asarray(block).reshape(-1, 9)
+            if self.on_rows is not None:
+                self.on_rows(b - a)
+        out = out.reshape(self.shape)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _truthy(value: Any) -> bool | None:
+    value = _plain(value)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "t")
+    return bool(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    value = _plain(value)
+    if value is None or value == "":
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if np.isfinite(f) and f == int(f) else None
+
+
+def _layer_shape(layer: FilterDBLayer) -> tuple[int, int, int, bool, str | None]:
+    """(c_out, c_in_per_group, groups, kind_inferred, warning) from the row's channels (module docstring)."""
+    n = layer.n
+    row = layer.row
+    out_ch = _int_or_none(row.get("out_channels"))
+    in_ch = _int_or_none(row.get("in_channels"))
+    groups = _int_or_none(row.get("groups"))
+    inferred = _truthy(row.get("kind_inferred"))
+    where = f"model_id {layer.model_id} layer {layer.layer_id}"
+    if out_ch and out_ch > 0 and n % out_ch == 0:
+        cipg = n // out_ch
+        if groups and groups > 0:
+            return out_ch, cipg, groups, True if inferred is None else inferred, None
+        if in_ch and in_ch > 0 and in_ch % cipg == 0:
+            return out_ch, cipg, in_ch // cipg, True, None
+        return out_ch, cipg, 1, True, (f"{where}: in_channels {in_ch} does not match {n} filters / out_channels "
+                                       f"{out_ch}; recorded as regular")
+    return n, 1, 1, True, (f"{where}: out_channels {out_ch} does not divide its {n} filters; recorded as "
+                           f"regular with c_out = {n}")
+
+
+def _model_meta(layers: list[FilterDBLayer]) -> tuple[str | None, str, dict[str, Any]]:
+    """(name, weight_set, model columns) from the model's first meta row (model-level columns repeat)."""
+    from kernelatlas.corpus import MODEL_COLUMNS, _snake
+
+    first = layers[0].row
+    name = None
+    weight_set = ""
+    meta: dict[str, Any] = {}
+    for key, value in first.items():
+        skey = str(key)
+        if skey in LAYER_LEVEL_COLUMNS:
+            if skey == "weight_set":
+                weight_set = "" if _plain(value) is None else str(_plain(value))
+            continue
+        value = _plain(value)
+        if skey == "model":
+            name = None if value is None else str(value)
+            continue
+        col = MODEL_COLUMN_MAP.get(skey) or _snake(skey)
+        if col in MODEL_COLUMNS and skey not in MODEL_COLUMN_MAP:
+            col = f"filterdb_{col}"  # never let a file column overwrite name/format/sha256 ...
+        meta[col] = value
+    return name, weight_set, meta
+
+
+@dataclass
+class ImportReport:
+    added: list[dict[str, Any]] = field(default_factory=list)   # model rows added
+    skipped: list[Any] = field(default_factory=list)            # CNN Filter DB model_ids already imported
+    warnings: list[str] = field(default_factory=list)
+    identity: str = ""
+    unreferenced: int = 0                                       # filters no meta row points to
+
+    @property
+    def kernels(self) -> int:
+        return sum(int(r["n_kernels"]) for r in self.added)
+
+
+def import_filterdb(h5_path: str | os.PathLike[str], corpus_path: str | os.PathLike[str], *,
+                    chunk_rows: int = 1 << 20, progress: bool = True, dtype: str = "float32",
+                    identity: str = "meta", commit_rows: int = 1 << 24,
+                    commit_seconds: float = 60.0) -> ImportReport:
+    """Import a CNN Filter DB ``dataset.h5`` into the corpus at ``corpus_path`` (created if absent): one model
+    per model_id, one layer per meta row, every filter stored in the k3 shards as ``dtype``.  Resumable: work
+    is committed every ``commit_rows`` kernels and a rerun skips the models already imported.  The file is
+    validated before the corpus is opened (see :func:`inspect_filterdb`); ``identity``: "meta" or "file"."""
+    from tqdm import tqdm
+
+    from kernelatlas.corpus import CorpusWriter
+
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    store = np.dtype(dtype)
+    if store not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype}")
+    path = Path(h5_path)
+    layout = inspect_filterdb(path)
+    digest = filterdb_identity(path, identity)
+    report = ImportReport(identity=f"{identity}:{digest}", unreferenced=layout.unreferenced)
+    with _open_h5(path) as f, CorpusWriter(corpus_path, dtype=store.name, commit_rows=commit_rows,
+                                            commit_seconds=commit_seconds) as writer:
+        ds = f[layout.filters_key]
+        total = layout.n_filters - layout.unreferenced
+        bar = tqdm(total=total, desc="import-filterdb", unit="filter", unit_scale=True, disable=not progress,
+                   file=sys.stderr)
+        for model_id, fdb_layers in layout.models.items():
+            key = f"{digest}:{model_id}"
+            if writer.has_model(key):
+                report.skipped.append(model_id)
+                bar.update(sum(layer.n for layer in fdb_layers))
+                continue
+            layers: list[ConvLayer] = []
+            columns: list[dict[str, Any]] = []
+            for layer in fdb_layers:
+                c_out, cipg, groups, inferred, warning = _layer_shape(layer)
+                if warning:
+                    report.warnings.append(f"{path}: {warning}")
+                where = f"{path}: model_id {model_id} layer {layer.layer_id}"
+                weight = _LazyFilters(ds, layer, (c_out, cipg, 3, 3), store, chunk_rows, where, bar.update)
+                name = _plain(layer.row.get("layer_name"))
+                layers.append(ConvLayer(
+                    name=str(name) if name not in (None, "") else f"layer{layer.layer_id}",
+                    weight=weight,  # type: ignore[arg-type]  # read on demand, see _LazyFilters
+                    groups=groups, kind=classify_kind(c_out, cipg, groups), kind_inferred=inferred,
+                    order=float(layer.conv_depth), bn_folded=bool(_truthy(layer.row.get("bn_folded")))))
+                cols: dict[str, Any] = {"depth": layer.conv_depth, "depth_norm": layer.conv_depth_norm,
+                                        "filterdb_layer_id": _plain(layer.layer_id)}
+                layer_depth = _plain(layer.row.get("layer_depth"))
+                if layer_depth is not None:
+                    cols["layer_depth"] = layer_depth
+                columns.append(cols)
+            name, weight_set, meta = _model_meta(fdb_layers)
+            meta["filterdb_model_id"] = model_id
+            model = LoadedModel(source_path=str(path), format="filterdb", layers=layers, weight_set=weight_set)
+            row = writer.add_model(model, sha256=key, sizes=(3,), all_convs=True, meta=meta,
+                                   name=name or f"filterdb-{model_id}", layer_columns=columns)
+            report.added.append(row)
+            writer.maybe_commit()
+        bar.close()
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    models: int
+    layers: int
+    filters: int
+    skipped_layers: int  # layers not exported (not 3x3, not stored, or another kind)
+
+
+def _export_value(values: Any) -> Any:
+    """A corpus string column as numbers when every value parses (ints if all integral), else strings."""
+    import pandas as pd
+
+    text = values.astype(str)
+    if (text == "").any():
+        return text
+    try:
+        numbers = pd.to_numeric(text)
+    except (ValueError, TypeError):
+        return text
+    return numbers
+
+
+def export_filterdb(corpus_path: str | os.PathLike[str], h5_path: str | os.PathLike[str], *,
+                    kinds: Sequence[str] | None = None, progress: bool = True,
+                    chunk_rows: int = 1 << 20) -> ExportReport:
+    """Write the stored 3x3 kernels of a corpus (``kinds``: only layers of those kinds) as a CNN Filter DB
+    ``dataset.h5`` at ``h5_path``: ``filters`` (N, 3, 3) float64 and ``meta`` (pandas ``to_hdf``, format
+    "table", MultiIndex [model_id, conv_depth, conv_depth_norm, layer_id], inclusive filter_ids).  Written to
+    a temporary file beside ``h5_path`` and renamed into place when complete."""
+    import h5py
+    import pandas as pd
+    from tqdm import tqdm
+
+    from kernelatlas import __version__
+    from kernelatlas.corpus import MODEL_COLUMNS, Corpus
+
+    corpus = Corpus.open(corpus_path)
+    out = Path(h5_path)
+    if kinds is not None:
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    layers = corpus.layers
+    sel = layers[(layers["kh"] == 3) & (layers["kw"] == 3) & (layers["rows"] > 0)]
+    if kinds is not None:
+        sel = sel[sel["kind"].isin(list(kinds))]
+    sel = sel.sort_values(["model_id", "layer_id"], kind="stable")
+    if not len(sel):
+        what = f" of kind {', '.join(kinds)}" if kinds else ""
+        raise FilterDBError(f"{corpus.root}: no stored 3x3 kernels{what} to export (only stored 3x3 layers go "
+                            "into a CNN Filter DB file; extract with --all-convs to store regular convs)")
+    partial = sel[sel["rows"] != sel["n_kernels"]]
+    if len(partial):
+        raise FilterDBError(f"{corpus.root}: layer {int(partial['layer_id'].iloc[0])} stores "
+                            f"{int(partial['rows'].iloc[0])} of {int(partial['n_kernels'].iloc[0])} kernels; "
+                            "the corpus is damaged")
+    models = corpus.models.set_index("model_id", drop=False)
+    n_total = int(sel["rows"].sum())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    meta_rows: list[dict[str, Any]] = []
+    try:
+        with h5py.File(tmp, "w") as f:
+            dset = f.create_dataset(FILTERS_KEY, shape=(n_total, 3, 3), dtype="<f8")
+            bar = tqdm(total=n_total, desc="export-filterdb", unit="filter", unit_scale=True,
+                       disable=not progress, file=sys.stderr)
+            offset = 0
+            shards: dict[str, np.ndarray] = {}
+            ordinal: dict[int, int] = {}
+            for layer in sel.itertuples(index=False):
+                arr = shards.get(layer.shard)
+                if arr is None:
+                    arr = shards[layer.shard] = corpus.shard_array(layer.shard)
+                rows = int(layer.rows)
+                for a in range(0, rows, chunk_rows):
+                    b = min(a + chunk_rows, rows)
+                    block = arr[int(layer.row_start) + a:int(layer.row_start) + b]
+                    dset[offset + a:offset + b] = np.asarray(block, dtype=np.float64).reshape(-1, 3, 3)
+                    bar.update(b - a)
+                mid = int(layer.model_id)
+                lid = ordinal.get(mid, 0)
+                ordinal[mid] = lid + 1
+                row = {"model_id": mid, "conv_depth": int(layer.depth), "conv_depth_norm": float(layer.depth_norm),
+                       "layer_id": lid, "filter_ids": f"{offset}:{offset + rows - 1}",
+                       "in_channels": int(layer.c_in_per_group) * int(layer.groups),
+                       "out_channels": int(layer.c_out)}
+                layer_depth = _int_or_none(getattr(layer, "layer_depth", None)) if "layer_depth" in sel.columns \
+                    else None
+                row["layer_depth"] = layer_depth if layer_depth is not None else int(layer.depth)
+                row["_layer"] = layer
+                meta_rows.append(row)
+                offset += rows
+            bar.close()
+        frame = _export_meta(meta_rows, models, __version__, MODEL_COLUMNS)
+        frame.to_hdf(tmp, key=META_KEY, mode="a", format="table")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        with contextlib.suppress(OSError):
+            fd = os.open(out.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return ExportReport(path=out, models=int(sel["model_id"].nunique()), layers=len(sel), filters=n_total,
+                        skipped_layers=len(layers) - len(sel))
+
+
+# corpus model columns that do not go into the file (bookkeeping of this corpus or of an earlier import)
+_MODEL_NOT_EXPORTED = frozenset({"model_id", "source_path", "sha256", "format", "n_layers", "n_kernels",
+                                 "filterdb_model_id", "filterdb_identity"})
+
+
+def _export_meta(meta_rows: list[dict[str, Any]], models: Any, version: str, model_columns: Any) -> Any:
+    import pandas as pd
+
+    reverse = {v: k for k, v in MODEL_COLUMN_MAP.items()}
+    model_cols = [c for c in models.columns if c not in _MODEL_NOT_EXPORTED]
+    records = []
+    for row in meta_rows:
+        layer = row.pop("_layer")
+        model = models.loc[row["model_id"]]
+        rec = dict(row)
+        for col in model_cols:
+            if col == "weight_set" or col == "producer":
+                continue
+            name = reverse.get(col) or _KNOWN_MODEL_COLUMNS.get(col) or col
+            if col.startswith("filterdb_") and col[9:] in model_columns:
+                name = col[9:]  # a file column renamed on import (see _model_meta)
+            rec[name] = str(model[col])
+        producer = str(model["producer"]) if "producer" in models.columns else ""
+        rec["producer"] = producer or f"kernelatlas {version}"
+        rec["weight_set"] = str(model["weight_set"])
+        rec["layer_name"] = str(layer.name)
+        rec["groups"] = int(layer.groups)
+        rec["kind_inferred"] = bool(layer.kind_inferred)
+        rec["bn_folded"] = bool(layer.bn_folded)
+        records.append(rec)
+    frame = pd.DataFrame.from_records(records)
+    head = list(INDEX_LEVELS) + ["filter_ids"] + [reverse[c] for c in ("name", "family", "task", "category",
+                                                                        "dataset")]
+    head += ["in_channels", "out_channels", "layer_depth", "producer"]
+    rest = [c for c in frame.columns if c not in head]
+    frame = frame[head + rest]
+    for col in frame.columns:
+        if col in INDEX_LEVELS or col in ("in_channels", "out_channels", "layer_depth", "groups",
+                                          "kind_inferred", "bn_folded"):
+            continue
+        if col in ("filter_ids", "layer_name", "weight_set", "producer") or col in reverse.values():
+            frame[col] = frame[col].astype(str)
+        else:
+            frame[col] = _export_value(frame[col])
+    return frame.set_index(list(INDEX_LEVELS))

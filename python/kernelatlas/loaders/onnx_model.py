@@ -1,0 +1,403 @@
+"""ONNX loader: every 2-D ``Conv`` (and ``QLinearConv``) of the main graph whose weight is stored in the file.
+
+A weight is taken when it is an initializer or a chain of ``Constant`` / ``Identity`` / ``Cast`` /
+``DequantizeLinear`` nodes ending in stored tensors; anything else (a weight computed at run time, a weight
+fed as a graph input) is skipped with a warning naming the node.  ONNX already stores conv weights as
+``[c_out, c_in / group, kh, kw]`` with rows over (y, x), i.e. PyTorch's layout, so nothing is transposed.
+
+``group`` decides the kind exactly (``kind_inferred = False``).  ``order`` is the node's graph depth: the
+longest path, in nodes, from a graph input to the node (constant-only chains such as ``Constant ->
+DequantizeLinear`` add nothing), so that the corpus can rank depths the way CNN Filter DB's ``conv_depth``
+does.
+
+External data is read only from files inside the model's folder (after resolving symlinks), and only after
+the byte range a tensor declares has been checked against that file's size, so a hostile
+``location`` or a lying length can neither read elsewhere nor allocate more than the file holds.
+
+BatchNorm: exporters (torch.onnx, tf2onnx, paddle2onnx) fold inference BatchNorm into the preceding conv.
+The loader never folds anything (``bn_folded`` stays False: the weights are returned as stored); a conv whose
+output goes straight into a ``BatchNormalization`` gets ``extra["bn_follows"] = True``, and
+``meta["bn_folded_by_export"]`` is a heuristic: True when fewer than half of the convs feed a
+BatchNormalization (BN was folded by the exporter, or the net never had any; it cannot tell the two apart),
+False otherwise.  Not "no BatchNormalization node at all": PaddleOCR's det model keeps two BN nodes after
+convs (and one after a ConvTranspose) while the other 60 convs have theirs folded.
+``meta["convs_followed_by_bn"]`` gives the count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .base import ConvLayer, LoadedModel, LoaderError, classify_kind
+
+__all__ = ["load"]
+
+# Weight producers followed back to stored tensors.  Everything else is "computed at run time".
+_PASS_THROUGH = ("Identity", "Cast", "DequantizeLinear", "Constant")
+_SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}
+for _name, _bits in (("INT2", 2), ("UINT2", 2)):  # newer onnx releases only
+    if hasattr(TensorProto, _name):
+        _SUB_BYTE_BITS[getattr(TensorProto, _name)] = _bits
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Read the conv layers of the ONNX model at ``path``; raises :class:`LoaderError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoaderError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise LoaderError(f"{path}: empty file, not an ONNX model")
+    try:
+        # External data is never loaded by onnx itself: _ExternalData below checks every path and size first.
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, but protobuf raises several kinds on corrupt input
+        raise LoaderError(
+            f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc}); re-export or re-download it"
+        ) from exc
+    if not model.HasField("graph") or (not model.opset_import and not model.graph.node):
+        raise LoaderError(f"{path}: no ONNX graph in this file (corrupt, or not an ONNX model)")
+    try:
+        return _Reader(path, model).read()
+    except LoaderError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError) as exc:  # a malformed node (missing attribute ...)
+        raise LoaderError(f"{path}: malformed ONNX graph ({type(exc).__name__}: {exc})") from exc
+
+
+class _Reader:
+    """One pass over one model's main graph."""
+
+    def __init__(self, path: Path, model: onnx.ModelProto) -> None:
+        self.path = path
+        self.model = model
+        self.graph = model.graph
+        self.external = _ExternalData(path)
+        self.warnings: list[str] = []
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.producers: dict[str, onnx.NodeProto] = {}
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producers[out] = node
+        self.graph_inputs = {i.name for i in self.graph.input} - set(self.initializers)
+
+    def read(self) -> LoadedModel:
+        nodes = list(self.graph.node)
+        try:
+            depths = graph_depths(
+                [[t for t in n.input if t] for n in nodes],
+                [[t for t in n.output if t] for n in nodes],
+                self.graph_inputs,
+            )
+        except ValueError as exc:
+            raise LoaderError(f"{self.path}: {exc}") from exc
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in nodes:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+
+        layers: list[ConvLayer] = []
+        names: set[str] = set()
+        convs_followed_by_bn = 0
+        for index, node in enumerate(nodes):
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "QLinearConv"):
+                continue
+            layer = self._conv_layer(node, index, depths[index])
+            if layer is None:
+                continue
+            bn_follows = any(c.op_type == "BatchNormalization" for c in consumers.get(node.output[0], ()))
+            convs_followed_by_bn += bn_follows
+            layer.extra["bn_follows"] = bn_follows
+            layer.name = _unique(layer.name, names)
+            layers.append(layer)
+        self._warn_about_subgraphs()
+        meta = {
+            "opset": {o.domain or "ai.onnx": int(o.version) for o in self.model.opset_import},
+            "producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
+            "bn_folded_by_export": bool(layers) and 2 * convs_followed_by_bn < len(layers),
+            "convs_followed_by_bn": convs_followed_by_bn,
+        }
+        return LoadedModel(source_path=str(self.path), format="onnx", layers=layers, meta=meta,
+                           warnings=self.warnings)
+
+    # ------------------------------------------------------------------------------------------ one conv
+
+    def _conv_layer(self, node: onnx.NodeProto, index: int, depth: int | None) -> ConvLayer | None:
+        name = node.name or (node.input[1] if len(node.input) > 1 else f"{node.op_type}_{index}")
+        where = f"{self.path}: layer {name}"
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "QLinearConv":
+            if len(node.input) < 6:
+                raise LoaderError(f"{where}: QLinearConv needs 6+ inputs, got {len(node.input)}")
+            weight = self._quantized_weight(node.input[3], node.input[4], node.input[5], axis=0, where=where)
+        else:
+            if len(node.input) < 2 or not node.input[1]:
+                raise LoaderError(f"{where}: Conv node without a weight input; the graph is broken")
+            weight = self._constant(node.input[1], where)
+        if weight is None:
+            return None
+        if weight.ndim != 4:
+            self.warnings.append(f"{where}: {weight.ndim - 2}-D conv (weight {list(weight.shape)}) skipped; "
+                                 "only 2-D convs are kept")
+            return None
+        groups = int(attrs.get("group", 1))
+        c_out = int(weight.shape[0])
+        if groups < 1 or c_out % groups:
+            raise LoaderError(f"{where}: group={groups} does not divide the {c_out} output channels of weight "
+                              f"{list(weight.shape)}; the model is invalid")
+        weight = _float_weight(weight)
+        _check_finite(weight, where, self.warnings)
+        extra = {"op_type": node.op_type, "node_index": index}
+        for key in ("strides", "dilations", "pads", "auto_pad"):
+            if key in attrs:
+                value = attrs[key]
+                extra[key] = value.decode() if isinstance(value, bytes) else list(value)
+        return ConvLayer(
+            name=name,
+            weight=weight,
+            groups=groups,
+            kind=classify_kind(c_out, int(weight.shape[1]), groups),
+            kind_inferred=False,
+            order=float(depth if depth is not None else 0),
+            bn_folded=False,
+            extra=extra,
+        )
+
+    # ------------------------------------------------------------------------ stored tensors and chains
+
+    def _constant(self, name: str, where: str, seen: frozenset[str] = frozenset()) -> np.ndarray | None:
+        """The stored value of tensor ``name``; None (with a warning) when it is computed at run time."""
+        if name in seen:
+            raise LoaderError(f"{where}: weight chain through {name!r} is cyclic; the graph is broken")
+        seen = seen | {name}
+        if name in self.initializers:
+            return self._tensor(self.initializers[name], where)
+        node = self.producers.get(name)
+        if node is None:
+            if name in self.graph_inputs:
+                self.warnings.append(f"{where}: weight {name!r} is a graph input (not stored in the file); skipped")
+                return None
+            raise LoaderError(f"{where}: weight {name!r} is neither stored nor produced by any node; "
+                              "the graph is broken (truncated file?)")
+        if node.op_type not in _PASS_THROUGH or node.domain not in ("", "ai.onnx"):
+            self.warnings.append(f"{where}: weight {name!r} is computed by a {node.op_type} node at run time; "
+                                 "skipped (only Constant/Identity/Cast/DequantizeLinear chains are followed)")
+            return None
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant":
+            return self._constant_node(node, attrs, where)
+        if node.op_type == "Identity":
+            return self._constant(node.input[0], where, seen)
+        if node.op_type == "Cast":
+            value = self._constant(node.input[0], where, seen)
+            if value is None:
+                return None
+            target = helper.tensor_dtype_to_np_dtype(helper.get_attribute_value(attrs["to"]))
+            if value.dtype == np.float16 and target in (np.float32, np.float64):
+                return value  # an exact widening: keep the weights as stored
+            return value.astype(target)
+        # DequantizeLinear
+        axis = helper.get_attribute_value(attrs["axis"]) if "axis" in attrs else 1
+        block = helper.get_attribute_value(attrs["block_size"]) if "block_size" in attrs else 0
+        zero = node.input[2] if len(node.input) > 2 else ""
+        return self._quantized_weight(node.input[0], node.input[1], zero, axis=axis, block_size=block,
+                                      where=where, seen=seen)
+
+    def _constant_node(self, node: onnx.NodeProto, attrs: dict, where: str) -> np.ndarray | None:
+        if "value" in attrs:
+            return self._tensor(attrs["value"].t, where)
+        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                           ("value_int", np.int64), ("value_ints", np.int64)):
+            if key in attrs:
+                return np.asarray(helper.get_attribute_value(attrs[key]), dtype=dtype)
+        self.warnings.append(f"{where}: Constant node {node.name!r} holds no dense tensor; skipped")
+        return None
+
+    def _quantized_weight(self, q_name: str, scale_name: str, zero_name: str, *, axis: int, where: str,
+                          block_size: int = 0, seen: frozenset[str] = frozenset()) -> np.ndarray | None:
+        """(q - zero_point) * scale, per tensor, per axis or per block (DequantizeLinear's three modes)."""
+        q = self._constant(q_name, where, seen)
+        scale = self._constant(scale_name, where, seen)
+        zero = self._constant(zero_name, where, seen) if zero_name else None
+        if q is None or scale is None or (zero_name and zero is None):
+            return None
+        scale = scale.astype(np.float32)
+        zero = np.zeros_like(scale) if zero is None else zero.astype(np.float32)
+        if zero.shape != scale.shape:
+            raise LoaderError(f"{where}: zero point shape {list(zero.shape)} differs from scale shape "
+                              f"{list(scale.shape)}")
+        if q.ndim == 0:
+            raise LoaderError(f"{where}: quantised weight {q_name!r} is a scalar")
+        axis = axis + q.ndim if axis < 0 else axis
+        if scale.size == 1:
+            scale, zero = scale.reshape(()), zero.reshape(())
+        elif block_size > 0 and scale.ndim == q.ndim:
+            scale = np.repeat(scale, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
+            zero = np.repeat(zero, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
+            if scale.shape != q.shape:
+                raise LoaderError(f"{where}: block scales (block_size {block_size}) do not cover weight "
+                                  f"{q_name!r} of shape {list(q.shape)}")
+        elif scale.ndim == 1 and 0 <= axis < q.ndim and scale.shape[0] == q.shape[axis]:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        else:
+            raise LoaderError(f"{where}: scale of shape {list(scale.shape)} does not fit quantised weight "
+                              f"{q_name!r} of shape {list(q.shape)} on axis {axis}")
+        return (q.astype(np.float32) - zero) * scale
+
+    def _tensor(self, tensor: onnx.TensorProto, where: str) -> np.ndarray:
+        """A TensorProto as numpy, external bytes checked and read by _ExternalData."""
+        label = f"{where}: tensor {tensor.name!r}"
+        if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            raise LoaderError(f"{label}: has no numeric type ({tensor.data_type})")
+        declared = _declared_nbytes(tensor, label)
+        if tensor.data_location == TensorProto.EXTERNAL:
+            stored = TensorProto()
+            stored.CopyFrom(tensor)
+            stored.raw_data = self.external.read(tensor, declared, label)
+            del stored.external_data[:]
+            stored.data_location = TensorProto.DEFAULT
+            tensor = stored
+        elif tensor.HasField("raw_data") and declared is not None and len(tensor.raw_data) != declared:
+            raise LoaderError(f"{label}: dims {list(tensor.dims)} declare {declared} bytes but the file stores "
+                              f"{len(tensor.raw_data)}; the model is corrupt")
+        try:
+            return numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise LoaderError(f"{label}: cannot decode ({exc}); the model is corrupt") from exc
+
+    def _warn_about_subgraphs(self) -> None:
+        for node in self.graph.node:
+            for attr in node.attribute:
+                graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+                if any(n.op_type == "Conv" for g in graphs for n in g.node):
+                    self.warnings.append(f"{self.path}: {node.op_type} node {node.name!r} holds convs in a "
+                                         "subgraph; only the main graph is read")
+                    return
+
+
+class _ExternalData:
+    """Reads external tensor bytes from files inside the model's folder, after checking the byte range."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.model_path = model_path
+        self.folder = model_path.parent.resolve()
+
+    def read(self, tensor: onnx.TensorProto, declared: int | None, label: str) -> bytes:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise LoaderError(f"{label}: external data without a location")
+        if Path(location).is_absolute() or "\x00" in location:
+            raise LoaderError(f"{label}: external data path {location!r} is absolute; only files inside "
+                              f"{self.folder} are read")
+        target = (self.folder / location).resolve()
+        if not target.is_relative_to(self.folder):
+            raise LoaderError(f"{label}: external data path {location!r} escapes the model's folder "
+                              f"{self.folder}; refusing to read it")
+        if not target.is_file():
+            raise LoaderError(f"{label}: external data file {location!r} is missing next to the model; copy it "
+                              "into the model's folder")
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else declared
+        except ValueError as exc:
+            raise LoaderError(f"{label}: external data offset/length is not an integer") from exc
+        if length is None:
+            raise LoaderError(f"{label}: external data of unknown size (no length, unsized type)")
+        if declared is not None and length != declared:
+            raise LoaderError(f"{label}: external data length {length} differs from the {declared} bytes its dims "
+                              f"{list(tensor.dims)} declare")
+        size = target.stat().st_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise LoaderError(f"{label}: declares {length} bytes at offset {offset} of {location!r}, which holds "
+                              f"only {size} bytes; the external data is truncated or the model is corrupt")
+        with open(target, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+
+def _declared_nbytes(tensor: onnx.TensorProto, label: str) -> int | None:
+    """Bytes the dims declare for raw storage; None for types whose packing is not known here."""
+    if any(d < 0 for d in tensor.dims):
+        raise LoaderError(f"{label}: negative dimension in {list(tensor.dims)}")
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _SUB_BYTE_BITS:
+        return (count * _SUB_BYTE_BITS[tensor.data_type] + 7) // 8
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:
+        return None
+    return count * itemsize
+
+
+def _float_weight(weight: np.ndarray) -> np.ndarray:
+    """float16 stays float16 (as stored); every other dtype becomes float32."""
+    if weight.dtype == np.float16 or weight.dtype == np.float32:
+        return np.ascontiguousarray(weight)
+    return np.ascontiguousarray(weight.astype(np.float32))
+
+
+def _check_finite(weight: np.ndarray, where: str, warnings: list[str]) -> None:
+    bad = int(weight.size - np.count_nonzero(np.isfinite(weight)))
+    if bad:
+        warnings.append(f"{where}: {bad} of {weight.size} weights are NaN or Inf; their kernels will be labelled -1")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}#{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def graph_depths(
+    node_inputs: Sequence[Sequence[Hashable]],
+    node_outputs: Sequence[Sequence[Hashable]],
+    graph_inputs: set,
+) -> list[int | None]:
+    """Longest path, counted in nodes, from any graph input to each node (a node fed by a graph input has
+    depth 1); None for nodes that no graph input reaches (constant folding chains).  Raises ValueError on a
+    cycle.  Kahn's algorithm, so node order in the file does not matter."""
+    producer: dict[Hashable, int] = {}
+    for i, outs in enumerate(node_outputs):
+        for tensor in outs:
+            producer[tensor] = i
+    n = len(node_inputs)
+    users: list[list[int]] = [[] for _ in range(n)]
+    waiting = [0] * n
+    for i, ins in enumerate(node_inputs):
+        for j in {producer[t] for t in ins if t in producer}:
+            if j == i:
+                raise ValueError(f"node {i} consumes its own output; the graph is cyclic")
+            users[j].append(i)
+            waiting[i] += 1
+    queue = deque(i for i in range(n) if waiting[i] == 0)
+    depths: list[int | None] = [None] * n
+    done = 0
+    while queue:
+        i = queue.popleft()
+        done += 1
+        best = None
+        for tensor in node_inputs[i]:
+            d = depths[producer[tensor]] if tensor in producer else (0 if tensor in graph_inputs else None)
+            if d is not None and (best is None or d > best):
+                best = d
+        depths[i] = None if best is None else best + 1
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                queue.append(u)
+    if done != n:
+        raise ValueError(f"the graph has a cycle ({n - done} nodes never become ready)")
+    return depths

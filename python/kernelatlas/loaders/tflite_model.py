@@ -1,0 +1,410 @@
+"""TFLite loader: every CONV_2D and DEPTHWISE_CONV_2D of the main subgraph, in PyTorch's layout.
+
+TFLite stores a CONV_2D filter as ``[c_out, kh, kw, c_in / groups]`` and a DEPTHWISE_CONV_2D filter as
+``[1, kh, kw, C * m]`` where output channel ``c * m + k`` reads input channel ``c`` (TFLite's definition,
+the same order as PyTorch's depthwise ``[C * m, 1, kh, kw]``).  Both are transposed here, axis 1 of the
+stored tensor (kh) staying the row axis, so a kernel row is [kh, kw] in C order exactly as PyTorch stores it.
+
+Weights are followed through DEQUANTIZE ops to the stored constant: fp16 weights (mediapipe's files) are
+returned as float16, integer weights are dequantised with their scale / zero point (per channel along
+``quantized_dimension`` when given) into float32.  ``groups`` comes from the op's input tensor shape (the
+channel count), so a depthwise conv with multiplier m > 1 and a grouped CONV_2D are classified exactly.
+``order`` is the op's graph depth: the longest path, in ops, from a subgraph input (DEQUANTIZE ops on
+constants add nothing).
+
+The file is read into memory once and parsed with the ``tflite`` flatbuffer bindings, which do not validate
+anything; every vector and buffer this loader touches is bounds-checked against the file first, so a
+corrupt or lying file gives a LoaderError that names it, never a huge allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import numpy as np
+import tflite
+from tflite.BuiltinOperator import BuiltinOperator
+from tflite.Conv2DOptions import Conv2DOptions
+from tflite.DepthwiseConv2DOptions import DepthwiseConv2DOptions
+from tflite.TensorType import TensorType
+
+from .base import ConvLayer, LoadedModel, LoaderError, classify_kind
+
+__all__ = ["load"]
+
+_IDENTIFIER = b"TFL3"
+_DTYPES = {
+    TensorType.FLOAT32: np.dtype("<f4"),
+    TensorType.FLOAT16: np.dtype("<f2"),
+    TensorType.FLOAT64: np.dtype("<f8"),
+    TensorType.INT8: np.dtype("i1"),
+    TensorType.UINT8: np.dtype("u1"),
+    TensorType.INT16: np.dtype("<i2"),
+    TensorType.INT32: np.dtype("<i4"),
+}
+_INT4 = getattr(TensorType, "INT4", None)
+_BFLOAT16 = getattr(TensorType, "BFLOAT16", None)
+_TYPE_NAMES = {v: k for k, v in vars(TensorType).items() if not k.startswith("_")}
+
+
+class _Corrupt(Exception):
+    """Raised inside the parser; turned into a LoaderError naming the file."""
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Read the conv layers of the TFLite model at ``path``; raises :class:`LoaderError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoaderError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if len(head) < 8 or head[4:8] != _IDENTIFIER:
+        raise LoaderError(f"{path}: not a TFLite model (no 'TFL3' flatbuffer identifier; empty, truncated or "
+                          "another format)")
+    data = path.read_bytes()
+    try:
+        return _Reader(path, data).read()
+    except LoaderError:
+        raise
+    except Exception as exc:  # struct.error, IndexError, ValueError ... from reading garbage offsets
+        raise LoaderError(f"{path}: corrupt TFLite flatbuffer ({type(exc).__name__}: {exc}); re-download or "
+                          "re-convert the model") from exc
+
+
+class _Reader:
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path = path
+        self.data = data
+        self.model = tflite.Model.GetRootAs(data, 0)
+        self.warnings: list[str] = []
+
+    def _count(self, n: int, what: str) -> int:
+        """A vector length bounded by the file (each element takes at least 4 bytes)."""
+        if n < 0 or 4 * n > len(self.data):
+            raise LoaderError(f"{self.path}: {what} claims {n} entries, more than the {len(self.data)}-byte file "
+                              "can hold; the file is corrupt")
+        return n
+
+    def read(self) -> LoadedModel:
+        model = self.model
+        n_subgraphs = self._count(model.SubgraphsLength(), "subgraph list")
+        if n_subgraphs == 0:
+            raise LoaderError(f"{self.path}: TFLite model without a subgraph; the file is corrupt")
+        self.codes = [self._builtin_code(model.OperatorCodes(i))
+                      for i in range(self._count(model.OperatorCodesLength(), "operator code list"))]
+        self.n_buffers = self._count(model.BuffersLength(), "buffer list")
+        graph = model.Subgraphs(0)
+        self.graph = graph
+        self.n_tensors = self._count(graph.TensorsLength(), "tensor list")
+        ops = [graph.Operators(i) for i in range(self._count(graph.OperatorsLength(), "operator list"))]
+        op_inputs = [self._tensor_indices(op.InputsAsNumpy() if op.InputsLength() else []) for op in ops]
+        op_outputs = [self._tensor_indices(op.OutputsAsNumpy() if op.OutputsLength() else []) for op in ops]
+        self.producer = {t: i for i, outs in enumerate(op_outputs) for t in outs}
+        self.ops, self.op_inputs = ops, op_inputs
+        graph_inputs = set(self._tensor_indices(graph.InputsAsNumpy() if graph.InputsLength() else []))
+        try:
+            depths = graph_depths(op_inputs, op_outputs, graph_inputs)
+        except ValueError as exc:
+            raise LoaderError(f"{self.path}: {exc}") from exc
+
+        layers: list[ConvLayer] = []
+        names: set[str] = set()
+        for index, op in enumerate(ops):
+            code = self._op_code(op, index)
+            if code == BuiltinOperator.CONV_2D:
+                layer = self._conv(op, index, depthwise=False)
+            elif code == BuiltinOperator.DEPTHWISE_CONV_2D:
+                layer = self._conv(op, index, depthwise=True)
+            else:
+                continue
+            if layer is None:
+                continue
+            layer.order = float(depths[index] if depths[index] is not None else 0)
+            layer.name = _unique(layer.name, names)
+            layers.append(layer)
+        for s in range(1, n_subgraphs):
+            sub = model.Subgraphs(s)
+            for i in range(self._count(sub.OperatorsLength(), "operator list")):
+                if self._op_code(sub.Operators(i), i) in (BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D):
+                    self.warnings.append(f"{self.path}: subgraph {s} holds convs; only the main subgraph is read")
+                    break
+        meta = {"tflite_version": int(model.Version()), "subgraphs": n_subgraphs}
+        return LoadedModel(source_path=str(self.path), format="tflite", layers=layers, meta=meta,
+                           warnings=self.warnings)
+
+    # ------------------------------------------------------------------------------------------ ops
+
+    @staticmethod
+    def _builtin_code(code) -> int:
+        # Schema v3a moved codes >= 127 to builtin_code; the deprecated int8 field is kept for old readers.
+        return max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode()))
+
+    def _op_code(self, op, index: int) -> int:
+        i = op.OpcodeIndex()
+        if not 0 <= i < len(self.codes):
+            raise LoaderError(f"{self.path}: operator {index} uses opcode {i} of {len(self.codes)}; corrupt file")
+        return self.codes[i]
+
+    def _tensor_indices(self, values) -> list[int]:
+        out = []
+        for t in np.asarray(values, dtype=np.int64).tolist():
+            if t == -1:  # an optional input left out (e.g. no bias)
+                continue
+            if not 0 <= t < self.n_tensors:
+                raise LoaderError(f"{self.path}: tensor index {t} out of range (0..{self.n_tensors - 1}); "
+                                  "corrupt file")
+            out.append(t)
+        return out
+
+    def _conv(self, op, index: int, *, depthwise: bool) -> ConvLayer | None:
+        raw_inputs = np.asarray(op.InputsAsNumpy() if op.InputsLength() else [], dtype=np.int64).tolist()
+        if len(raw_inputs) < 2 or raw_inputs[0] < 0 or raw_inputs[1] < 0:
+            raise LoaderError(f"{self.path}: operator {index} ({'DEPTHWISE_CONV_2D' if depthwise else 'CONV_2D'}) "
+                              "lacks its input or filter tensor; corrupt file")
+        x_index, w_index = raw_inputs[0], raw_inputs[1]
+        self._tensor_indices([x_index, w_index])
+        stored_index = self._stored_source(w_index)
+        name = self._tensor_name(stored_index if stored_index is not None else w_index)
+        where = f"{self.path}: layer {name}"
+        if stored_index is None:
+            self.warnings.append(f"{where}: filter is computed at run time (not a constant behind DEQUANTIZE); "
+                                 "skipped")
+            return None
+        filt = self._constant(stored_index, where)
+        if filt is None:
+            return None
+        if filt.ndim != 4:
+            raise LoaderError(f"{where}: filter of shape {list(filt.shape)} is not 4-D; corrupt file")
+        in_shape = self._shape(x_index)
+        in_channels = int(in_shape[-1]) if len(in_shape) == 4 and in_shape[-1] > 0 else None
+        options = op.BuiltinOptions()
+        extra: dict = {"op_index": index, "stored_dtype": self._type_name(stored_index)}
+        if depthwise:
+            opts = DepthwiseConv2DOptions()
+            if options is not None:
+                opts.Init(options.Bytes, options.Pos)
+                extra.update(stride=[opts.StrideH(), opts.StrideW()],
+                             dilation=[opts.DilationHFactor(), opts.DilationWFactor()], padding=opts.Padding())
+            if filt.shape[0] != 1:
+                raise LoaderError(f"{where}: DEPTHWISE_CONV_2D filter {list(filt.shape)} must be [1, kh, kw, C*m]")
+            c_out = int(filt.shape[3])
+            if in_channels is None:
+                multiplier = opts.DepthMultiplier() if options is not None else 0
+                in_channels = c_out // multiplier if multiplier > 0 and c_out % multiplier == 0 else c_out
+                self.warnings.append(f"{where}: input channel count unknown; took depth multiplier "
+                                     f"{c_out // in_channels}")
+            if in_channels <= 0 or c_out % in_channels:
+                raise LoaderError(f"{where}: {c_out} output channels is not a multiple of the {in_channels} input "
+                                  "channels of a DEPTHWISE_CONV_2D; corrupt file")
+            extra["depth_multiplier"] = c_out // in_channels
+            # [1, kh, kw, C*m] -> [C*m, 1, kh, kw]; output channel c*m + k stays at index c*m + k.
+            weight = filt[0].transpose(2, 0, 1)[:, None, :, :]
+            groups = in_channels
+        else:
+            if options is not None:
+                opts = Conv2DOptions()
+                opts.Init(options.Bytes, options.Pos)
+                extra.update(stride=[opts.StrideH(), opts.StrideW()],
+                             dilation=[opts.DilationHFactor(), opts.DilationWFactor()], padding=opts.Padding())
+            per_group = int(filt.shape[3])
+            if in_channels is None:
+                groups = 1
+                self.warnings.append(f"{where}: input channel count unknown; assumed groups = 1")
+            elif in_channels % per_group:
+                raise LoaderError(f"{where}: input has {in_channels} channels, not a multiple of the filter's "
+                                  f"{per_group}; corrupt file")
+            else:
+                groups = in_channels // per_group
+            if groups < 1 or filt.shape[0] % groups:
+                raise LoaderError(f"{where}: {groups} groups do not divide the {filt.shape[0]} output channels")
+            # [c_out, kh, kw, c_in/groups] -> [c_out, c_in/groups, kh, kw]
+            weight = filt.transpose(0, 3, 1, 2)
+        weight = np.ascontiguousarray(weight)
+        _check_finite(weight, where, self.warnings)
+        return ConvLayer(
+            name=name,
+            weight=weight,
+            groups=groups,
+            kind=classify_kind(int(weight.shape[0]), int(weight.shape[1]), groups),
+            kind_inferred=False,
+            order=0.0,
+            extra=extra,
+        )
+
+    # --------------------------------------------------------------------------------------- tensors
+
+    def _stored_source(self, tensor_index: int) -> int | None:
+        """The tensor holding the stored filter: itself, or the input of the DEQUANTIZE chain producing it."""
+        seen = set()
+        while tensor_index in self.producer:
+            if tensor_index in seen:
+                raise LoaderError(f"{self.path}: tensor {tensor_index} is produced in a cycle; corrupt file")
+            seen.add(tensor_index)
+            op_index = self.producer[tensor_index]
+            if self._op_code(self.ops[op_index], op_index) != BuiltinOperator.DEQUANTIZE:
+                return None
+            inputs = self.op_inputs[op_index]
+            if not inputs:
+                return None
+            tensor_index = inputs[0]
+        return tensor_index
+
+    def _tensor_name(self, index: int) -> str:
+        raw = self.graph.Tensors(index).Name()
+        return raw.decode("utf-8", errors="replace") if raw else f"tensor_{index}"
+
+    def _type_name(self, index: int) -> str:
+        return _TYPE_NAMES.get(self.graph.Tensors(index).Type(), "UNKNOWN").lower()
+
+    def _shape(self, index: int) -> list[int]:
+        tensor = self.graph.Tensors(index)
+        n = tensor.ShapeLength()
+        if n == 0:
+            return []
+        if n > 16:
+            raise LoaderError(f"{self.path}: tensor {index} claims rank {n}; corrupt file")
+        return [int(d) for d in tensor.ShapeAsNumpy()]
+
+    def _constant(self, index: int, where: str) -> np.ndarray | None:
+        """The stored tensor ``index`` as a float array (float16 kept, integers dequantised to float32)."""
+        tensor = self.graph.Tensors(index)
+        shape = self._shape(index)
+        if any(d < 0 for d in shape):
+            raise LoaderError(f"{where}: stored filter has a dynamic shape {shape}; corrupt file")
+        if tensor.Sparsity() is not None:
+            self.warnings.append(f"{where}: filter stored in TFLite's sparse format; not supported, skipped")
+            return None
+        ttype = tensor.Type()
+        count = math.prod(shape)
+        if ttype in _DTYPES:
+            dtype = _DTYPES[ttype]
+            nbytes = count * dtype.itemsize
+        elif ttype == _INT4:
+            nbytes = (count + 1) // 2
+        elif ttype == _BFLOAT16:
+            nbytes = count * 2
+        else:
+            self.warnings.append(f"{where}: filter of type {_TYPE_NAMES.get(ttype, ttype)} not supported; skipped")
+            return None
+        raw = self._buffer_bytes(tensor.Buffer(), nbytes, where)
+        if ttype in _DTYPES:
+            values = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+        elif ttype == _INT4:  # two per byte, low nibble first, sign-extended
+            packed = np.frombuffer(raw, dtype=np.uint8)
+            nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
+            values = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)
+        else:  # bfloat16: the high half of a float32
+            values = (np.frombuffer(raw, dtype="<u2", count=count).astype(np.uint32) << 16).view(np.float32)
+            values = values.reshape(shape)
+        if values.dtype.kind == "f":
+            return values.astype(np.float16 if values.dtype == np.float16 else np.float32)
+        return self._dequantize(tensor, values, where)
+
+    def _buffer_bytes(self, buffer_index: int, nbytes: int, where: str) -> bytes | memoryview:
+        if not 0 < buffer_index < self.n_buffers:
+            raise LoaderError(f"{where}: filter refers to buffer {buffer_index} of {self.n_buffers}; it holds no "
+                              "data (a constant without data is a corrupt file)")
+        buffer = self.model.Buffers(buffer_index)
+        offset, size = int(buffer.Offset()), int(buffer.Size())
+        if offset > 1:
+            # Models > 2 GB keep buffers after the flatbuffer: offset is from the start of the file.
+            start, length = offset, size
+        else:
+            field = buffer._tab.Offset(4)
+            if field == 0:
+                raise LoaderError(f"{where}: filter buffer {buffer_index} is empty; corrupt file")
+            start = buffer._tab.Vector(field)
+            length = buffer._tab.VectorLen(field)
+        if start < 0 or length < 0 or start + length > len(self.data):
+            raise LoaderError(f"{where}: buffer {buffer_index} declares {length} bytes at offset {start}, past the "
+                              f"end of the {len(self.data)}-byte file; the file is truncated or corrupt")
+        if length != nbytes:
+            raise LoaderError(f"{where}: filter shape needs {nbytes} bytes but buffer {buffer_index} holds {length}; "
+                              "corrupt file")
+        return memoryview(self.data)[start:start + length]
+
+    def _dequantize(self, tensor, values: np.ndarray, where: str) -> np.ndarray | None:
+        quant = tensor.Quantization()
+        n_scales = quant.ScaleLength() if quant is not None else 0
+        if n_scales == 0:
+            self.warnings.append(f"{where}: integer filter without quantisation scale; skipped")
+            return None
+        if n_scales > values.size:
+            raise LoaderError(f"{where}: {n_scales} quantisation scales for {values.size} weights; corrupt file")
+        scale = quant.ScaleAsNumpy().astype(np.float32)
+        n_zero = quant.ZeroPointLength()
+        zero = quant.ZeroPointAsNumpy().astype(np.float32) if n_zero else np.zeros(1, np.float32)
+        if n_zero not in (0, 1, n_scales):
+            raise LoaderError(f"{where}: {n_zero} zero points for {n_scales} scales; corrupt file")
+        if n_scales > 1:
+            axis = int(quant.QuantizedDimension())
+            if not 0 <= axis < values.ndim or values.shape[axis] != n_scales:
+                raise LoaderError(f"{where}: {n_scales} per-channel scales do not match dimension {axis} of filter "
+                                  f"{list(values.shape)}; corrupt file")
+            shape = [1] * values.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zero = zero.reshape(shape) if zero.size > 1 else zero.reshape(())
+        else:
+            scale, zero = scale.reshape(()), zero.reshape(())
+        return (values.astype(np.float32) - zero) * scale
+
+
+def _check_finite(weight: np.ndarray, where: str, warnings: list[str]) -> None:
+    bad = int(weight.size - np.count_nonzero(np.isfinite(weight)))
+    if bad:
+        warnings.append(f"{where}: {bad} of {weight.size} weights are NaN or Inf; their kernels will be labelled -1")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}#{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def graph_depths(
+    node_inputs: Sequence[Sequence[Hashable]],
+    node_outputs: Sequence[Sequence[Hashable]],
+    graph_inputs: set,
+) -> list[int | None]:
+    """Longest path, counted in nodes, from any graph input to each node (a node fed by a graph input has
+    depth 1); None for nodes that no graph input reaches.  Raises ValueError on a cycle.  The same function
+    as in onnx_model (each loader imports only its own format's package)."""
+    producer: dict[Hashable, int] = {}
+    for i, outs in enumerate(node_outputs):
+        for tensor in outs:
+            producer[tensor] = i
+    n = len(node_inputs)
+    users: list[list[int]] = [[] for _ in range(n)]
+    waiting = [0] * n
+    for i, ins in enumerate(node_inputs):
+        for j in {producer[t] for t in ins if t in producer}:
+            if j == i:
+                raise ValueError(f"node {i} consumes its own output; the graph is cyclic")
+            users[j].append(i)
+            waiting[i] += 1
+    queue = deque(i for i in range(n) if waiting[i] == 0)
+    depths: list[int | None] = [None] * n
+    done = 0
+    while queue:
+        i = queue.popleft()
+        done += 1
+        best = None
+        for tensor in node_inputs[i]:
+            d = depths[producer[tensor]] if tensor in producer else (0 if tensor in graph_inputs else None)
+            if d is not None and (best is None or d > best):
+                best = d
+        depths[i] = None if best is None else best + 1
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                queue.append(u)
+    if done != n:
+        raise ValueError(f"the graph has a cycle ({n - done} nodes never become ready)")
+    return depths

@@ -91,6 +91,8 @@ LAYER_LEVEL_COLUMNS = frozenset({"model_id", "conv_depth", "conv_depth_norm", "l
                                  "in_channels", "out_channels", "layer_depth", "layer_name", "groups",
                                  "kind", "kind_inferred", "bn_folded", "weight_set", "index", "level_0"})
 SAMPLE_ROWS = 4096  # filters hashed at each end of the array by identity="meta"
+_DAMAGED = ("the file is damaged, or compressed with a filter this h5py lacks (`pip install hdf5plugin` adds "
+            "blosc, lz4, zstd ...)")
 
 
 class FilterDBError(LoaderError):
@@ -192,7 +194,7 @@ def restricted_loads(data: bytes, *, where: str) -> Any:
         return RestrictedUnpickler(io.BytesIO(data), where=where).load()
     except PickleRefused:
         raise
-    except Exception as exc:  # a malformed pickle raises all sorts of errors
+    except Exception as exc:  # noqa: BLE001 - a malformed pickle raises all sorts of errors
         raise FilterDBError(f"{where}: cannot decode a pickled value ({type(exc).__name__}: {exc}); the file "
                             "is damaged or not a pandas table") from None
 
@@ -219,6 +221,8 @@ class _MetaReader:
             raise FilterDBError(f"{self.where}{obj.name}: attribute {name!r} is unreadable ({exc})") from None
 
     def text_attr(self, obj: Any, name: str, default: str | None = None) -> str | None:
+        import h5py
+
         raw = self._raw_attr(obj, name)
         if raw is None:
             return default
@@ -229,7 +233,7 @@ class _MetaReader:
             return text.decode(self.encoding, self.errors)
         if isinstance(raw, str):
             return raw
-        if type(raw).__name__ == "Empty":
+        if isinstance(raw, h5py.Empty):
             return ""
         return str(raw)
 
@@ -289,7 +293,7 @@ class _MetaReader:
             try:
                 rows = ds[...]
             except (OSError, ValueError) as exc:
-                raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); the file is damaged") from None
+                raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); {_DAMAGED}") from None
             if len(rows) != 1:
                 raise FilterDBError(f"{self.where}{ds.name}: expected one pickled array, found {len(rows)} rows")
             value = restricted_loads(np.asarray(rows[0], dtype=np.uint8).tobytes(), where=f"{self.where}{ds.name}")
@@ -302,7 +306,7 @@ class _MetaReader:
                 try:
                     values = ds[...]
                 except (OSError, ValueError) as exc:
-                    raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); the file is damaged") \
+                    raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); {_DAMAGED}") \
                         from None
         if values.dtype.kind == "S":
             values = self.decode_strings(values)
@@ -334,8 +338,6 @@ class _MetaReader:
             if len(codes) and (codes.max() >= len(level) or codes.min() < -1):
                 raise FilterDBError(f"{self.where}: index level {i} of {key!r} has codes outside its "
                                     f"{len(level)} values; the file is damaged")
-            per_row = np.empty(len(codes), dtype=object if level.dtype == object else level.dtype) \
-                if level.dtype != object else np.empty(len(codes), dtype=object)
             if (codes == -1).any():
                 per_row = np.asarray(level, dtype=object)[np.maximum(codes, 0)]
                 per_row[codes == -1] = np.nan
@@ -343,6 +345,13 @@ class _MetaReader:
                 per_row = np.asarray(level)[codes]
             levels.append((name, per_row))
         return levels
+
+    def read_flat_index(self, key: str) -> np.ndarray:
+        levels = self.read_index(key)
+        if len(levels) != 1:
+            raise FilterDBError(f"{self.where}: {key} is a {len(levels)}-level index; the meta table's columns "
+                                "must be plain labels")
+        return levels[0][1]
 
     def _child(self, name: str) -> Any:
         try:
@@ -378,7 +387,7 @@ class _MetaReader:
         try:
             raw = ds[...]
         except (OSError, ValueError) as exc:
-            raise FilterDBError(f"{self.where}/{META_KEY} is unreadable ({exc}); the file is damaged") from None
+            raise FilterDBError(f"{self.where}/{META_KEY} is unreadable ({exc}); {_DAMAGED}") from None
         data = raw.tobytes() if isinstance(raw, np.ndarray) and raw.dtype.kind in "uiS" else bytes(raw)
         try:
             return pd.read_csv(io.StringIO(data.decode("utf-8")))
@@ -391,12 +400,12 @@ class _MetaReader:
         node = self.node
         if self.int_attr(node, "ndim") != 2:
             raise FilterDBError(f"{self.where}/{META_KEY} is not a 2-D DataFrame")
-        [(_, columns)] = self.read_index("axis0")
+        columns = self.read_flat_index("axis0")
         index_levels = self.read_index("axis1")
         n_rows = len(index_levels[0][1])
         data: dict[Any, np.ndarray] = {}
         for i in range(self.int_attr(node, "nblocks")):
-            [(_, items)] = self.read_index(f"block{i}_items")
+            items = self.read_flat_index(f"block{i}_items")
             values = self.read_array(self._child(f"block{i}_values"))
             if values.ndim == 1:
                 if len(items) != 1:
@@ -425,7 +434,7 @@ class _MetaReader:
         try:
             rows = table[...]
         except (OSError, ValueError) as exc:
-            raise FilterDBError(f"{self.where}/{META_KEY}/table is unreadable ({exc}); the file is damaged") \
+            raise FilterDBError(f"{self.where}/{META_KEY}/table is unreadable ({exc}); {_DAMAGED}") \
                 from None
         if rows.dtype.names is None:
             raise FilterDBError(f"{self.where}/{META_KEY}/table is not a PyTables table")
@@ -481,8 +490,14 @@ def _read_meta_frame(f: Any, path: Path) -> Any:
     try:
         node = f[META_KEY]
     except (OSError, KeyError, ValueError) as exc:
-        raise FilterDBError(f"{path}: /{META_KEY} is unreadable ({exc}); the file is damaged") from None
-    return _MetaReader(node, str(path)).read()
+        raise FilterDBError(f"{path}: /{META_KEY} is unreadable ({exc}); {_DAMAGED}") from None
+    try:
+        return _MetaReader(node, str(path)).read()
+    except FilterDBError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OSError) as exc:
+        raise FilterDBError(f"{path}: the /{META_KEY} table is malformed ({type(exc).__name__}: {exc}); "
+                            "expected a pandas DataFrame written by to_hdf") from None
 
 
 def read_meta(h5_path: str | os.PathLike[str]) -> Any:
@@ -649,6 +664,8 @@ def _plan(frame: Any, n_filters: int, path: Path) -> tuple[dict[Any, list[Filter
     for i in order:
         record = records[i]
         model_id = _plain(record["model_id"])
+        if model_id is None or model_id == "":
+            raise FilterDBError(f"{path}: meta row {i} has no model_id")
         layer_id = _plain(layer_ids[i]) if layer_ids is not None else None
         models.setdefault(model_id, []).append(FilterDBLayer(
             model_id=model_id, layer_id=layer_id, conv_depth=int(conv_depth[i]),
@@ -665,7 +682,7 @@ def _plain(value: Any) -> Any:
     """numpy scalars -> Python values (so they hash and print plainly); NaN -> None."""
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and np.isnan(value):
         return None
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -681,6 +698,11 @@ def inspect_filterdb(h5_path: str | os.PathLike[str]) -> FilterDBLayout:
         key, ds = _filters_dataset(f, path)
         n_filters = int(ds.shape[0])
         _check_storage(ds, path)
+        if n_filters:
+            try:  # fails fast when the data needs a compression filter h5py lacks
+                ds[:1], ds[n_filters - 1:]
+            except (OSError, ValueError) as exc:
+                raise FilterDBError(f"{path}: /{key} is unreadable ({exc}); {_DAMAGED}") from None
         frame = _read_meta_frame(f, path)
         models, unreferenced = _plan(frame, n_filters, path)
         return FilterDBLayout(path=path, n_filters=n_filters, filters_key=key, filters_dtype=str(ds.dtype),
@@ -767,7 +789,7 @@ class _LazyFilters:
                 block = self.ds[self.layer.start + a:self.layer.start + b]
             except (OSError, ValueError) as exc:
                 raise FilterDBError(f"{self.where}: filters {self.layer.start + a}:{self.layer.start + b} are "
-                                    f"unreadable ({exc}); the file is damaged") from None
+                                    f"unreadable ({exc}); {_DAMAGED}") from None
             with np.errstate(over="ignore", under="ignore", invalid="ignore"):
                 out[a:b] = np.asarray(block).reshape(-1, 9)
             if self.on_rows is not None:
@@ -827,6 +849,8 @@ def _model_meta(layers: list[FilterDBLayer]) -> tuple[str | None, str, dict[str,
     meta: dict[str, Any] = {}
     for key, value in first.items():
         skey = str(key)
+        if skey.startswith("Unnamed:"):  # a CSV writer's unnamed index column
+            continue
         if skey in LAYER_LEVEL_COLUMNS:
             if skey == "weight_set":
                 weight_set = "" if _plain(value) is None else str(_plain(value))
@@ -910,6 +934,7 @@ def import_filterdb(h5_path: str | os.PathLike[str], corpus_path: str | os.PathL
                 columns.append(cols)
             name, weight_set, meta = _model_meta(fdb_layers)
             meta["filterdb_model_id"] = model_id
+            meta["filterdb_identity"] = identity
             model = LoadedModel(source_path=str(path), format="filterdb", layers=layers, weight_set=weight_set)
             row = writer.add_model(model, sha256=key, sizes=(3,), all_convs=True, meta=meta,
                                    name=name or f"filterdb-{model_id}", layer_columns=columns)
@@ -953,7 +978,6 @@ def export_filterdb(corpus_path: str | os.PathLike[str], h5_path: str | os.PathL
     "table", MultiIndex [model_id, conv_depth, conv_depth_norm, layer_id], inclusive filter_ids).  Written to
     a temporary file beside ``h5_path`` and renamed into place when complete."""
     import h5py
-    import pandas as pd
     from tqdm import tqdm
 
     from kernelatlas import __version__
@@ -1049,14 +1073,17 @@ def _export_meta(meta_rows: list[dict[str, Any]], models: Any, version: str, mod
     for row in meta_rows:
         layer = row.pop("_layer")
         model = models.loc[row["model_id"]]
-        rec = dict(row)
+        rec: dict[str, Any] = {}
         for col in model_cols:
             if col == "weight_set" or col == "producer":
                 continue
             name = reverse.get(col) or _KNOWN_MODEL_COLUMNS.get(col) or col
             if col.startswith("filterdb_") and col[9:] in model_columns:
                 name = col[9:]  # a file column renamed on import (see _model_meta)
+            if name in LAYER_LEVEL_COLUMNS:
+                name = f"model_{name}"  # user metadata must not shadow a per-layer column
             rec[name] = str(model[col])
+        rec.update(row)
         producer = str(model["producer"]) if "producer" in models.columns else ""
         rec["producer"] = producer or f"kernelatlas {version}"
         rec["weight_set"] = str(model["weight_set"])

@@ -54,7 +54,11 @@ _CONV_CLASSES = {
     "SeparableConvolution2D": "separable",
 }
 # Keras 3 names weight-file groups after the snake-cased class name.
-_SNAKE_CLASSES = {"conv2d": "Conv2D", "depthwise_conv2d": "DepthwiseConv2D", "separable_conv2d": "SeparableConv2D"}
+_SNAKE_CLASSES = {
+    "conv2d": "Conv2D",
+    "depthwise_conv2d": "DepthwiseConv2D",
+    "separable_conv2d": "SeparableConv2D",
+}
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MAX_CONFIG_BYTES = 256 << 20
 _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the 30-byte local file header of a zip member
@@ -73,8 +77,10 @@ def load(path: str | Path) -> LoadedModel:
     if not _has_hdf5_signature(path, size):
         with open(path, "rb") as handle:
             if handle.read(4) == b"PK\x03\x04":
-                raise LoaderError(f"{path}: zip archive without its central directory (a truncated .keras file?); "
-                                  "re-save or re-download it")
+                raise LoaderError(
+                    f"{path}: zip archive without its central directory (a truncated .keras file?); "
+                    "re-save or re-download it"
+                )
         raise LoaderError(f"{path}: neither a .keras zip nor an HDF5 file (.h5 / .weights.h5)")
     with _open_h5(path, path) as h5:
         return _read_h5(path, h5, config=None)
@@ -105,7 +111,9 @@ class _open_h5:
         try:
             self.file = h5py.File(self.source, "r")
         except Exception as exc:
-            raise LoaderError(f"{self.label}: not a readable HDF5 file (truncated or corrupt: {exc})") from exc
+            raise LoaderError(
+                f"{self.label}: not a readable HDF5 file (truncated or corrupt: {exc})"
+            ) from exc
         return self.file
 
     def __exit__(self, *exc_info) -> None:
@@ -121,13 +129,17 @@ def _load_keras_zip(path: Path) -> LoadedModel:
         members = {info.filename: info for info in archive.infolist()}
         if "model.weights.h5" not in members:
             found = ", ".join(sorted(members)[:8]) or "nothing"
-            raise LoaderError(f"{path}: .keras archive without model.weights.h5 (holds {found}); sharded or "
-                              "non-HDF5 weight stores are not supported")
+            raise LoaderError(
+                f"{path}: .keras archive without model.weights.h5 (holds {found}); sharded or "
+                "non-HDF5 weight stores are not supported"
+            )
         config = None
         if "config.json" in members:
             info = members["config.json"]
             if info.file_size > _MAX_CONFIG_BYTES:
-                raise LoaderError(f"{path}: config.json declares {info.file_size} bytes; refusing to parse it")
+                raise LoaderError(
+                    f"{path}: config.json declares {info.file_size} bytes; refusing to parse it"
+                )
             try:
                 config = json.loads(archive.read(info).decode("utf-8"))
             except (ValueError, zipfile.BadZipFile, OSError) as exc:
@@ -162,8 +174,10 @@ def _member_data_offset(path: Path, handle, info: zipfile.ZipInfo) -> int:
     fields = _ZIP_LOCAL_HEADER.unpack(header)
     start = info.header_offset + _ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
     if start + info.file_size > size:
-        raise LoaderError(f"{path}: {info.filename} declares {info.file_size} bytes at offset {start}, past the "
-                          f"end of the {size}-byte archive; the file is truncated")
+        raise LoaderError(
+            f"{path}: {info.filename} declares {info.file_size} bytes at offset {start}, past the "
+            f"end of the {size}-byte archive; the file is truncated"
+        )
     return start
 
 
@@ -208,8 +222,9 @@ def _read_h5(path: Path, h5: h5py.File, *, config: dict | None) -> LoadedModel:
         elif "layers" in h5 or "vars" in h5:
             reader = _Keras3Reader(path, h5, config)
         else:
-            raise LoaderError(f"{path}: HDF5 file holds no Keras weights (no model_weights, layer_names or layers "
-                              "group)")
+            raise LoaderError(
+                f"{path}: HDF5 file holds no Keras weights (no model_weights, layer_names or layers group)"
+            )
         return reader.read()
     except LoaderError:
         raise
@@ -231,19 +246,31 @@ class _LayerSink:
         if not isinstance(dataset, h5py.Dataset):
             raise LoaderError(f"{where}: expected a weight array, found an HDF5 {type(dataset).__name__}")
         if dataset.dtype.kind != "f":
-            self.warnings.append(f"{where}: kernel of dtype {dataset.dtype} (quantised?) not supported; skipped")
+            self.warnings.append(
+                f"{where}: kernel of dtype {dataset.dtype} (quantised?) not supported; skipped"
+            )
             return None
         nbytes = math.prod(dataset.shape) * dataset.dtype.itemsize
         stored = dataset.id.get_storage_size()
         ratio = 1 if dataset.compression is None else 1100  # deflate cannot expand beyond ~1032x
         if nbytes > stored * ratio:
-            raise LoaderError(f"{where}: kernel {list(dataset.shape)} declares {nbytes} bytes but the file stores "
-                              f"{stored}; the file is truncated or corrupt")
+            raise LoaderError(
+                f"{where}: kernel {list(dataset.shape)} declares {nbytes} bytes but the file stores "
+                f"{stored}; the file is truncated or corrupt"
+            )
         values = dataset[()]
         return values if values.dtype in (np.float16, np.float32) else values.astype(np.float32)
 
-    def conv(self, name: str, kernel: np.ndarray, groups: int, order: float, *, inferred: bool,
-             extra: dict | None = None) -> None:
+    def conv(
+        self,
+        name: str,
+        kernel: np.ndarray,
+        groups: int,
+        order: float,
+        *,
+        inferred: bool,
+        extra: dict | None = None,
+    ) -> None:
         """A Conv2D kernel [kh, kw, c_in / groups, c_out]."""
         where = f"{self.path}: layer {name}"
         if kernel.ndim != 4:
@@ -259,36 +286,52 @@ class _LayerSink:
             raise LoaderError(f"{where}: depthwise kernel of shape {list(kernel.shape)} is not 4-D")
         kh, kw, channels, multiplier = kernel.shape
         weight = kernel.reshape(kh, kw, channels * multiplier).transpose(2, 0, 1)[:, None, :, :]
-        self._add(name, weight, channels, order, False, {**(extra or {}), "depth_multiplier": int(multiplier)})
+        self._add(
+            name, weight, channels, order, False, {**(extra or {}), "depth_multiplier": int(multiplier)}
+        )
 
-    def _add(self, name: str, weight: np.ndarray, groups: int, order: float, inferred: bool,
-             extra: dict | None) -> None:
+    def _add(
+        self, name: str, weight: np.ndarray, groups: int, order: float, inferred: bool, extra: dict | None
+    ) -> None:
         weight = np.ascontiguousarray(weight)
         name = _unique(name, self.names)
         where = f"{self.path}: layer {name}"
-        bad = int(weight.size - np.count_nonzero(np.isfinite(weight)))
+        kernels = weight.reshape(weight.shape[0] * weight.shape[1], -1)
+        bad = int(np.count_nonzero(~np.isfinite(kernels).all(axis=1)))
         if bad:
-            self.warnings.append(f"{where}: {bad} of {weight.size} weights are NaN or Inf; their kernels will be "
-                                 "labelled -1")
-        self.layers.append(ConvLayer(
-            name=name, weight=weight, groups=int(groups),
-            kind=classify_kind(int(weight.shape[0]), int(weight.shape[1]), int(groups)),
-            kind_inferred=inferred, order=float(order), extra=dict(extra or {}),
-        ))
+            self.warnings.append(
+                f"{where}: {bad} of {len(kernels)} kernels hold NaN/Inf (kept; the engine labels them -1)"
+            )
+        self.layers.append(
+            ConvLayer(
+                name=name,
+                weight=weight,
+                groups=int(groups),
+                kind=classify_kind(int(weight.shape[0]), int(weight.shape[1]), int(groups)),
+                kind_inferred=inferred,
+                order=float(order),
+                extra=dict(extra or {}),
+            )
+        )
 
-    def emit(self, cls: str, name: str, kernels: list[np.ndarray], conf: dict, order: float, *,
-             inferred: bool) -> None:
+    def emit(
+        self, cls: str, name: str, kernels: list[np.ndarray], conf: dict, order: float, *, inferred: bool
+    ) -> None:
         """One Keras layer of class ``cls`` with its 4-D kernels in storage order."""
         extra = {k: conf[k] for k in ("strides", "dilation_rate", "padding") if k in conf}
         role = _CONV_CLASSES[cls]
         if role == "conv":
-            self.conv(name, kernels[0], int(conf.get("groups", 1) or 1), order, inferred=inferred, extra=extra)
+            self.conv(
+                name, kernels[0], int(conf.get("groups", 1) or 1), order, inferred=inferred, extra=extra
+            )
         elif role == "depthwise":
             self.depthwise(name, kernels[0], order, extra)
         else:
             if len(kernels) < 2:
-                raise LoaderError(f"{self.path}: layer {name}: SeparableConv2D needs a depthwise and a pointwise "
-                                  f"kernel, found {len(kernels)}")
+                raise LoaderError(
+                    f"{self.path}: layer {name}: SeparableConv2D needs a depthwise and a pointwise "
+                    f"kernel, found {len(kernels)}"
+                )
             self.depthwise(f"{name}/depthwise", kernels[0], order, extra)
             self.conv(f"{name}/pointwise", kernels[1], 1, order + 0.5, inferred=False)
 
@@ -309,12 +352,19 @@ class _Keras3Reader:
             self._walk_config(layer_list, "", "")
         else:
             if self.config is not None:
-                self.sink.warnings.append(f"{self.path}: config.json holds no layer list (subclassed model?); layer "
-                                          "classes taken from the weight file's group names")
+                self.sink.warnings.append(
+                    f"{self.path}: config.json holds no layer list (subclassed model?); layer "
+                    "classes taken from the weight file's group names"
+                )
             self.meta["order_from"] = "hdf5 allocation order (no config)"
             self._walk_groups()
-        return LoadedModel(source_path=str(self.path), format="keras", layers=self.sink.layers, meta=self.meta,
-                           warnings=self.sink.warnings)
+        return LoadedModel(
+            source_path=str(self.path),
+            format="keras",
+            layers=self.sink.layers,
+            meta=self.meta,
+            warnings=self.sink.warnings,
+        )
 
     def _walk_config(self, layer_list: list, group_path: str, name_prefix: str) -> None:
         container = self.h5.get(f"{group_path}/layers" if group_path else "layers")
@@ -352,7 +402,9 @@ class _Keras3Reader:
     def _kernels(self, group_path: str, where: str) -> list[np.ndarray] | None:
         group = self.h5.get(f"{group_path}/vars")
         if not isinstance(group, h5py.Group):
-            raise LoaderError(f"{where}: no weights at {group_path}/vars; the weight file does not match its config")
+            raise LoaderError(
+                f"{where}: no weights at {group_path}/vars; the weight file does not match its config"
+            )
         kernels = []
         for index in range(len(group)):
             if str(index) not in group:
@@ -376,8 +428,10 @@ class _Keras3Reader:
             first = vars_group.get("0")
             if cls is None:
                 if isinstance(first, h5py.Dataset) and first.ndim == 4 and key != "vars":
-                    self.sink.warnings.append(f"{self.path}: layer {group_path}: 4-D weights of an unknown layer "
-                                              f"class {key!r} skipped (save as .keras to keep the classes)")
+                    self.sink.warnings.append(
+                        f"{self.path}: layer {group_path}: 4-D weights of an unknown layer "
+                        f"class {key!r} skipped (save as .keras to keep the classes)"
+                    )
                 continue
             if not isinstance(first, h5py.Dataset):
                 continue
@@ -399,11 +453,13 @@ class _Keras2Reader:
         self.sink = _LayerSink(path)
 
     def read(self) -> LoadedModel:
-        root = self.h5["model_weights"] if "model_weights" in self.h5 else self.h5
+        root = self.h5.get("model_weights", self.h5)
         version = _text(self.h5.attrs.get("keras_version", root.attrs.get("keras_version", "")))
         if version.startswith("1."):
-            raise LoaderError(f"{self.path}: Keras {version} file; Keras 1 kernel layouts are not supported "
-                              "(re-save it with Keras 2 or 3)")
+            raise LoaderError(
+                f"{self.path}: Keras {version} file; Keras 1 kernel layouts are not supported "
+                "(re-save it with Keras 2 or 3)"
+            )
         config = None
         if "model_config" in self.h5.attrs:
             try:
@@ -421,7 +477,9 @@ class _Keras2Reader:
         position = 0
         for layer_name in layer_names:
             if layer_name not in root:
-                raise LoaderError(f"{self.path}: layer {layer_name} listed in layer_names has no weight group")
+                raise LoaderError(
+                    f"{self.path}: layer {layer_name} listed in layer_names has no weight group"
+                )
             group = root[layer_name]
             weight_names = _attr_list(group, "weight_names") or []
             for owner, variables in _by_owner(layer_name, weight_names):
@@ -429,11 +487,23 @@ class _Keras2Reader:
                 self._emit(group, owner, variables, entry, position, config is not None)
                 position += 1
         meta = {"keras_format": "keras2", "keras_version": version, "order_from": "layer_names"}
-        return LoadedModel(source_path=str(self.path), format="keras", layers=self.sink.layers, meta=meta,
-                           warnings=self.sink.warnings)
+        return LoadedModel(
+            source_path=str(self.path),
+            format="keras",
+            layers=self.sink.layers,
+            meta=meta,
+            warnings=self.sink.warnings,
+        )
 
-    def _emit(self, group: h5py.Group, owner: str, variables: list[tuple[str, str]], entry: dict | None,
-              position: int, have_config: bool) -> None:
+    def _emit(
+        self,
+        group: h5py.Group,
+        owner: str,
+        variables: list[tuple[str, str]],
+        entry: dict | None,
+        position: int,
+        have_config: bool,
+    ) -> None:
         where = f"{self.path}: layer {owner}"
         datasets = {var: group[weight_name] for var, weight_name in variables if weight_name in group}
         if len(datasets) != len(variables):
@@ -450,15 +520,20 @@ class _Keras2Reader:
             inferred = False
         else:
             if have_config:
-                self.sink.warnings.append(f"{where}: not found in model_config; classified from its weight names")
+                self.sink.warnings.append(
+                    f"{where}: not found in model_config; classified from its weight names"
+                )
             cls, conf = self._class_from_names(four_d), {}
             if cls is None:
                 return
             # 'depthwise_kernel' names the class exactly; a bare 4-D 'kernel' may be a Conv2DTranspose and
             # its groups are unknown.
             inferred = cls == "Conv2D"
-        order_names = {"conv": ["kernel"], "depthwise": ["depthwise_kernel", "kernel"],
-                       "separable": ["depthwise_kernel", "pointwise_kernel"]}[_CONV_CLASSES[cls]]
+        order_names = {
+            "conv": ["kernel"],
+            "depthwise": ["depthwise_kernel", "kernel"],
+            "separable": ["depthwise_kernel", "pointwise_kernel"],
+        }[_CONV_CLASSES[cls]]
         kernels = [four_d[v] for v in order_names if v in four_d] or list(four_d.values())
         arrays = []
         for dataset in kernels:

@@ -41,10 +41,12 @@ __all__ = ["load"]
 
 # Weight producers followed back to stored tensors.  Everything else is "computed at run time".
 _PASS_THROUGH = ("Identity", "Cast", "DequantizeLinear", "Constant")
-_SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}
-for _name, _bits in (("INT2", 2), ("UINT2", 2)):  # newer onnx releases only
-    if hasattr(TensorProto, _name):
-        _SUB_BYTE_BITS[getattr(TensorProto, _name)] = _bits
+# Packed sub-byte types (onnx >= 1.16 / 1.18 / newer): bits per element, for the declared-size check.
+_SUB_BYTE_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(TensorProto, name)
+}
 
 
 def load(path: str | Path) -> LoadedModel:
@@ -59,7 +61,8 @@ def load(path: str | Path) -> LoadedModel:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError, but protobuf raises several kinds on corrupt input
         raise LoaderError(
-            f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc}); re-export or re-download it"
+            f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc}); "
+            "re-export or re-download it"
         ) from exc
     if not model.HasField("graph") or (not model.opset_import and not model.graph.node):
         raise LoaderError(f"{path}: no ONNX graph in this file (corrupt, or not an ONNX model)")
@@ -124,8 +127,9 @@ class _Reader:
             "bn_folded_by_export": bool(layers) and 2 * convs_followed_by_bn < len(layers),
             "convs_followed_by_bn": convs_followed_by_bn,
         }
-        return LoadedModel(source_path=str(self.path), format="onnx", layers=layers, meta=meta,
-                           warnings=self.warnings)
+        return LoadedModel(
+            source_path=str(self.path), format="onnx", layers=layers, meta=meta, warnings=self.warnings
+        )
 
     # ------------------------------------------------------------------------------------------ one conv
 
@@ -144,14 +148,18 @@ class _Reader:
         if weight is None:
             return None
         if weight.ndim != 4:
-            self.warnings.append(f"{where}: {weight.ndim - 2}-D conv (weight {list(weight.shape)}) skipped; "
-                                 "only 2-D convs are kept")
+            self.warnings.append(
+                f"{where}: {weight.ndim - 2}-D conv (weight {list(weight.shape)}) skipped; "
+                "only 2-D convs are kept"
+            )
             return None
         groups = int(attrs.get("group", 1))
         c_out = int(weight.shape[0])
         if groups < 1 or c_out % groups:
-            raise LoaderError(f"{where}: group={groups} does not divide the {c_out} output channels of weight "
-                              f"{list(weight.shape)}; the model is invalid")
+            raise LoaderError(
+                f"{where}: group={groups} does not divide the {c_out} output channels of weight "
+                f"{list(weight.shape)}; the model is invalid"
+            )
         weight = _float_weight(weight)
         _check_finite(weight, where, self.warnings)
         extra = {"op_type": node.op_type, "node_index": index}
@@ -182,13 +190,19 @@ class _Reader:
         node = self.producers.get(name)
         if node is None:
             if name in self.graph_inputs:
-                self.warnings.append(f"{where}: weight {name!r} is a graph input (not stored in the file); skipped")
+                self.warnings.append(
+                    f"{where}: weight {name!r} is a graph input (not stored in the file); skipped"
+                )
                 return None
-            raise LoaderError(f"{where}: weight {name!r} is neither stored nor produced by any node; "
-                              "the graph is broken (truncated file?)")
+            raise LoaderError(
+                f"{where}: weight {name!r} is neither stored nor produced by any node; "
+                "the graph is broken (truncated file?)"
+            )
         if node.op_type not in _PASS_THROUGH or node.domain not in ("", "ai.onnx"):
-            self.warnings.append(f"{where}: weight {name!r} is computed by a {node.op_type} node at run time; "
-                                 "skipped (only Constant/Identity/Cast/DequantizeLinear chains are followed)")
+            self.warnings.append(
+                f"{where}: weight {name!r} is computed by a {node.op_type} node at run time; "
+                "skipped (only Constant/Identity/Cast/DequantizeLinear chains are followed)"
+            )
             return None
         attrs = {a.name: a for a in node.attribute}
         if node.op_type == "Constant":
@@ -207,21 +221,35 @@ class _Reader:
         axis = helper.get_attribute_value(attrs["axis"]) if "axis" in attrs else 1
         block = helper.get_attribute_value(attrs["block_size"]) if "block_size" in attrs else 0
         zero = node.input[2] if len(node.input) > 2 else ""
-        return self._quantized_weight(node.input[0], node.input[1], zero, axis=axis, block_size=block,
-                                      where=where, seen=seen)
+        return self._quantized_weight(
+            node.input[0], node.input[1], zero, axis=axis, block_size=block, where=where, seen=seen
+        )
 
     def _constant_node(self, node: onnx.NodeProto, attrs: dict, where: str) -> np.ndarray | None:
         if "value" in attrs:
             return self._tensor(attrs["value"].t, where)
-        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
-                           ("value_int", np.int64), ("value_ints", np.int64)):
+        for key, dtype in (
+            ("value_float", np.float32),
+            ("value_floats", np.float32),
+            ("value_int", np.int64),
+            ("value_ints", np.int64),
+        ):
             if key in attrs:
                 return np.asarray(helper.get_attribute_value(attrs[key]), dtype=dtype)
         self.warnings.append(f"{where}: Constant node {node.name!r} holds no dense tensor; skipped")
         return None
 
-    def _quantized_weight(self, q_name: str, scale_name: str, zero_name: str, *, axis: int, where: str,
-                          block_size: int = 0, seen: frozenset[str] = frozenset()) -> np.ndarray | None:
+    def _quantized_weight(
+        self,
+        q_name: str,
+        scale_name: str,
+        zero_name: str,
+        *,
+        axis: int,
+        where: str,
+        block_size: int = 0,
+        seen: frozenset[str] = frozenset(),
+    ) -> np.ndarray | None:
         """(q - zero_point) * scale, per tensor, per axis or per block (DequantizeLinear's three modes)."""
         q = self._constant(q_name, where, seen)
         scale = self._constant(scale_name, where, seen)
@@ -231,8 +259,9 @@ class _Reader:
         scale = scale.astype(np.float32)
         zero = np.zeros_like(scale) if zero is None else zero.astype(np.float32)
         if zero.shape != scale.shape:
-            raise LoaderError(f"{where}: zero point shape {list(zero.shape)} differs from scale shape "
-                              f"{list(scale.shape)}")
+            raise LoaderError(
+                f"{where}: zero point shape {list(zero.shape)} differs from scale shape {list(scale.shape)}"
+            )
         if q.ndim == 0:
             raise LoaderError(f"{where}: quantised weight {q_name!r} is a scalar")
         axis = axis + q.ndim if axis < 0 else axis
@@ -242,15 +271,19 @@ class _Reader:
             scale = np.repeat(scale, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
             zero = np.repeat(zero, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
             if scale.shape != q.shape:
-                raise LoaderError(f"{where}: block scales (block_size {block_size}) do not cover weight "
-                                  f"{q_name!r} of shape {list(q.shape)}")
+                raise LoaderError(
+                    f"{where}: block scales (block_size {block_size}) do not cover weight "
+                    f"{q_name!r} of shape {list(q.shape)}"
+                )
         elif scale.ndim == 1 and 0 <= axis < q.ndim and scale.shape[0] == q.shape[axis]:
             shape = [1] * q.ndim
             shape[axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
         else:
-            raise LoaderError(f"{where}: scale of shape {list(scale.shape)} does not fit quantised weight "
-                              f"{q_name!r} of shape {list(q.shape)} on axis {axis}")
+            raise LoaderError(
+                f"{where}: scale of shape {list(scale.shape)} does not fit quantised weight "
+                f"{q_name!r} of shape {list(q.shape)} on axis {axis}"
+            )
         return (q.astype(np.float32) - zero) * scale
 
     def _tensor(self, tensor: onnx.TensorProto, where: str) -> np.ndarray:
@@ -267,8 +300,10 @@ class _Reader:
             stored.data_location = TensorProto.DEFAULT
             tensor = stored
         elif tensor.HasField("raw_data") and declared is not None and len(tensor.raw_data) != declared:
-            raise LoaderError(f"{label}: dims {list(tensor.dims)} declare {declared} bytes but the file stores "
-                              f"{len(tensor.raw_data)}; the model is corrupt")
+            raise LoaderError(
+                f"{label}: dims {list(tensor.dims)} declare {declared} bytes but the file stores "
+                f"{len(tensor.raw_data)}; the model is corrupt"
+            )
         try:
             return numpy_helper.to_array(tensor)
         except Exception as exc:
@@ -279,8 +314,10 @@ class _Reader:
             for attr in node.attribute:
                 graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
                 if any(n.op_type == "Conv" for g in graphs for n in g.node):
-                    self.warnings.append(f"{self.path}: {node.op_type} node {node.name!r} holds convs in a "
-                                         "subgraph; only the main graph is read")
+                    self.warnings.append(
+                        f"{self.path}: {node.op_type} node {node.name!r} holds convs in a "
+                        "subgraph; only the main graph is read"
+                    )
                     return
 
 
@@ -297,15 +334,21 @@ class _ExternalData:
         if not location:
             raise LoaderError(f"{label}: external data without a location")
         if Path(location).is_absolute() or "\x00" in location:
-            raise LoaderError(f"{label}: external data path {location!r} is absolute; only files inside "
-                              f"{self.folder} are read")
+            raise LoaderError(
+                f"{label}: external data path {location!r} is absolute; only files inside "
+                f"{self.folder} are read"
+            )
         target = (self.folder / location).resolve()
         if not target.is_relative_to(self.folder):
-            raise LoaderError(f"{label}: external data path {location!r} escapes the model's folder "
-                              f"{self.folder}; refusing to read it")
+            raise LoaderError(
+                f"{label}: external data path {location!r} escapes the model's folder "
+                f"{self.folder}; refusing to read it"
+            )
         if not target.is_file():
-            raise LoaderError(f"{label}: external data file {location!r} is missing next to the model; copy it "
-                              "into the model's folder")
+            raise LoaderError(
+                f"{label}: external data file {location!r} is missing next to the model; copy it "
+                "into the model's folder"
+            )
         try:
             offset = int(info.get("offset", 0))
             length = int(info["length"]) if "length" in info else declared
@@ -314,12 +357,16 @@ class _ExternalData:
         if length is None:
             raise LoaderError(f"{label}: external data of unknown size (no length, unsized type)")
         if declared is not None and length != declared:
-            raise LoaderError(f"{label}: external data length {length} differs from the {declared} bytes its dims "
-                              f"{list(tensor.dims)} declare")
+            raise LoaderError(
+                f"{label}: external data length {length} differs from the {declared} bytes its dims "
+                f"{list(tensor.dims)} declare"
+            )
         size = target.stat().st_size
         if offset < 0 or length < 0 or offset + length > size:
-            raise LoaderError(f"{label}: declares {length} bytes at offset {offset} of {location!r}, which holds "
-                              f"only {size} bytes; the external data is truncated or the model is corrupt")
+            raise LoaderError(
+                f"{label}: declares {length} bytes at offset {offset} of {location!r}, which holds "
+                f"only {size} bytes; the external data is truncated or the model is corrupt"
+            )
         with open(target, "rb") as handle:
             handle.seek(offset)
             return handle.read(length)
@@ -334,7 +381,7 @@ def _declared_nbytes(tensor: onnx.TensorProto, label: str) -> int | None:
         return (count * _SUB_BYTE_BITS[tensor.data_type] + 7) // 8
     try:
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except Exception:
+    except (KeyError, TypeError, ValueError):  # a type this onnx release does not map to numpy
         return None
     return count * itemsize
 
@@ -347,9 +394,13 @@ def _float_weight(weight: np.ndarray) -> np.ndarray:
 
 
 def _check_finite(weight: np.ndarray, where: str, warnings: list[str]) -> None:
-    bad = int(weight.size - np.count_nonzero(np.isfinite(weight)))
+    """The torch loaders' warning, word for word: NaN/Inf kernels are kept and counted, never dropped."""
+    kernels = weight.reshape(weight.shape[0] * weight.shape[1], -1)
+    bad = int(np.count_nonzero(~np.isfinite(kernels).all(axis=1)))
     if bad:
-        warnings.append(f"{where}: {bad} of {weight.size} weights are NaN or Inf; their kernels will be labelled -1")
+        warnings.append(
+            f"{where}: {bad} of {len(kernels)} kernels hold NaN/Inf (kept; the engine labels them -1)"
+        )
 
 
 def _unique(name: str, taken: set[str]) -> str:

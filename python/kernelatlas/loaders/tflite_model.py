@@ -62,16 +62,20 @@ def load(path: str | Path) -> LoadedModel:
     with open(path, "rb") as handle:
         head = handle.read(8)
     if len(head) < 8 or head[4:8] != _IDENTIFIER:
-        raise LoaderError(f"{path}: not a TFLite model (no 'TFL3' flatbuffer identifier; empty, truncated or "
-                          "another format)")
+        raise LoaderError(
+            f"{path}: not a TFLite model (no 'TFL3' flatbuffer identifier; empty, truncated or "
+            "another format)"
+        )
     data = path.read_bytes()
     try:
         return _Reader(path, data).read()
     except LoaderError:
         raise
     except Exception as exc:  # struct.error, IndexError, ValueError ... from reading garbage offsets
-        raise LoaderError(f"{path}: corrupt TFLite flatbuffer ({type(exc).__name__}: {exc}); re-download or "
-                          "re-convert the model") from exc
+        raise LoaderError(
+            f"{path}: corrupt TFLite flatbuffer ({type(exc).__name__}: {exc}); re-download or "
+            "re-convert the model"
+        ) from exc
 
 
 class _Reader:
@@ -84,8 +88,10 @@ class _Reader:
     def _count(self, n: int, what: str) -> int:
         """A vector length bounded by the file (each element takes at least 4 bytes)."""
         if n < 0 or 4 * n > len(self.data):
-            raise LoaderError(f"{self.path}: {what} claims {n} entries, more than the {len(self.data)}-byte file "
-                              "can hold; the file is corrupt")
+            raise LoaderError(
+                f"{self.path}: {what} claims {n} entries, more than the {len(self.data)}-byte file "
+                "can hold; the file is corrupt"
+            )
         return n
 
     def read(self) -> LoadedModel:
@@ -93,8 +99,10 @@ class _Reader:
         n_subgraphs = self._count(model.SubgraphsLength(), "subgraph list")
         if n_subgraphs == 0:
             raise LoaderError(f"{self.path}: TFLite model without a subgraph; the file is corrupt")
-        self.codes = [self._builtin_code(model.OperatorCodes(i))
-                      for i in range(self._count(model.OperatorCodesLength(), "operator code list"))]
+        self.codes = [
+            self._builtin_code(model.OperatorCodes(i))
+            for i in range(self._count(model.OperatorCodesLength(), "operator code list"))
+        ]
         self.n_buffers = self._count(model.BuffersLength(), "buffer list")
         graph = model.Subgraphs(0)
         self.graph = graph
@@ -128,12 +136,18 @@ class _Reader:
         for s in range(1, n_subgraphs):
             sub = model.Subgraphs(s)
             for i in range(self._count(sub.OperatorsLength(), "operator list")):
-                if self._op_code(sub.Operators(i), i) in (BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D):
-                    self.warnings.append(f"{self.path}: subgraph {s} holds convs; only the main subgraph is read")
+                if self._op_code(sub.Operators(i), i) in (
+                    BuiltinOperator.CONV_2D,
+                    BuiltinOperator.DEPTHWISE_CONV_2D,
+                ):
+                    self.warnings.append(
+                        f"{self.path}: subgraph {s} holds convs; only the main subgraph is read"
+                    )
                     break
         meta = {"tflite_version": int(model.Version()), "subgraphs": n_subgraphs}
-        return LoadedModel(source_path=str(self.path), format="tflite", layers=layers, meta=meta,
-                           warnings=self.warnings)
+        return LoadedModel(
+            source_path=str(self.path), format="tflite", layers=layers, meta=meta, warnings=self.warnings
+        )
 
     # ------------------------------------------------------------------------------------------ ops
 
@@ -145,7 +159,9 @@ class _Reader:
     def _op_code(self, op, index: int) -> int:
         i = op.OpcodeIndex()
         if not 0 <= i < len(self.codes):
-            raise LoaderError(f"{self.path}: operator {index} uses opcode {i} of {len(self.codes)}; corrupt file")
+            raise LoaderError(
+                f"{self.path}: operator {index} uses opcode {i} of {len(self.codes)}; corrupt file"
+            )
         return self.codes[i]
 
     def _tensor_indices(self, values) -> list[int]:
@@ -154,24 +170,28 @@ class _Reader:
             if t == -1:  # an optional input left out (e.g. no bias)
                 continue
             if not 0 <= t < self.n_tensors:
-                raise LoaderError(f"{self.path}: tensor index {t} out of range (0..{self.n_tensors - 1}); "
-                                  "corrupt file")
+                raise LoaderError(
+                    f"{self.path}: tensor index {t} out of range (0..{self.n_tensors - 1}); corrupt file"
+                )
             out.append(t)
         return out
 
     def _conv(self, op, index: int, *, depthwise: bool) -> ConvLayer | None:
         raw_inputs = np.asarray(op.InputsAsNumpy() if op.InputsLength() else [], dtype=np.int64).tolist()
         if len(raw_inputs) < 2 or raw_inputs[0] < 0 or raw_inputs[1] < 0:
-            raise LoaderError(f"{self.path}: operator {index} ({'DEPTHWISE_CONV_2D' if depthwise else 'CONV_2D'}) "
-                              "lacks its input or filter tensor; corrupt file")
+            raise LoaderError(
+                f"{self.path}: operator {index} ({'DEPTHWISE_CONV_2D' if depthwise else 'CONV_2D'}) "
+                "lacks its input or filter tensor; corrupt file"
+            )
         x_index, w_index = raw_inputs[0], raw_inputs[1]
         self._tensor_indices([x_index, w_index])
         stored_index = self._stored_source(w_index)
         name = self._tensor_name(stored_index if stored_index is not None else w_index)
         where = f"{self.path}: layer {name}"
         if stored_index is None:
-            self.warnings.append(f"{where}: filter is computed at run time (not a constant behind DEQUANTIZE); "
-                                 "skipped")
+            self.warnings.append(
+                f"{where}: filter is computed at run time (not a constant behind DEQUANTIZE); skipped"
+            )
             return None
         filt = self._constant(stored_index, where)
         if filt is None:
@@ -186,19 +206,27 @@ class _Reader:
             opts = DepthwiseConv2DOptions()
             if options is not None:
                 opts.Init(options.Bytes, options.Pos)
-                extra.update(stride=[opts.StrideH(), opts.StrideW()],
-                             dilation=[opts.DilationHFactor(), opts.DilationWFactor()], padding=opts.Padding())
+                extra.update(
+                    stride=[opts.StrideH(), opts.StrideW()],
+                    dilation=[opts.DilationHFactor(), opts.DilationWFactor()],
+                    padding=opts.Padding(),
+                )
             if filt.shape[0] != 1:
-                raise LoaderError(f"{where}: DEPTHWISE_CONV_2D filter {list(filt.shape)} must be [1, kh, kw, C*m]")
+                raise LoaderError(
+                    f"{where}: DEPTHWISE_CONV_2D filter {list(filt.shape)} must be [1, kh, kw, C*m]"
+                )
             c_out = int(filt.shape[3])
             if in_channels is None:
                 multiplier = opts.DepthMultiplier() if options is not None else 0
                 in_channels = c_out // multiplier if multiplier > 0 and c_out % multiplier == 0 else c_out
-                self.warnings.append(f"{where}: input channel count unknown; took depth multiplier "
-                                     f"{c_out // in_channels}")
+                self.warnings.append(
+                    f"{where}: input channel count unknown; took depth multiplier {c_out // in_channels}"
+                )
             if in_channels <= 0 or c_out % in_channels:
-                raise LoaderError(f"{where}: {c_out} output channels is not a multiple of the {in_channels} input "
-                                  "channels of a DEPTHWISE_CONV_2D; corrupt file")
+                raise LoaderError(
+                    f"{where}: {c_out} output channels is not a multiple of the {in_channels} input "
+                    "channels of a DEPTHWISE_CONV_2D; corrupt file"
+                )
             extra["depth_multiplier"] = c_out // in_channels
             # [1, kh, kw, C*m] -> [C*m, 1, kh, kw]; output channel c*m + k stays at index c*m + k.
             weight = filt[0].transpose(2, 0, 1)[:, None, :, :]
@@ -207,19 +235,26 @@ class _Reader:
             if options is not None:
                 opts = Conv2DOptions()
                 opts.Init(options.Bytes, options.Pos)
-                extra.update(stride=[opts.StrideH(), opts.StrideW()],
-                             dilation=[opts.DilationHFactor(), opts.DilationWFactor()], padding=opts.Padding())
+                extra.update(
+                    stride=[opts.StrideH(), opts.StrideW()],
+                    dilation=[opts.DilationHFactor(), opts.DilationWFactor()],
+                    padding=opts.Padding(),
+                )
             per_group = int(filt.shape[3])
             if in_channels is None:
                 groups = 1
                 self.warnings.append(f"{where}: input channel count unknown; assumed groups = 1")
             elif in_channels % per_group:
-                raise LoaderError(f"{where}: input has {in_channels} channels, not a multiple of the filter's "
-                                  f"{per_group}; corrupt file")
+                raise LoaderError(
+                    f"{where}: input has {in_channels} channels, not a multiple of the filter's "
+                    f"{per_group}; corrupt file"
+                )
             else:
                 groups = in_channels // per_group
             if groups < 1 or filt.shape[0] % groups:
-                raise LoaderError(f"{where}: {groups} groups do not divide the {filt.shape[0]} output channels")
+                raise LoaderError(
+                    f"{where}: {groups} groups do not divide the {filt.shape[0]} output channels"
+                )
             # [c_out, kh, kw, c_in/groups] -> [c_out, c_in/groups, kh, kw]
             weight = filt.transpose(0, 3, 1, 2)
         weight = np.ascontiguousarray(weight)
@@ -287,7 +322,9 @@ class _Reader:
         elif ttype == _BFLOAT16:
             nbytes = count * 2
         else:
-            self.warnings.append(f"{where}: filter of type {_TYPE_NAMES.get(ttype, ttype)} not supported; skipped")
+            self.warnings.append(
+                f"{where}: filter of type {_TYPE_NAMES.get(ttype, ttype)} not supported; skipped"
+            )
             return None
         raw = self._buffer_bytes(tensor.Buffer(), nbytes, where)
         if ttype in _DTYPES:
@@ -305,10 +342,14 @@ class _Reader:
 
     def _buffer_bytes(self, buffer_index: int, nbytes: int, where: str) -> bytes | memoryview:
         if not 0 < buffer_index < self.n_buffers:
-            raise LoaderError(f"{where}: filter refers to buffer {buffer_index} of {self.n_buffers}; it holds no "
-                              "data (a constant without data is a corrupt file)")
+            raise LoaderError(
+                f"{where}: filter refers to buffer {buffer_index} of {self.n_buffers}; it holds no "
+                "data (a constant without data is a corrupt file)"
+            )
         buffer = self.model.Buffers(buffer_index)
-        offset, size = int(buffer.Offset()), int(buffer.Size())
+        # offset/size (schema 2.14+): older bindings lack them, and then no buffer lies outside the flatbuffer.
+        offset = int(buffer.Offset()) if hasattr(buffer, "Offset") else 0
+        size = int(buffer.Size()) if hasattr(buffer, "Size") else 0
         if offset > 1:
             # Models > 2 GB keep buffers after the flatbuffer: offset is from the start of the file.
             start, length = offset, size
@@ -319,12 +360,16 @@ class _Reader:
             start = buffer._tab.Vector(field)
             length = buffer._tab.VectorLen(field)
         if start < 0 or length < 0 or start + length > len(self.data):
-            raise LoaderError(f"{where}: buffer {buffer_index} declares {length} bytes at offset {start}, past the "
-                              f"end of the {len(self.data)}-byte file; the file is truncated or corrupt")
+            raise LoaderError(
+                f"{where}: buffer {buffer_index} declares {length} bytes at offset {start}, past the "
+                f"end of the {len(self.data)}-byte file; the file is truncated or corrupt"
+            )
         if length != nbytes:
-            raise LoaderError(f"{where}: filter shape needs {nbytes} bytes but buffer {buffer_index} holds {length}; "
-                              "corrupt file")
-        return memoryview(self.data)[start:start + length]
+            raise LoaderError(
+                f"{where}: filter shape needs {nbytes} bytes but buffer {buffer_index} holds {length}; "
+                "corrupt file"
+            )
+        return memoryview(self.data)[start : start + length]
 
     def _dequantize(self, tensor, values: np.ndarray, where: str) -> np.ndarray | None:
         quant = tensor.Quantization()
@@ -333,7 +378,9 @@ class _Reader:
             self.warnings.append(f"{where}: integer filter without quantisation scale; skipped")
             return None
         if n_scales > values.size:
-            raise LoaderError(f"{where}: {n_scales} quantisation scales for {values.size} weights; corrupt file")
+            raise LoaderError(
+                f"{where}: {n_scales} quantisation scales for {values.size} weights; corrupt file"
+            )
         scale = quant.ScaleAsNumpy().astype(np.float32)
         n_zero = quant.ZeroPointLength()
         zero = quant.ZeroPointAsNumpy().astype(np.float32) if n_zero else np.zeros(1, np.float32)
@@ -342,8 +389,10 @@ class _Reader:
         if n_scales > 1:
             axis = int(quant.QuantizedDimension())
             if not 0 <= axis < values.ndim or values.shape[axis] != n_scales:
-                raise LoaderError(f"{where}: {n_scales} per-channel scales do not match dimension {axis} of filter "
-                                  f"{list(values.shape)}; corrupt file")
+                raise LoaderError(
+                    f"{where}: {n_scales} per-channel scales do not match dimension {axis} of filter "
+                    f"{list(values.shape)}; corrupt file"
+                )
             shape = [1] * values.ndim
             shape[axis] = -1
             scale = scale.reshape(shape)
@@ -354,9 +403,13 @@ class _Reader:
 
 
 def _check_finite(weight: np.ndarray, where: str, warnings: list[str]) -> None:
-    bad = int(weight.size - np.count_nonzero(np.isfinite(weight)))
+    """The torch loaders' warning, word for word: NaN/Inf kernels are kept and counted, never dropped."""
+    kernels = weight.reshape(weight.shape[0] * weight.shape[1], -1)
+    bad = int(np.count_nonzero(~np.isfinite(kernels).all(axis=1)))
     if bad:
-        warnings.append(f"{where}: {bad} of {weight.size} weights are NaN or Inf; their kernels will be labelled -1")
+        warnings.append(
+            f"{where}: {bad} of {len(kernels)} kernels hold NaN/Inf (kept; the engine labels them -1)"
+        )
 
 
 def _unique(name: str, taken: set[str]) -> str:

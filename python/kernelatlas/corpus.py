@@ -55,6 +55,11 @@ LAYER_COLUMNS = {
 }
 
 
+# layer columns only the writer sets (add_model's layer_columns may not)
+_WRITER_LAYER_COLUMNS = frozenset({"layer_id", "model_id", "shard", "row_start", "rows", "n_kernels", "n_zero",
+                                   "n_nonfinite"})
+
+
 class CorpusError(RuntimeError):
     """A corpus that cannot be opened or written; the message names the path and the fix."""
 
@@ -417,12 +422,26 @@ class CorpusWriter:
 
     def add_model(self, model: LoadedModel, *, sha256: str, sizes: Sequence[int] = (3, 5, 7),
                   all_convs: bool = False, meta: Mapping[str, Any] | None = None,
-                  name: str | None = None) -> dict[str, Any]:
+                  name: str | None = None,
+                  layer_columns: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
         """Stream one loaded model into pending shards and table rows (not yet committed).  Layers of square
         sizes in ``sizes`` are stored when depthwise, or always with ``all_convs``; every conv layer is
-        recorded in the layers table.  Returns the model's row."""
+        recorded in the layers table.  Returns the model's row.
+
+        ``layer_columns``: one mapping per layer, merged into that layer's row: ``depth``/``depth_norm``
+        replace the computed ones (for sources that record their own, e.g. CNN Filter DB's conv_depth /
+        conv_depth_norm), other names become extra columns (stored as strings).  Columns the writer owns
+        (ids, shard, rows, counts) cannot be set."""
         if sha256 in self._known:
             raise CorpusError(f"{model.source_path} (sha256 {sha256[:12]}) is already in {self.root}")
+        if layer_columns is not None:
+            if len(layer_columns) != len(model.layers):
+                raise ValueError(f"{model.source_path}: layer_columns has {len(layer_columns)} entries for "
+                                 f"{len(model.layers)} layers")
+            owned = {c for cols in layer_columns for c in cols} & _WRITER_LAYER_COLUMNS
+            if owned:
+                raise ValueError(f"{model.source_path}: layer_columns cannot set {sorted(owned)} (written by "
+                                 "the corpus writer)")
         model_id = int(self.manifest["n_models"]) + len(self._new_models)
         layer_id0 = int(self.manifest["n_layers"]) + len(self._new_layers)
         depths, depth_norms = conv_depths([layer.order for layer in model.layers])
@@ -438,14 +457,18 @@ class CorpusWriter:
                 pend = self._shard_for(layer.kh, len(kernels))
                 row_start = pend.append(kernels)
                 shard, rows = pend.path, len(kernels)
-            self._new_layers.append({
+            layer_row = {
                 "layer_id": layer_id0 + i, "model_id": model_id, "name": layer.name, "kind": layer.kind,
                 "kind_inferred": bool(layer.kind_inferred), "kh": layer.kh, "kw": layer.kw, "c_out": layer.c_out,
                 "c_in_per_group": layer.c_in_per_group, "groups": int(layer.groups), "depth": depths[i],
                 "depth_norm": depth_norms[i], "bn_folded": bool(layer.bn_folded), "shard": shard,
                 "row_start": row_start, "rows": rows, "n_kernels": len(kernels), "n_zero": n_zero,
                 "n_nonfinite": n_nonfinite,
-            })
+            }
+            if layer_columns is not None:
+                layer_row.update({key: value if key in LAYER_COLUMNS else ("" if value is None else str(value))
+                                  for key, value in layer_columns[i].items()})
+            self._new_layers.append(layer_row)
             rows_total += rows
             kernels_total += len(kernels)
         meta = dict(model.meta) | dict(meta or {})
@@ -498,7 +521,7 @@ class CorpusWriter:
         for sub in {Path(s["path"]).parent for s in new_shards}:
             _fsync_dir(self.root / sub)
         models = pd.concat([self.models, pd.DataFrame(self._new_models)], ignore_index=True)
-        layers = pd.concat([self.layers, pd.DataFrame(self._new_layers, columns=list(LAYER_COLUMNS))],
+        layers = pd.concat([self.layers, pd.DataFrame(self._new_layers)],
                            ignore_index=True) if self._new_layers else self.layers
         models = _typed(models, MODEL_COLUMNS)
         layers = _typed(layers, LAYER_COLUMNS)

@@ -173,3 +173,34 @@ def test_open_errors_name_the_fix(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(CorpusError, match="unreadable"):
         Corpus.open(tmp_path)
+
+
+def test_extract_live_module_with_bn_folding(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from kernelatlas.extract import extract_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 5, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    net.eval()
+    root = tmp_path / "c"
+    row = extract_module(net, root, name="tiny", fold_bn=True, all_convs=True)
+    assert row is not None and row["format"] == "module"
+    assert extract_module(net, root, name="tiny", fold_bn=True, all_convs=True) is None   # idempotent
+    c = Corpus.open(root)
+    lay = c.layers
+    assert list(lay["kind"]) == ["regular", "depthwise"] and not lay["kind_inferred"].any()
+    assert lay["bn_folded"].all() and list(lay["groups"]) == [1, 8]
+    dw = lay.iloc[1]
+    got = c.shard_array(dw["shard"])[dw["row_start"]:dw["row_start"] + dw["rows"]]
+    bn = net[4]
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    want = net[3].weight.detach().numpy().reshape(8, 25) * scale[:, None]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

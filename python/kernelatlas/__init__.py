@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from kernelatlas._version import __version__
 from kernelatlas.autoencoder import Autoencoder
+from kernelatlas.corpus import Corpus
 from kernelatlas.engine import (
     assign,
     assign_prototypes,
@@ -19,6 +20,7 @@ from kernelatlas.engine import (
 
 __all__ = [
     "Autoencoder",
+    "Corpus",
     "__version__",
     "assign",
     "assign_prototypes",

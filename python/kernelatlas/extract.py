@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kernelatlas.corpus import CorpusWriter
 from kernelatlas.loaders import LoaderError, is_checkpoint, load_file
 
-__all__ = ["ExtractReport", "expand_sources", "extract", "sha256_file"]
+__all__ = ["ExtractReport", "expand_sources", "extract", "extract_module", "sha256_file"]
 
 
 @dataclass
@@ -116,3 +118,33 @@ def extract(
             writer.maybe_commit()
         bar.close()
     return report
+
+
+def extract_module(
+    module: Any,
+    out: str | os.PathLike[str],
+    *,
+    name: str,
+    fold_bn: bool = False,
+    example_input: Any = None,
+    sizes: Sequence[int] = (3, 5, 7),
+    all_convs: bool = False,
+    dtype: str = "float32",
+    meta: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """Extract a live ``torch.nn.Module`` (groups, stride and dilation known exactly; ``fold_bn`` folds
+    BatchNorm into the convs it follows, as ONNX exports and CNN Filter DB do).  The model is keyed by the
+    sha256 of its conv weights and the options, so adding the same module twice adds it once.  Returns the
+    model row, or None when the corpus already holds it."""
+    from kernelatlas.loaders.torch_module import load_module
+
+    model = load_module(module, name=name, fold_bn=fold_bn, example_input=example_input)
+    h = hashlib.sha256(f"module:{name}:fold_bn={fold_bn}".encode())
+    for layer in model.layers:
+        h.update(layer.name.encode())
+        h.update(np.ascontiguousarray(layer.weight).tobytes())
+    digest = h.hexdigest()
+    with CorpusWriter(out, dtype=dtype) as writer:
+        if writer.has_model(digest):
+            return None
+        return writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta)

@@ -1,0 +1,76 @@
+"""`kernelatlas extract` and `kernelatlas info` as a user runs them: the real checkpoints of ../shared/weights,
+a folder with unreadable files among good ones, files without convs, and exit statuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernelatlas.corpus import Corpus
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kernelatlas", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not WEIGHTS.is_dir(), reason="../shared/weights (the real checkpoints) is not present")
+def test_extract_shared_weights_counts(tmp_path):
+    out = tmp_path / "corpus"
+    done = cli("extract", str(WEIGHTS), "--out", str(out), "--no-progress", "--meta", "dataset=mixed")
+    assert done.returncode == 0, done.stderr
+    c = Corpus.open(out)
+    assert len(c.models) == 16 and (c.models["dataset"] == "mixed").all()
+    lay = c.layers
+    dw = lay[lay["kind"] == "depthwise"]
+    # SOURCES.md: depthwise 3x3 and 5x5 kernels over all files
+    assert int(dw.loc[(dw.kh == 3) & (dw.kw == 3), "rows"].sum()) == 18_570
+    assert int(dw.loc[(dw.kh == 5) & (dw.kw == 5), "rows"].sum()) == 25_776
+    assert int(lay.loc[lay["kind"] == "regular", "rows"].sum()) == 0          # not stored without --all-convs
+    sr = c.models[c.models["name"] == "team18_SGSDN"].iloc[0]
+    assert sr["weight_set"] == "params_ema"
+    info = json.loads(cli("info", str(out), "--json").stdout)
+    assert info["models"] == 16 and info["kernels_stored"] == 18_570 + 25_776
+    again = cli("extract", str(WEIGHTS), "--out", str(out), "--no-progress")
+    assert again.returncode == 0 and "added 0 model(s)" in again.stdout and "skipped 16" in again.stdout
+
+
+def test_unreadable_files_are_named_and_others_extracted(tmp_path):
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "zoo"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    save_file({"dw.weight": rng.standard_normal((16, 1, 3, 3)).astype(np.float32)}, str(src / "good.safetensors"))
+    save_file({"fc.weight": rng.standard_normal((4, 4)).astype(np.float32)}, str(src / "noconv.safetensors"))
+    (src / "empty.pth").write_bytes(b"")
+    (src / "sub" / "garbage.onnx").write_bytes(rng.bytes(1000))
+    (src / "notes.txt").write_text("not a checkpoint: ignored in folders")
+    out = tmp_path / "corpus"
+    done = cli("extract", str(src), "--out", str(out), "--no-progress")
+    assert done.returncode == 1
+    assert "empty.pth" in done.stderr and "garbage.onnx" in done.stderr
+    assert "noconv.safetensors holds no conv layer" in done.stderr
+    c = Corpus.open(out)
+    assert sorted(c.models["name"]) == ["good", "noconv"]
+    assert int(c.layers["rows"].sum()) == 16
+    # the rerun reads only what failed, and the corpus is unchanged
+    manifest = (out / "manifest.json").read_bytes()
+    again = cli("extract", str(src), "--out", str(out), "--no-progress")
+    assert again.returncode == 1 and "added 0 model(s)" in again.stdout
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
+def test_missing_source_and_bad_options(tmp_path):
+    done = cli("extract", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "c"), "--no-progress")
+    assert done.returncode == 1 and "nope.pth" in done.stderr
+    bad = cli("extract", str(tmp_path), "--out", str(tmp_path / "c"), "--meta", "novalue")
+    assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr
+    missing = cli("info", str(tmp_path / "absent"))
+    assert missing.returncode == 1 and "not a kernelatlas corpus" in missing.stderr

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kernelatlas import _core
+from kernelatlas._files import atomic_write as _atomic_write
 from kernelatlas.engine import _threads
 
 __all__ = ["ACTIVATIONS", "Autoencoder", "Dense"]
@@ -274,14 +275,6 @@ def _float32_bounds(intervals: Sequence[tuple[float, float]]) -> tuple[list[floa
 
 def _layer_meta(L: Dense) -> dict[str, Any]:
     return {"in": int(L.weight.shape[1]), "out": int(L.weight.shape[0]), "activation": L.activation}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -487,7 +487,6 @@ def measure_read_bandwidth(threads: int, nbytes: int = 1 << 30) -> dict[str, flo
     except ImportError:  # pragma: no cover
         pass
     result["best"] = max(result.values())
-    del buf
     return result
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from kernelatlas._files import atomic_write_bytes, fsync_dir
 from kernelatlas.loaders.base import LoadedModel, conv_depths
 
 __all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
@@ -66,23 +67,6 @@ class CorpusError(RuntimeError):
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _npy_header(dtype: np.dtype, rows: int, d: int) -> bytes:
@@ -179,8 +163,8 @@ class Corpus:
             raise CorpusError(f"corpus dtype must be float32 or float16, got {dtype}")
         root.mkdir(parents=True, exist_ok=True)
         manifest = _new_manifest(np.dtype(dtype).name)
-        _atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(root)
+        atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+        fsync_dir(root)
         return cls(root, manifest)
 
     def writer(self, **options: Any) -> CorpusWriter:
@@ -519,7 +503,7 @@ class CorpusWriter:
         self._finished.clear()
         self._pending.clear()
         for sub in {Path(s["path"]).parent for s in new_shards}:
-            _fsync_dir(self.root / sub)
+            fsync_dir(self.root / sub)
         models = pd.concat([self.models, pd.DataFrame(self._new_models)], ignore_index=True)
         layers = pd.concat([self.layers, pd.DataFrame(self._new_layers)],
                            ignore_index=True) if self._new_layers else self.layers
@@ -534,8 +518,8 @@ class CorpusWriter:
         manifest["n_layers"] = int(len(layers))
         manifest["generation"] = int(self.manifest.get("generation", 0)) + 1
         manifest["updated"] = _now()
-        _atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(self.root)
+        atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
+        fsync_dir(self.root)
         self.manifest = manifest
         self.models, self.layers = models, layers
         self._new_models, self._new_layers = [], []

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from kernelatlas._files import sha256_file
 from kernelatlas.corpus import CorpusWriter
 from kernelatlas.loaders import LoaderError, is_checkpoint, load_file
 
@@ -36,14 +37,6 @@ class ExtractReport:
     def ok(self) -> bool:
         """Every input was read (some may have held no convs)."""
         return not self.failed
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | None = None) -> list[Path]:

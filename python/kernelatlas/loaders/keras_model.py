@@ -42,7 +42,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .base import ConvLayer, LoadedModel, LoaderError, classify_kind
+from .base import ConvLayer, LoadedModel, LoaderError, check_finite, classify_kind
+from .base import unique_name as _unique
 
 __all__ = ["load"]
 
@@ -296,12 +297,7 @@ class _LayerSink:
         weight = np.ascontiguousarray(weight)
         name = _unique(name, self.names)
         where = f"{self.path}: layer {name}"
-        kernels = weight.reshape(weight.shape[0] * weight.shape[1], -1)
-        bad = int(np.count_nonzero(~np.isfinite(kernels).all(axis=1)))
-        if bad:
-            self.warnings.append(
-                f"{where}: {bad} of {len(kernels)} kernels hold NaN/Inf (kept; the engine labels them -1)"
-            )
+        check_finite(weight, where, self.warnings)
         self.layers.append(
             ConvLayer(
                 name=name,
@@ -648,10 +644,3 @@ def _nested_prefix(h5: h5py.File, group_path: str) -> str:
     return "".join(prefix)
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}#{n}"
-    taken.add(candidate)
-    return candidate

@@ -20,8 +20,6 @@ corrupt or lying file gives a LoaderError that names it, never a huge allocation
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,9 @@ from tflite.Conv2DOptions import Conv2DOptions
 from tflite.DepthwiseConv2DOptions import DepthwiseConv2DOptions
 from tflite.TensorType import TensorType
 
-from .base import ConvLayer, LoadedModel, LoaderError, classify_kind
+from .base import ConvLayer, LoadedModel, LoaderError, classify_kind, graph_depths
+from .base import check_finite as _check_finite
+from .base import unique_name as _unique
 
 __all__ = ["load"]
 
@@ -402,62 +402,7 @@ class _Reader:
         return (values.astype(np.float32) - zero) * scale
 
 
-def _check_finite(weight: np.ndarray, where: str, warnings: list[str]) -> None:
-    """The torch loaders' warning, word for word: NaN/Inf kernels are kept and counted, never dropped."""
-    kernels = weight.reshape(weight.shape[0] * weight.shape[1], -1)
-    bad = int(np.count_nonzero(~np.isfinite(kernels).all(axis=1)))
-    if bad:
-        warnings.append(
-            f"{where}: {bad} of {len(kernels)} kernels hold NaN/Inf (kept; the engine labels them -1)"
-        )
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}#{n}"
-    taken.add(candidate)
-    return candidate
 
 
-def graph_depths(
-    node_inputs: Sequence[Sequence[Hashable]],
-    node_outputs: Sequence[Sequence[Hashable]],
-    graph_inputs: set,
-) -> list[int | None]:
-    """Longest path, counted in nodes, from any graph input to each node (a node fed by a graph input has
-    depth 1); None for nodes that no graph input reaches.  Raises ValueError on a cycle.  The same function
-    as in onnx_model (each loader imports only its own format's package)."""
-    producer: dict[Hashable, int] = {}
-    for i, outs in enumerate(node_outputs):
-        for tensor in outs:
-            producer[tensor] = i
-    n = len(node_inputs)
-    users: list[list[int]] = [[] for _ in range(n)]
-    waiting = [0] * n
-    for i, ins in enumerate(node_inputs):
-        for j in {producer[t] for t in ins if t in producer}:
-            if j == i:
-                raise ValueError(f"node {i} consumes its own output; the graph is cyclic")
-            users[j].append(i)
-            waiting[i] += 1
-    queue = deque(i for i in range(n) if waiting[i] == 0)
-    depths: list[int | None] = [None] * n
-    done = 0
-    while queue:
-        i = queue.popleft()
-        done += 1
-        best = None
-        for tensor in node_inputs[i]:
-            d = depths[producer[tensor]] if tensor in producer else (0 if tensor in graph_inputs else None)
-            if d is not None and (best is None or d > best):
-                best = d
-        depths[i] = None if best is None else best + 1
-        for u in users[i]:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                queue.append(u)
-    if done != n:
-        raise ValueError(f"the graph has a cycle ({n - done} nodes never become ready)")
-    return depths

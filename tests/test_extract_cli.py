@@ -68,8 +68,15 @@ def test_unreadable_files_are_named_and_others_extracted(tmp_path):
 
 
 def test_missing_source_and_bad_options(tmp_path):
-    done = cli("extract", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "c"), "--no-progress")
-    assert done.returncode == 1 and "nope.pth" in done.stderr
+    (tmp_path / "dangling.pth").symlink_to(tmp_path / "gone.pth")   # listed, but cannot be read
+    (tmp_path / "empty_folder").mkdir()
+    done = cli("extract", str(tmp_path / "nope.pth"), str(tmp_path / "dangling.pth"), str(tmp_path / "empty_folder"),
+               "--out", str(tmp_path / "c"), "--no-progress")
+    assert done.returncode == 1 and "nope.pth" in done.stderr and "dangling.pth" in done.stderr
+    assert "no checkpoint file" in done.stderr and "empty_folder" in done.stderr
+    c = Corpus.open(tmp_path / "c")                       # nothing read: still a valid, empty corpus
+    assert len(c.models) == 0 and (tmp_path / "c" / "models.parquet").is_file()
+    assert (tmp_path / "c" / "layers.parquet").is_file()
     bad = cli("extract", str(tmp_path), "--out", str(tmp_path / "c"), "--meta", "novalue")
     assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr
     missing = cli("info", str(tmp_path / "absent"))

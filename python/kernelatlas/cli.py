@@ -249,6 +249,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for path in report.empty:
         print(f"note: {path} holds no conv layer", file=sys.stderr)
+    for folder in report.empty_folders:
+        print(f"note: no checkpoint file (.pth .pt .bin .ckpt .safetensors .onnx .tflite .h5 .keras) in {folder}",
+              file=sys.stderr)
     for path, reason in report.failed:
         print(f"error: {reason}" if path in reason else f"error: {path}: {reason}", file=sys.stderr)
     kernels = sum(int(r["n_kernels"]) for r in report.added)

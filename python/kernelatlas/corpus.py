@@ -162,6 +162,8 @@ class Corpus:
         if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
             raise CorpusError(f"corpus dtype must be float32 or float16, got {dtype}")
         root.mkdir(parents=True, exist_ok=True)
+        _write_table(root / "models.parquet", _empty_frame(MODEL_COLUMNS))
+        _write_table(root / "layers.parquet", _empty_frame(LAYER_COLUMNS))
         manifest = _new_manifest(np.dtype(dtype).name)
         atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=1).encode())
         fsync_dir(root)

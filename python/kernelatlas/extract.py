@@ -31,6 +31,7 @@ class ExtractReport:
     skipped: list[str] = field(default_factory=list)               # already in the corpus
     failed: list[tuple[str, str]] = field(default_factory=list)    # (file, reason)
     empty: list[str] = field(default_factory=list)                 # read, but held no conv layer
+    empty_folders: list[str] = field(default_factory=list)         # folders holding no checkpoint file
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -39,9 +40,11 @@ class ExtractReport:
         return not self.failed
 
 
-def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | None = None) -> list[Path]:
+def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | None = None,
+                   empty_folders: list[str] | None = None) -> list[Path]:
     """Files as given, folders searched recursively for known checkpoint suffixes (sorted), ``zoo:NAME``
-    resolved through the zoo cache (pulling the entry if needed)."""
+    resolved through the zoo cache (pulling the entry if needed).  Folders without any checkpoint are
+    appended to ``empty_folders``."""
     files: list[Path] = []
     for src in sources:
         text = str(src)
@@ -52,7 +55,10 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | N
             continue
         p = Path(text)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and is_checkpoint(f)))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_checkpoint(f))
+            if not found and empty_folders is not None:
+                empty_folders.append(str(p))
+            files.extend(found)
         else:
             files.append(p)
     seen: set[Path] = set()
@@ -82,7 +88,7 @@ def extract(
     from tqdm import tqdm
 
     report = ExtractReport()
-    files = expand_sources(sources, cache=zoo_cache)
+    files = expand_sources(sources, cache=zoo_cache, empty_folders=report.empty_folders)
     with CorpusWriter(out, dtype=dtype, commit_rows=commit_rows, commit_seconds=commit_seconds) as writer:
         bar = tqdm(files, desc="extract", unit="file", disable=not progress, file=sys.stderr)
         for path in bar:

@@ -4,6 +4,7 @@ a folder with unreadable files among good ones, files without convs, and exit st
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,51 @@ def test_missing_source_and_bad_options(tmp_path):
     assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr
     missing = cli("info", str(tmp_path / "absent"))
     assert missing.returncode == 1 and "not a kernelatlas corpus" in missing.stderr
+
+
+ARCH_MODULE = '''
+from torch import nn
+
+
+def tiny():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, groups=8), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 5, groups=4))
+'''
+
+
+def test_extract_with_architecture_and_bn_folding(tmp_path):
+    torch = pytest.importorskip("torch")
+    (tmp_path / "tinyarch.py").write_text(ARCH_MODULE)
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        net = importlib.import_module("tinyarch").tiny()
+    finally:
+        _sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "tiny.pth")
+    out = tmp_path / "c"
+    done = subprocess.run([sys.executable, "-m", "kernelatlas", "extract", str(tmp_path / "tiny.pth"), "--out", str(out),
+                           "--arch", "python:tinyarch:tiny", "--fold-bn", "--all-convs", "--no-progress"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    lay = Corpus.open(out).layers
+    # exact kinds (a bare state_dict could not tell the grouped convs from regular ones)
+    assert list(lay["kind"]) == ["regular", "depthwise", "grouped"]
+    assert not lay["kind_inferred"].any() and list(lay["groups"]) == [1, 8, 4]
+    assert list(lay["bn_folded"]) == [True, True, False]
+    # the same file without --arch: kinds are inferred ([C*m, 1, k, k] -> depthwise), the grouped conv looks regular
+    plain = cli("extract", str(tmp_path / "tiny.pth"), "--out", str(tmp_path / "p"), "--all-convs", "--no-progress")
+    assert plain.returncode == 0
+    lay2 = Corpus.open(tmp_path / "p").layers
+    assert lay2["kind_inferred"].all() and list(lay2["kind"]) == ["regular", "depthwise", "regular"]
+    bad = cli("extract", str(tmp_path / "tiny.pth"), "--out", str(tmp_path / "q"), "--fold-bn")
+    assert bad.returncode == 1 and "--arch" in bad.stderr

@@ -226,9 +226,12 @@ def _add_extract(sub: Any) -> None:
     p.add_argument("--sizes", type=_int_list, default=[3, 5, 7], metavar="K[,K...]",
                    help="square kernel sizes to store (default: 3,5,7); other sizes are counted, not stored")
     p.add_argument("--all-convs", action="store_true", help="store regular and grouped convs too")
+    p.add_argument("--arch", metavar="SPEC", default=None,
+                   help="read every file as weights of this architecture, built locally: timm:NAME, "
+                   "torchvision:NAME (when installed) or python:MODULE:CALLABLE; gives exact groups")
     p.add_argument("--fold-bn", action="store_true",
-                   help="fold BatchNorm into the preceding conv (live modules; ONNX exports are usually "
-                   "folded already)")
+                   help="with --arch: fold BatchNorm into the conv before it (as ONNX exports and CNN Filter DB "
+                   "hold them)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="storage dtype of a new corpus; must match an existing one (default: %(default)s)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VAL",
@@ -240,11 +243,12 @@ def _add_extract(sub: Any) -> None:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from kernelatlas.extract import extract
 
-    if args.fold_bn:
-        print("kernelatlas extract: note: --fold-bn applies to live modules (Python API); checkpoint files "
-              "hold no module graph, so their BN layers are left as they are", file=sys.stderr)
+    if args.fold_bn and args.arch is None:
+        raise ValueError("--fold-bn needs --arch: a checkpoint file holds no module graph to find Conv->BN pairs "
+                         "in (or use kernelatlas.extract.extract_module on a live module)")
     report = extract(args.sources, args.out, sizes=args.sizes, all_convs=args.all_convs, dtype=args.dtype,
-                     meta=_meta_pairs(args.meta), progress=not args.no_progress, commit_rows=args.commit_rows)
+                     meta=_meta_pairs(args.meta), progress=not args.no_progress, commit_rows=args.commit_rows,
+                     arch=args.arch, fold_bn=args.fold_bn)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for path in report.empty:

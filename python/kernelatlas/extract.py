@@ -21,6 +21,7 @@ import numpy as np
 from kernelatlas._files import sha256_file
 from kernelatlas.corpus import CorpusWriter
 from kernelatlas.loaders import LoaderError, is_checkpoint, load_file
+from kernelatlas.loaders.architectures import load_with_architecture
 
 __all__ = ["ExtractReport", "expand_sources", "extract", "extract_module", "sha256_file"]
 
@@ -83,8 +84,13 @@ def extract(
     commit_rows: int = 1 << 24,
     commit_seconds: float = 60.0,
     zoo_cache: Path | None = None,
+    arch: str | None = None,
+    fold_bn: bool = False,
 ) -> ExtractReport:
-    """Extract every conv layer of every input into the corpus at ``out`` (created if absent)."""
+    """Extract every conv layer of every input into the corpus at ``out`` (created if absent).
+
+    ``arch``: read every file as weights of that architecture (``timm:NAME``, ``torchvision:NAME``,
+    ``python:MODULE:CALLABLE``; see loaders/architectures.py): exact groups, and ``fold_bn`` folds BatchNorm."""
     from tqdm import tqdm
 
     report = ExtractReport()
@@ -98,11 +104,13 @@ def extract(
             except OSError as exc:
                 report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
                 continue
+            if arch is not None:  # the same file read through an architecture is another corpus model
+                digest = hashlib.sha256(f"{digest}:arch={arch}:fold_bn={fold_bn}".encode()).hexdigest()
             if writer.has_model(digest):
                 report.skipped.append(str(path))
                 continue
             try:
-                model = load_file(path)
+                model = load_file(path) if arch is None else load_with_architecture(path, arch, fold_bn=fold_bn)
             except LoaderError as exc:
                 report.failed.append((str(path), str(exc)))
                 continue

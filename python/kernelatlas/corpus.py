@@ -25,7 +25,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -409,7 +409,8 @@ class CorpusWriter:
     def add_model(self, model: LoadedModel, *, sha256: str, sizes: Sequence[int] = (3, 5, 7),
                   all_convs: bool = False, meta: Mapping[str, Any] | None = None,
                   name: str | None = None,
-                  layer_columns: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                  layer_columns: Sequence[Mapping[str, Any]] | None = None,
+                  on_layer: Callable[[int], object] | None = None) -> dict[str, Any]:
         """Stream one loaded model into pending shards and table rows (not yet committed).  Layers of square
         sizes in ``sizes`` are stored when depthwise, or always with ``all_convs``; every conv layer is
         recorded in the layers table.  Returns the model's row.
@@ -417,7 +418,8 @@ class CorpusWriter:
         ``layer_columns``: one mapping per layer, merged into that layer's row: ``depth``/``depth_norm``
         replace the computed ones (for sources that record their own, e.g. CNN Filter DB's conv_depth /
         conv_depth_norm), other names become extra columns (stored as strings).  Columns the writer owns
-        (ids, shard, rows, counts) cannot be set."""
+        (ids, shard, rows, counts) cannot be set.  ``on_layer(n_kernels)`` is called after each layer (for
+        progress bars)."""
         if sha256 in self._known:
             raise CorpusError(f"{model.source_path} (sha256 {sha256[:12]}) is already in {self.root}")
         if layer_columns is not None:
@@ -455,6 +457,8 @@ class CorpusWriter:
                 layer_row.update({key: value if key in LAYER_COLUMNS else ("" if value is None else str(value))
                                   for key, value in layer_columns[i].items()})
             self._new_layers.append(layer_row)
+            if on_layer is not None:
+                on_layer(len(kernels))
             rows_total += rows
             kernels_total += len(kernels)
         meta = dict(model.meta) | dict(meta or {})

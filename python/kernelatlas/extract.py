@@ -120,7 +120,11 @@ def extract(
             report.warnings.extend(model.warnings)
             if not model.layers:
                 report.empty.append(str(path))
-            row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta)
+            kernels = sum(layer.c_out * layer.c_in_per_group for layer in model.layers)
+            with tqdm(total=kernels, desc=f"  {path.name[-30:]}", unit="kernel", unit_scale=True, leave=False,
+                      disable=not progress or kernels < 1_000_000, file=sys.stderr) as inner:
+                row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta,
+                                       on_layer=inner.update)
             report.added.append(row)
             writer.maybe_commit()
         bar.close()

@@ -239,6 +239,20 @@ class Corpus:
                                                 int(spans[j, 1] + spans[j, 2]), rows)
                     i = j + 1
 
+    def run(self, run_id: str | None = None, *, kernel_size: int | None = None) -> Any:
+        """A completed assign run joined to layers and models (kernelatlas.runs.RunResult); default: the latest
+        run (of ``kernel_size`` when given)."""
+        from kernelatlas.runs import RunResult, latest_runs
+
+        if run_id is None:
+            latest = latest_runs(self)
+            if not latest:
+                raise CorpusError(f"{self.root} has no completed run: run `kernelatlas assign` first")
+            if kernel_size is not None and kernel_size not in latest:
+                raise CorpusError(f"{self.root} has no completed run for {kernel_size}x{kernel_size} kernels")
+            run_id = latest[kernel_size] if kernel_size is not None else latest[max(latest)]
+        return RunResult(self, run_id)
+
     def summary(self) -> dict[str, Any]:
         """Counts for `kernelatlas info`: models, layers, kernels by size and kind, zero/non-finite, disk."""
         lay = self.layers

@@ -1,0 +1,169 @@
+"""Corpus-scale assignment (kernelatlas.runs): outputs per shard equal the in-memory engine, rows of other kinds
+get -2, per-layer shares, resumption after an interruption gives identical files, 1 and 2 threads agree
+bit for bit, prototype mode, and Corpus.run joins results to layers and models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kernelatlas as ka
+from kernelatlas import runs as runs_mod
+from kernelatlas.corpus import Corpus, CorpusWriter
+from kernelatlas.loaders.base import ConvLayer, LoadedModel
+
+torch = pytest.importorskip("torch")
+MASTER_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "master_key_filters_7x7.txt"
+
+
+def make_corpus(root, k=3, n_models=3, seed=0):
+    rng = np.random.default_rng(seed)
+    with CorpusWriter(root, shard_rows=3000) as w:
+        for m in range(n_models):
+            layers = []
+            for i in range(4):
+                if i % 2 == 0:
+                    weight = rng.standard_normal((512 + 64 * i, 1, k, k)).astype(np.float32)
+                    weight[:5] = 0.0
+                    layers.append(ConvLayer(f"dw{i}", weight, len(weight), "depthwise", False, float(i)))
+                else:
+                    weight = rng.standard_normal((32, 16, k, k)).astype(np.float32)
+                    layers.append(ConvLayer(f"conv{i}", weight, 1, "regular", False, float(i)))
+            w.add_model(LoadedModel(f"/m/model{m}.pth", "torch", layers), sha256=f"{seed}-{m}", all_convs=True)
+    return Corpus.open(root)
+
+
+def make_model(tmp_path, d=9):
+    from torch import nn
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+    dec = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, d))
+    model = ka.Autoencoder.from_torch(enc, dec)
+    x = np.random.default_rng(5).standard_normal((4096, d)).astype(np.float32)
+    q = np.nanquantile(model.encode(x), [0.0, 0.3, 0.6, 1.0]).astype(float)
+    model = model.with_clusters([(0.0, q[1]), (q[1], q[2]), (q[2], 1.0)], ["a", "b", "c"])
+    out = tmp_path / "model"
+    model.save(out)
+    return out, model
+
+
+def outputs(c, rid, k=3):
+    root = c.root / "runs" / rid / f"k{k}"
+    return {f.name: f.read_bytes() for f in sorted(root.glob("*.npy"))}
+
+
+def test_run_matches_engine_and_layers(tmp_path):
+    c = make_corpus(tmp_path / "c")
+    mdir, model = make_model(tmp_path)
+    rid = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False)
+    res = c.run(rid)
+    assert res.info["completed"] and res.info["mode"] == "autoencoder" and res.clusters == ["a", "b", "c"]
+    lay = c.layers
+    for shard in c.shards(3):
+        arr = c.shard_array(shard)
+        labels, scores, codes = res.labels(shard), res.scores(shard), res.codes(shard)
+        assert len(labels) == len(arr)
+        sl = lay[lay["shard"] == shard]
+        for _, row in sl.iterrows():
+            a, b = row["row_start"], row["row_start"] + row["rows"]
+            if row["kind"] == "depthwise":
+                want = ka.assign(np.ascontiguousarray(arr[a:b]), model, threshold=0.3)
+                np.testing.assert_array_equal(labels[a:b], want[0])
+                np.testing.assert_array_equal(scores[a:b], want[1])
+                np.testing.assert_array_equal(codes[a:b], want[2])
+            else:
+                assert (labels[a:b] == -2).all() and np.isnan(scores[a:b]).all()
+    per = res.layers
+    assert set(per["kind"]) == {"depthwise"} and len(per) == 6
+    row = per.iloc[0]
+    assert row["kernels"] == row["rows"] and row["live"] == row["rows"] - 5
+    shares = per[["share_a", "share_b", "share_c"]].sum(axis=1)
+    np.testing.assert_allclose(shares, per["assigned_share"])
+    assert "model_name" in per.columns and per["model_name"].iloc[0] == "model0"
+
+
+def test_rerun_returns_same_run_and_resumes_identically(tmp_path, monkeypatch):
+    c = make_corpus(tmp_path / "c")
+    mdir, _ = make_model(tmp_path)
+    rid = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False)
+    complete = outputs(c, rid)
+    assert runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False) == rid
+    # interrupt a fresh run of the same command after its first shard
+    shutil.rmtree(c.root / "runs")
+    calls = {"n": 0}
+    real_finish = runs_mod._finish
+
+    def failing_finish(tmp, final, arr):
+        real_finish(tmp, final, arr)
+        if final.name.startswith("labels-"):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs_mod, "_finish", failing_finish)
+    with pytest.raises(KeyboardInterrupt):
+        runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False)
+    assert not (c.root / "runs" / rid / "run.json").exists()
+    assert len(list((c.root / "runs" / rid / "k3").glob("labels-*.npy"))) == 1
+    monkeypatch.setattr(runs_mod, "_finish", real_finish)
+    assert runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False) == rid
+    assert outputs(c, rid) == complete
+    assert not list((c.root / "runs" / rid).rglob("*.tmp"))
+
+
+def test_threads_give_identical_outputs(tmp_path):
+    c = make_corpus(tmp_path / "c", n_models=4)
+    mdir, _ = make_model(tmp_path)
+    r1 = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, threads=1, run_id="t1", progress=False)
+    r2 = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, threads=2, run_id="t2", progress=False)
+    assert outputs(c, r1) == outputs(c, r2)
+
+
+def test_kind_all_and_regular(tmp_path):
+    c = make_corpus(tmp_path / "c")
+    mdir, _ = make_model(tmp_path)
+    rid = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, kind="all", progress=False)
+    res = c.run(rid)
+    assert all((res.labels(s) >= -1).all() for s in c.shards(3))
+    reg = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, kind="regular", progress=False)
+    assert set(c.run(reg).layers["kind"]) == {"regular"}
+    assert len({rid, reg}) == 2
+
+
+@pytest.mark.skipif(not MASTER_KEYS.is_file(), reason="../shared/reference/master_key_filters_7x7.txt not present")
+def test_prototype_mode_recovers_planted_filters(tmp_path):
+    # The 8 master key filters: T. Lindeberg, Z. Babaiee, P. Kiasari (JMIV 2026), CC BY 4.0, read from
+    # ../shared/reference (never copied into the project).
+    protos, names = runs_mod.load_prototypes(MASTER_KEYS)
+    assert protos.shape == (8, 7, 7) and len(names) == 8
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 8, 4000)
+    kernels = (rng.uniform(0.5, 2.0, (4000, 1, 1)) * protos[src] + rng.normal(0, 0.05, (4000, 1, 1))
+               + rng.normal(0, 0.02 * np.abs(protos[src]).max(axis=(1, 2))[:, None, None], (4000, 7, 7)))
+    root = tmp_path / "c7"
+    with CorpusWriter(root) as w:
+        w.add_model(LoadedModel("/m/planted.pth", "torch",
+                                [ConvLayer("dw", kernels.astype(np.float32)[:, None], 4000, "depthwise", False, 0.0)]),
+                    sha256="planted")
+    c = Corpus.open(root)
+    rid = runs_mod.assign_corpus(c, prototypes=MASTER_KEYS, threshold=0.8, progress=False)
+    labels = c.run(rid).labels(c.shards(7)[0])
+    assert (labels == src).mean() >= 0.99
+    info = json.loads((root / "runs" / rid / "run.json").read_text())
+    assert info["mode"] == "prototypes" and len(info["clusters"]) == 8
+
+
+def test_errors_name_the_fix(tmp_path):
+    c = make_corpus(tmp_path / "c")
+    mdir, _ = make_model(tmp_path)
+    with pytest.raises(ValueError, match="exactly one"):
+        runs_mod.assign_corpus(c, progress=False)
+    with pytest.raises(ValueError, match="kind"):
+        runs_mod.assign_corpus(c, model=mdir, kind="bogus", progress=False)
+    with pytest.raises(Exception, match="no completed run"):
+        c.run()

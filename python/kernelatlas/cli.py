@@ -465,6 +465,55 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- assign
+
+
+def _add_assign(sub: Any) -> None:
+    p = sub.add_parser(
+        "assign",
+        help="label every kernel of a corpus with the native engine",
+        description=_text(
+            "Stream every shard of the model's kernel size through the fused engine (normalise, encode, decode, "
+            "cosine, label) and write labels/scores/codes per corpus shard under CORPUS/runs/RUN_ID/, plus "
+            "assign_layers.parquet (per layer: kernels, live kernels, assigned share, share of each cluster).",
+            "With --model: a model directory from `kernelatlas train` + `kernelatlas clusters`; label = the "
+            "cluster whose code interval holds the kernel's code when cosine(kernel, reconstruction) >= "
+            "--threshold, else -1.  With --prototypes FILE (.npy [P, k, k], or a text file of 'NAME:' blocks "
+            "of k rows of k numbers, like the master key filters): label = the prototype of highest cosine, -1 "
+            "below the threshold.  Rows of layers of another --kind get -2.",
+            "RUN_ID defaults to a hash of the model, the options and the corpus state, so rerunning the same "
+            "command resumes an interrupted run (shard by shard) or returns at once when it is complete."),
+        epilog=_text("example: kernelatlas assign corpus --model models/k3 --threshold 0.85"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, metavar="MODEL", help="model directory (autoencoder + clusters.json)")
+    src.add_argument("--prototypes", type=Path, metavar="FILE", help="prototype kernels (.npy or text)")
+    p.add_argument("--threshold", type=float, default=0.85, help="cosine threshold (default: %(default)s)")
+    p.add_argument("--kind", choices=("depthwise", "regular", "grouped", "all"), default="depthwise",
+                   help="layers to assign (default: %(default)s)")
+    p.add_argument("--run", default=None, metavar="RUN_ID", help="run id (default: derived from the inputs)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to compute (default: auto; the CUDA backend is not built yet, so the CPU)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    p.add_argument("--min-abs", type=float, default=0.0,
+                   help="kernels whose entries are all <= this are dead (default: 0, exact zeros only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_assign(args: argparse.Namespace) -> int:
+    from kernelatlas.engine import _check_device
+    from kernelatlas.runs import assign_corpus
+
+    _check_device(args.device)
+    rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
+                        kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
+                        progress=not args.no_progress, command=" ".join(["kernelatlas", *sys.argv[1:]]))
+    print(f"run {rid}: {args.corpus / 'runs' / rid}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 # verb -> (declare its parser, run it: args -> exit status)
@@ -473,6 +522,7 @@ _VERBS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], in
     "bench": (_add_bench, _cmd_bench),
     "extract": (_add_extract, _cmd_extract),
     "info": (_add_info, _cmd_info),
+    "assign": (_add_assign, _cmd_assign),
     "import-filterdb": (_add_import_filterdb, _cmd_import_filterdb),
     "export-filterdb": (_add_export_filterdb, _cmd_export_filterdb),
     "zoo": (_add_zoo, _cmd_zoo),

@@ -391,6 +391,52 @@ def _cmd_export_filterdb(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="Markdown/HTML tables + PNG figures of the assign runs",
+        description=_text(
+            "Write report.md and report.html (one self-contained page; figures as PNG files beside it) with "
+            "every table also as CSV: per model the share of live kernels classified at each threshold (like "
+            "Table 1 of Babaiee et al., ICLR 2024), cluster shares per layer by depth (like its Fig. 7), the "
+            "cluster prototypes with their shares (Fig. 5), the decoded spectrum, coverage-vs-threshold curves, "
+            "and depthwise vs regular kernels where runs of both kinds exist.",
+            "Coverage is recomputed from the stored scores and codes, so one run gives every threshold; the "
+            "run's shards are streamed chunk by chunk.  Default runs: the latest completed run per kernel size "
+            "and kind (by run.json 'created')."),
+        epilog=_text("example: kernelatlas report corpus --out report --thresholds 0.8,0.85,0.9"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS")
+    p.add_argument("--run", action="append", default=None, metavar="RUN_ID",
+                   help="a run to report on (CORPUS/runs/RUN_ID); repeatable (default: the latest per size and kind)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the report (created)")
+    p.add_argument("--thresholds", type=_float_list, default=[0.80, 0.85, 0.90], metavar="T[,T...]",
+                   help="thresholds of the coverage table (default: 0.8,0.85,0.9)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kernelatlas.report import report
+
+    page = report(args.corpus, args.out, runs=args.run, thresholds=args.thresholds, progress=not args.no_progress)
+    print(f"{page}  (and {page.with_suffix('.md').name}, figures and CSV tables in {page.parent})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- zoo
 
 
@@ -514,6 +560,168 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the main job: zoo -> extract -> train -> clusters -> assign -> report",
+        description=_text(
+            "Run the paper's pipeline (Babaiee et al., ICLR 2024) end to end on public checkpoints: pull the zoo "
+            "entries (default: the depthwise-separable models of `kernelatlas zoo list`), extract their kernels, "
+            "train one autoencoder with a 1-D code per depthwise kernel size present, read the clusters off the "
+            "decoded code axis, assign every depthwise kernel with the native engine, and write the report "
+            "(tables and figures).  Takes a few minutes on 2 cores.",
+            "Every step resumes: rerunning the command only does what is missing."),
+        epilog=_text("Output: OUT/corpus, OUT/models/kK, OUT/report/report.html.",
+                     "example: kernelatlas run --out kernelatlas-run"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("kernelatlas-run"), help="output directory (default: %(default)s)")
+    p.add_argument("--zoo", nargs="*", default=["default"], metavar="NAME",
+                   help="zoo entries or groups to study (default: default); none with --src only")
+    p.add_argument("--src", nargs="*", default=[], metavar="PATH", help="extra checkpoint files or folders")
+    p.add_argument("--threshold", type=float, default=0.85, help="assign threshold (default: %(default)s); the "
+                   "report shows 0.80/0.85/0.90 whatever it is")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: train's default)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    p.add_argument("--retrain", action="store_true", help="train again even when a matching model exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kernelatlas.pipeline import run_pipeline
+
+    summary = run_pipeline(args.out, zoo=args.zoo, sources=args.src, threshold=args.threshold, seed=args.seed,
+                           epochs=args.epochs, threads=args.threads, progress=not args.no_progress,
+                           retrain=args.retrain)
+    print(f"report: {summary['report']}")
+    return 0 if not summary["failed"] else 1
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _add_train(sub: Any) -> None:
+    from kernelatlas.train import DEFAULT_MIN_ABS, KINDS
+
+    p = sub.add_parser(
+        "train",
+        help="train the 1-D-code autoencoder for one kernel size -> a model directory",
+        description=_text(
+            "Train the autoencoder of Babaiee et al. (ICLR 2024) on the K x K kernels of a corpus: d -> 64 -> 32 "
+            "-> 1 -> 32 -> 64 -> d (d = K*K; --widths changes the hidden widths), ReLU hidden layers, a "
+            "sigmoid code in [0, 1], identity output, cosine loss 1 - cos(kernel, reconstruction) on centred, "
+            "L2-normalised kernels, Adam.  A uniform sample of --sample rows of layers of --kind is read from "
+            "the corpus memmaps (never the whole corpus); kernels whose entries are all below --min-abs, flat "
+            "kernels and NaN/Inf kernels are left out.  5% of the sample is held out: training stops when its "
+            "loss has not improved for --patience epochs, and the best epoch's weights are kept.",
+            "Writes MODEL/autoencoder.safetensors and MODEL/model.json (options, seed, corpus generation and "
+            "manifest hash, sample counts, losses per epoch, time, torch version).  On the CPU the same "
+            "corpus, options, seed and --threads give bit-identical weights."),
+        epilog=_text(
+            "Next: `kernelatlas clusters MODEL` names the clusters of the code axis.",
+            "example: kernelatlas train corpus --kernel-size 7 --out models/k7 --epochs 30 --sample 2000000"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS")
+    p.add_argument("--kernel-size", type=int, required=True, metavar="K", help="kernel size (3, 5, 7, ...)")
+    p.add_argument("--out", type=Path, required=True, metavar="MODEL", help="model directory to write")
+    p.add_argument("--kind", choices=KINDS, default="depthwise",
+                   help="layers whose kernels are sampled (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: %(default)s)")
+    p.add_argument("--sample", type=int, default=2_000_000,
+                   help="kernels sampled uniformly; 0: all of them (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, init and shuffling (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu or cuda "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=512, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--widths", type=_int_list, default=[64, 32], metavar="W[,W...]",
+                   help="hidden widths of the encoder, mirrored by the decoder (default: 64,32)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="epochs without validation improvement before stopping (default: %(default)s)")
+    p.add_argument("--min-abs", type=float, default=DEFAULT_MIN_ABS,
+                   help="kernels whose entries are all <= this in magnitude are left out (default: %(default)s, "
+                   "as the authors' group did)")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="train this many initialisations and keep the lowest validation loss (a 1-D code can "
+                   "get stuck with two clusters on one stretch of the axis) (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores available to this process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kernelatlas.train import train
+
+    model = train(args.corpus, args.kernel_size, args.out, kind=args.kind, widths=args.widths, epochs=args.epochs,
+                  sample=args.sample or None, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  device=args.device, patience=args.patience, min_abs=args.min_abs, threads=args.threads,
+                  restarts=args.restarts, progress=not args.no_progress)
+    t, s = model.info["training"], model.info["sample"]
+    excluded = ", ".join(f"{n:,} {why}" for why, n in s["excluded"].items() if n)
+    print(f"{args.out}: {args.kernel_size}x{args.kernel_size} {args.kind} autoencoder trained on {s['used']:,} kernels "
+          f"(of {s['available']:,}; {s['drawn']:,} drawn" + (f", left out {excluded}" if excluded else "") + ")")
+    print(f"  {t['epochs_run']} epochs (best {t['best_epoch']}), loss {t['train_loss']:.4f} train / "
+          f"{t['val_loss']:.4f} validation, {t['train_seconds']:.1f} s on {t['device']}"
+          + (f"; restart {t['restart_chosen'] + 1} of {t['restarts']} kept" if t["restarts"] > 1 else ""))
+    print(f"next: kernelatlas clusters {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- clusters
+
+
+def _add_clusters(sub: Any) -> None:
+    p = sub.add_parser(
+        "clusters",
+        help="name the clusters on a model's code axis -> MODEL/clusters.json",
+        description=_text(
+            "Decode --samples evenly spaced codes of a trained model (the spectrum) and cut the code axis "
+            "into intervals over which the decoded pattern stays the same: a pattern joins the current interval "
+            "while its cosine with the interval's first pattern is at least --merge-cos.  Each interval is "
+            "named after the analytic template it matches best (DoG, Gaussian, first and second derivatives, "
+            "cross, square; signs count) when their cosine is at least --match-cos, else pattern_N.",
+            "Writes MODEL/clusters.json (intervals [lo, hi) with name, prototype, colour and template match; "
+            "the thresholds to report) and MODEL/spectrum.png.  clusters.json is meant to be edited by hand "
+            "(rename; merge neighbours by deleting one and widening the other): `kernelatlas assign` uses "
+            "the intervals' lo, hi and name as they are then."),
+        epilog=_text("example: kernelatlas clusters models/k7 --samples 200 --merge-cos 0.9"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("model", type=Path, metavar="MODEL", help="model directory (from `kernelatlas train`)")
+    p.add_argument("--samples", type=int, default=200, help="codes decoded along the axis (default: %(default)s)")
+    p.add_argument("--merge-cos", type=float, default=0.9,
+                   help="cosine with an interval's first pattern to stay in it (default: %(default)s)")
+    p.add_argument("--match-cos", type=float, default=0.7,
+                   help="cosine with a template to take its name (default: %(default)s)")
+    p.add_argument("--min-width", type=float, default=0.0,
+                   help="merge intervals narrower than this (code units) into their closer neighbour "
+                   "(default: %(default)s: keep all)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw spectrum.png")
+    p.add_argument("--json", action="store_true", help="print the intervals as JSON")
+
+
+def _cmd_clusters(args: argparse.Namespace) -> int:
+    from kernelatlas.clusters import clusters
+
+    intervals = clusters(args.model, samples=args.samples, merge_cos=args.merge_cos, match_cos=args.match_cos,
+                         min_width=args.min_width, plot=not args.no_plot)
+    if args.json:
+        print(json.dumps(intervals, indent=1))
+        return 0
+    width = max(len(iv["name"]) for iv in intervals)
+    for iv in intervals:
+        match = f"{iv['template']} {iv['template_cos']:.2f}" if iv["template"] else "-"
+        print(f"  [{iv['lo']:.4f}, {iv['hi']:.4f})  {iv['name']:<{width}}  best template: {match}")
+    print(f"{args.model / 'clusters.json'}: {len(intervals)} intervals"
+          + ("" if args.no_plot else f"; figure {args.model / 'spectrum.png'}"))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 # verb -> (declare its parser, run it: args -> exit status)
@@ -523,9 +731,13 @@ _VERBS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], in
     "extract": (_add_extract, _cmd_extract),
     "info": (_add_info, _cmd_info),
     "assign": (_add_assign, _cmd_assign),
+    "run": (_add_run, _cmd_run),
     "import-filterdb": (_add_import_filterdb, _cmd_import_filterdb),
     "export-filterdb": (_add_export_filterdb, _cmd_export_filterdb),
+    "report": (_add_report, _cmd_report),
     "zoo": (_add_zoo, _cmd_zoo),
+    "train": (_add_train, _cmd_train),
+    "clusters": (_add_clusters, _cmd_clusters),
 }
 
 

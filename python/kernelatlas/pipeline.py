@@ -1,0 +1,102 @@
+"""`kernelatlas run`: the paper's pipeline end to end on public checkpoints, with the defaults of each step.
+
+    zoo pull -> extract -> train (one autoencoder per depthwise kernel size present) -> clusters -> assign ->
+    report
+
+Every step is resumable, so rerunning the command after an interruption (or with more sources) only does
+what is missing: extract skips files already in the corpus, a model directory whose model.json matches the
+request is reused, assign resumes its run, and the report is redrawn from the latest runs.  Output layout:
+
+    OUT/corpus/        the corpus (kernelatlas info OUT/corpus)
+    OUT/models/kK/     one model directory per kernel size (autoencoder, clusters.json, spectrum.png)
+    OUT/report/        report.html, report.md, figures (PNG) and tables (CSV)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_pipeline"]
+
+MIN_KERNELS = 1000  # a kernel size with fewer depthwise kernels is too thin to train an autoencoder on
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[run] {msg}", file=sys.stderr, flush=True)
+
+
+def run_pipeline(
+    out: str | os.PathLike[str] = "kernelatlas-run",
+    *,
+    zoo: Sequence[str] = ("default",),
+    sources: Sequence[str] = (),
+    threshold: float = 0.85,
+    seed: int = 0,
+    epochs: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    retrain: bool = False,
+) -> dict[str, Any]:
+    """Run the whole job into ``out``; returns a summary (paths, runs, coverage per model)."""
+    from kernelatlas.clusters import clusters as find_clusters
+    from kernelatlas.corpus import Corpus
+    from kernelatlas.extract import extract
+    from kernelatlas.report import report
+    from kernelatlas.runs import assign_corpus
+    from kernelatlas.train import train
+
+    root = Path(out)
+    corpus_dir, models_dir, report_dir = root / "corpus", root / "models", root / "report"
+    inputs = [f"zoo:{name}" for name in zoo] + list(sources)
+    if not inputs:
+        raise ValueError("nothing to study: give --zoo NAME (see `kernelatlas zoo list`) or --src PATH")
+    _say(f"extracting {', '.join(inputs)} into {corpus_dir}", progress)
+    ex = extract(inputs, corpus_dir, progress=progress)
+    for path, reason in ex.failed:
+        print(f"[run] warning: could not read {path}: {reason}", file=sys.stderr)
+    corpus = Corpus.open(corpus_dir)
+    layers = corpus.layers
+    dw = layers[(layers["kind"] == "depthwise") & (layers["rows"] > 0)]
+    sizes = [int(k) for k, n in dw.groupby("kh")["rows"].sum().items() if n >= MIN_KERNELS]
+    if not sizes:
+        raise ValueError(f"{corpus_dir} holds fewer than {MIN_KERNELS} depthwise kernels of any stored size: "
+                         "add sources with depthwise convs")
+    run_ids: dict[int, str] = {}
+    for k in sorted(sizes):
+        mdir = models_dir / f"k{k}"
+        meta = mdir / "model.json"
+        reuse = False
+        if meta.is_file() and not retrain:
+            info = json.loads(meta.read_text())
+            reuse = (info.get("training", {}).get("seed") == seed
+                     and info.get("corpus", {}).get("generation") == corpus.manifest["generation"]
+                     and (epochs is None or info.get("training", {}).get("epochs_max") == epochs))
+        if reuse:
+            _say(f"k={k}: reusing the model in {mdir} (--retrain to train again)", progress)
+        else:
+            _say(f"k={k}: training the autoencoder on {int(dw[dw.kh == k]['rows'].sum()):,} depthwise kernels",
+                 progress)
+            options: dict[str, Any] = {"seed": seed, "progress": progress}
+            if epochs is not None:
+                options["epochs"] = epochs
+            train(corpus, k, mdir, **options)
+        if reuse and (mdir / "clusters.json").is_file():
+            _say(f"k={k}: keeping {mdir / 'clusters.json'}", progress)
+        else:
+            _say(f"k={k}: reading clusters off the code axis", progress)
+            find_clusters(mdir)
+        _say(f"k={k}: assigning every depthwise kernel (threshold {threshold})", progress)
+        run_ids[k] = assign_corpus(corpus, model=mdir, threshold=threshold, threads=threads, progress=progress,
+                                   command=f"kernelatlas run --out {root}")
+    _say(f"writing the report into {report_dir}", progress)
+    page = report(corpus, report_dir, runs=list(run_ids.values()))
+    summary = {"out": str(root), "corpus": str(corpus_dir), "models": {k: str(models_dir / f"k{k}") for k in sizes},
+               "runs": run_ids, "report": str(page), "failed": ex.failed}
+    _say(f"done: open {page}", progress)
+    return summary

@@ -23,11 +23,11 @@ import kernelatlas as ka
 from kernelatlas import Autoencoder
 from kernelatlas.autoencoder import Dense
 from kernelatlas.cli import main as cli_main
-from kernelatlas.clusters import THRESHOLDS, clusters, merge_intervals, read_spec
+from kernelatlas.clustering import THRESHOLDS, clusters, merge_intervals, read_spec
 from kernelatlas.corpus import Corpus, CorpusWriter
 from kernelatlas.loaders.base import ConvLayer, LoadedModel
 from kernelatlas.templates import _PAIRS, best_match, template_names, templates
-from kernelatlas.train import sample_kernels, train
+from kernelatlas.training import sample_kernels, train
 
 # The 8 "master key" 7x7 depthwise filters: (c) 2026 Tony Lindeberg, CC BY 4.0
 # (https://creativecommons.org/licenses/by/4.0/), from tonylindeberg/masterfiltmodel (model-fitting/8Filters.txt,

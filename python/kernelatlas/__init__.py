@@ -18,6 +18,21 @@ from kernelatlas.engine import (
     set_isa,
 )
 
+_LAZY = {  # need torch or matplotlib: imported on first use, so `import kernelatlas` stays light
+    "train": ("kernelatlas.training", "train"),
+    "clusters": ("kernelatlas.clustering", "clusters"),
+}
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'kernelatlas' has no attribute {name!r}")
+
+
 __all__ = [
     "Autoencoder",
     "Corpus",
@@ -25,6 +40,8 @@ __all__ = [
     "assign",
     "assign_prototypes",
     "build_info",
+    "clusters",
     "normalize",
     "set_isa",
+    "train",
 ]

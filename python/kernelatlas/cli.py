@@ -605,7 +605,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: Any) -> None:
-    from kernelatlas.train import DEFAULT_MIN_ABS, KINDS
+    from kernelatlas.training import DEFAULT_MIN_ABS, KINDS
 
     p = sub.add_parser(
         "train",
@@ -655,7 +655,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kernelatlas.train import train
+    from kernelatlas.training import train
 
     model = train(args.corpus, args.kernel_size, args.out, kind=args.kind, widths=args.widths, epochs=args.epochs,
                   sample=args.sample or None, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -706,7 +706,7 @@ def _add_clusters(sub: Any) -> None:
 
 
 def _cmd_clusters(args: argparse.Namespace) -> int:
-    from kernelatlas.clusters import clusters
+    from kernelatlas.clustering import clusters
 
     intervals = clusters(args.model, samples=args.samples, merge_cos=args.merge_cos, match_cos=args.match_cos,
                          min_width=args.min_width, plot=not args.no_plot)

@@ -44,12 +44,12 @@ def run_pipeline(
     retrain: bool = False,
 ) -> dict[str, Any]:
     """Run the whole job into ``out``; returns a summary (paths, runs, coverage per model)."""
-    from kernelatlas.clusters import clusters as find_clusters
+    from kernelatlas.clustering import clusters as find_clusters
     from kernelatlas.corpus import Corpus
     from kernelatlas.extract import extract
     from kernelatlas.report import report
     from kernelatlas.runs import assign_corpus
-    from kernelatlas.train import train
+    from kernelatlas.training import train
 
     root = Path(out)
     corpus_dir, models_dir, report_dir = root / "corpus", root / "models", root / "report"

@@ -71,7 +71,7 @@ def train(
 ) -> Autoencoder:
     """Train the autoencoder for ``kernel_size`` x ``kernel_size`` kernels of layers of ``kind`` and write the
     model directory ``out`` (autoencoder.safetensors + model.json; a clusters.json of an earlier model there is
-    removed: run :func:`kernelatlas.clusters.clusters` next).
+    removed: run :func:`kernelatlas.clusters` next).
 
     ``sample``: rows drawn uniformly from the corpus (None or more than there are: all of them).  ``widths``:
     hidden widths of the encoder (the decoder mirrors them).  ``kind``: depthwise | grouped | regular | all.

@@ -298,10 +298,15 @@ def draw_spectrum(model_dir: str | os.PathLike[str], *, grid: np.ndarray, patter
         p = patterns[gi].reshape(k, k) - patterns[gi].mean()
         scale = float(np.abs(p).max())
         strip[:, j * (k + 1):j * (k + 1) + k] = p / scale if scale > 0 else 0.0
-    cell_in = 0.28  # inches per pattern
-    fig = plt.figure(figsize=(max(6.0, n * cell_in) + 0.6, 2.2))
-    ax_bar = fig.add_axes((0.3 / fig.get_figwidth(), 0.62, 1 - 0.6 / fig.get_figwidth(), 0.22))
-    ax_img = fig.add_axes((0.3 / fig.get_figwidth(), 0.2, 1 - 0.6 / fig.get_figwidth(), 0.38))
+    # laid out in inches so that every pattern is drawn square: strip width n * (k + 1) - 1 entries
+    entry_in = 0.3 / (k + 1)  # a pattern and its gap take 0.3 inch
+    strip_w = max(6.0, strip.shape[1] * entry_in)
+    strip_h = strip_w * k / strip.shape[1]
+    margin, bar_h, title_h, label_h = 0.3, 0.9, 0.3, 0.5
+    fig_w, fig_h = strip_w + 2 * margin, strip_h + bar_h + title_h + label_h + 0.1
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    ax_img = fig.add_axes((margin / fig_w, label_h / fig_h, strip_w / fig_w, strip_h / fig_h))
+    ax_bar = fig.add_axes((margin / fig_w, (label_h + strip_h + 0.1) / fig_h, strip_w / fig_w, bar_h / fig_h))
     # the strip spans [lo, hi]: pattern j is drawn over the j-th n-th of the axis, near its own code
     ax_img.imshow(strip, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest", aspect="auto",
                   extent=(lo, hi, 0, 1))
@@ -323,6 +328,6 @@ def draw_spectrum(model_dir: str | os.PathLike[str], *, grid: np.ndarray, patter
     ax_bar.set_yticks([])
     ax_bar.set_title(f"decoded spectrum, {k}x{k} kernels: {len(intervals)} intervals", fontsize=9)
     out = Path(model_dir) / FIGURE
-    atomic_write(out, lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_write(out, lambda p: fig.savefig(p, dpi=150, format="png"))
     plt.close(fig)
     return out

@@ -564,3 +564,26 @@ def test_cli_help(verb, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "example: kernelatlas " + verb in text and "default" in text
+
+
+def test_load_then_save_keeps_what_clusters_wrote(tmp_path):
+    """Autoencoder.save() must not drop prototypes, colours or template matches from clusters.json."""
+    import json as _json
+
+    from torch import nn
+
+    d = 9
+    enc = nn.Sequential(nn.Linear(d, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid())
+    dec = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, d))
+    model = Autoencoder.from_torch(enc, dec)
+    model.save(tmp_path / "m")
+    clusters(tmp_path / "m")
+    before = _json.loads((tmp_path / "m" / "clusters.json").read_text())
+    loaded = Autoencoder.load(tmp_path / "m")
+    loaded.cluster_names = [f"renamed_{i}" for i in range(len(loaded.cluster_names))]
+    loaded.save(tmp_path / "copy")
+    after = _json.loads((tmp_path / "copy" / "clusters.json").read_text())
+    assert [iv["name"] for iv in after["intervals"]] == loaded.cluster_names
+    for a, b in zip(before["intervals"], after["intervals"], strict=True):
+        assert a["prototype"] == b["prototype"] and a.get("colour") == b.get("colour")
+    assert {k for k in before if k != "intervals"} <= set(after)

@@ -65,6 +65,9 @@ class Autoencoder:
     clusters: list[tuple[float, float]] | None = None
     cluster_names: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # clusters.json as read (prototypes, colours, template matches, thresholds...): written back by save()
+    # for every interval whose (lo, hi) is unchanged, so load + save never loses what `clusters` wrote
+    cluster_spec: dict[str, Any] | None = None
     _engine_cache: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -199,13 +202,14 @@ class Autoencoder:
         _atomic_write_text(out / "model.json", json.dumps(meta, indent=2))
         if self.clusters is not None:
             assert self.cluster_names is not None
-            spec = {
-                "intervals": [
-                    {"lo": lo, "hi": hi, "name": name}
-                    for (lo, hi), name in zip(self.clusters, self.cluster_names, strict=True)
-                ],
-                "note": "intervals are [lo, hi) on the code axis; the last is closed at hi",
-            }
+            previous = self.cluster_spec or {}
+            extras = {(float(iv["lo"]), float(iv["hi"])): iv for iv in previous.get("intervals", [])}
+            spec = {k: v for k, v in previous.items() if k != "intervals"}
+            spec["intervals"] = [
+                {**extras.get((lo, hi), {}), "lo": lo, "hi": hi, "name": name}
+                for (lo, hi), name in zip(self.clusters, self.cluster_names, strict=True)
+            ]
+            spec.setdefault("note", "intervals are [lo, hi) on the code axis; the last is closed at hi")
             _atomic_write_text(out / "clusters.json", json.dumps(spec, indent=2))
         return out
 
@@ -241,7 +245,7 @@ class Autoencoder:
                 layers.append(Dense(w, b, spec["activation"]))
             return layers
 
-        clusters = names = None
+        clusters = names = spec = None
         cpath = root / "clusters.json"
         if cpath.is_file():
             spec = json.loads(cpath.read_text())
@@ -249,7 +253,7 @@ class Autoencoder:
             clusters = [(float(iv["lo"]), float(iv["hi"])) for iv in ivs]
             names = [str(iv.get("name", f"cluster_{i}")) for i, iv in enumerate(ivs)]
         info = {k: v for k, v in meta.items() if k not in ("encoder", "decoder")}
-        return cls(side("encoder"), side("decoder"), int(meta["kernel_size"]), clusters, names, info)
+        return cls(side("encoder"), side("decoder"), int(meta["kernel_size"]), clusters, names, info, spec)
 
 
 def _float32_bounds(intervals: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:

@@ -96,24 +96,48 @@ def test_rerun_returns_same_run_and_resumes_identically(tmp_path, monkeypatch):
     # interrupt a fresh run of the same command after its first shard
     shutil.rmtree(c.root / "runs")
     calls = {"n": 0}
-    real_finish = runs_mod._finish
+    real_commit = runs_mod._ShardOutput.commit
 
-    def failing_finish(tmp, final, arr):
-        real_finish(tmp, final, arr)
-        if final.name.startswith("labels-"):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise KeyboardInterrupt
+    def failing_commit(self):
+        real_commit(self)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs_mod, "_finish", failing_finish)
+    monkeypatch.setattr(runs_mod._ShardOutput, "commit", failing_commit)
     with pytest.raises(KeyboardInterrupt):
         runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False)
     assert not (c.root / "runs" / rid / "run.json").exists()
     assert len(list((c.root / "runs" / rid / "k3").glob("labels-*.npy"))) == 1
-    monkeypatch.setattr(runs_mod, "_finish", real_finish)
+    monkeypatch.setattr(runs_mod._ShardOutput, "commit", real_commit)
     assert runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False) == rid
     assert outputs(c, rid) == complete
     assert not list((c.root / "runs" / rid).rglob("*.tmp"))
+
+
+def test_failure_inside_a_shard_leaves_no_partial_outputs(tmp_path, monkeypatch):
+    """An error while a shard is being computed (here: the engine raising on the second chunk) removes that
+    shard's temp files and commits nothing for it; the rerun completes with the same outputs as a clean run."""
+    c = make_corpus(tmp_path / "c")
+    mdir, _ = make_model(tmp_path)
+    clean = outputs(c, runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False, run_id="clean"))
+    real_assign = ka.assign
+    calls = {"n": 0}
+
+    def failing_assign(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated")
+        return real_assign(*args, **kwargs)
+
+    monkeypatch.setattr(ka, "assign", failing_assign)
+    with pytest.raises(MemoryError):
+        runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False, run_id="again", chunk_rows=300)
+    run_dir = c.root / "runs" / "again"
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("labels-*.npy"))
+    monkeypatch.setattr(ka, "assign", real_assign)
+    runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False, run_id="again", chunk_rows=300)
+    assert outputs(c, "again") == clean
 
 
 def test_threads_give_identical_outputs(tmp_path):

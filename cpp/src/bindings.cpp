@@ -309,6 +309,49 @@ PYBIND11_MODULE(_core, m) {
            py::arg("x"), py::kw_only(), py::arg("threshold"), py::arg("labels") = py::none(),
            py::arg("scores") = py::none(), py::arg("min_abs") = 0.0, py::arg("threads") = 0);
 
+  m.def("label_counts",
+        [](const py::array& labels, const py::array& values, const py::array& starts, const py::array& stops,
+           int n_labels, bool nan_is_dead, int threads) {
+          auto need = [](const py::array& a, char kind, py::ssize_t itemsize, const char* name, const char* dt) {
+            if (a.dtype().kind() != kind || a.itemsize() != itemsize || a.ndim() != 1 || !is_c_contiguous(a))
+              throw py::type_error(std::string(name) + " must be a C-contiguous 1-D " + dt + " array, got " +
+                                   dtype_str(a) + " " + shape_str(a));
+          };
+          need(labels, 'i', 2, "labels", "int16");
+          need(values, 'f', 4, "values", "float32");
+          need(starts, 'i', 8, "starts", "int64");
+          need(stops, 'i', 8, "stops", "int64");
+          if (values.shape(0) != labels.shape(0))
+            throw py::value_error("labels and values must have the same length, got " + shape_str(labels) + " and " +
+                                  shape_str(values));
+          if (starts.shape(0) != stops.shape(0))
+            throw py::value_error("starts and stops must have the same length");
+          if (n_labels < 0 || n_labels > 32767) throw py::value_error("n_labels must be in 0..32767");
+          const auto* s0 = static_cast<const int64_t*>(starts.data());
+          const auto* s1 = static_cast<const int64_t*>(stops.data());
+          const py::ssize_t segs = starts.shape(0), n = labels.shape(0);
+          for (py::ssize_t j = 0; j < segs; ++j)
+            if (s0[j] < 0 || s1[j] < s0[j] || s1[j] > n)
+              throw py::value_error("segment " + std::to_string(j) + " [" + std::to_string(s0[j]) + ", " +
+                                    std::to_string(s1[j]) + ") is outside the " + std::to_string(n) + " rows");
+          py::array_t<int64_t> counts({segs, static_cast<py::ssize_t>(n_labels + 2)});
+          int64_t bad = 0;
+          {
+            py::gil_scoped_release release;
+            bad = kernelatlas::label_counts(static_cast<const int16_t*>(labels.data()),
+                                            static_cast<const float*>(values.data()), s0, s1, segs, n_labels,
+                                            nan_is_dead, counts.mutable_data(), threads);
+          }
+          if (bad)
+            throw py::value_error(std::to_string(bad) + " labels are outside -1.." + std::to_string(n_labels - 1) +
+                                  ": these are not the outputs of an assign run with " + std::to_string(n_labels) +
+                                  " clusters");
+          return counts;
+        },
+        py::arg("labels"), py::arg("values"), py::arg("starts"), py::arg("stops"), py::arg("n_labels"),
+        py::arg("nan_is_dead"), py::arg("threads") = 0,
+        "Per-segment counts of assign outputs: [segments, n_labels + 2] int64; column 0 = label -1, 1 + c = "
+        "cluster c, last = dead kernels (value NaN if nan_is_dead, else label -1 with value 0).");
   m.def("set_isa", &kernelatlas::set_isa, py::arg("name"),
         "Force 'scalar', 'avx2' or 'avx512' ('' or 'auto' = best supported); returns the previous setting.");
   m.def("active_isa", [] { return isa_name(active_isa()); });

@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import os
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas._files import atomic_write_bytes, fsync_dir
+from kernelatlas._files import atomic_write_bytes, fsync_dir, npy_header
 from kernelatlas.loaders.base import LoadedModel, conv_depths
 
 __all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
@@ -71,12 +70,10 @@ def _now() -> str:
 
 def _npy_header(dtype: np.dtype, rows: int, d: int) -> bytes:
     """A version-1.0 .npy header of exactly NPY_HEADER_BYTES bytes for a C-order [rows, d] array."""
-    text = "{'descr': '%s', 'fortran_order': False, 'shape': (%d, %d), }" % (dtype.str, rows, d)
-    pad = NPY_HEADER_BYTES - 10 - len(text) - 1
-    if pad < 0:
-        raise CorpusError(f"shard header does not fit {NPY_HEADER_BYTES} bytes")
-    text = text + " " * pad + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+    try:
+        return npy_header(dtype.str, (rows, d), NPY_HEADER_BYTES)
+    except ValueError as exc:
+        raise CorpusError(str(exc)) from exc
 
 
 def _read_table(path: Path, columns: Mapping[str, str]) -> Any:

@@ -10,22 +10,24 @@ run directory beside the corpus (DESIGN.md):
 Labels: cluster index; -1 unclassified (below the threshold, code in no interval, or a dead / flat /
 non-finite kernel -- those have score 0 and code NaN); -2 rows of layers not of the run's kind (not assigned).
 
-Resumable shard by shard: a shard's outputs are written into temp memmaps by the engine, fsynced and renamed
-(labels last), so a shard is done exactly when its labels file exists; a killed run restarts at the first
-shard without one and, the engine being deterministic, gives identical output.  RUN_ID defaults to a short hash
+Resumable shard by shard: a shard's outputs are written into temp files, fsynced and renamed (labels last),
+so a shard is done exactly when its labels file exists; a killed run restarts at the first shard without one and, the engine being deterministic, gives identical output.  RUN_ID defaults to a short hash
 of (mode, model contents, options, corpus generation), so rerunning the same command resumes the same run.
-Reading overlaps computing: a prefetch thread touches the pages of the next chunk while the engine works on
-the current one.
+Reading and writing overlap computing: the kernel is asked to read the next chunk ahead (MADV_WILLNEED), the
+engine writes its outputs straight into aligned staging blocks, and a background thread writes full blocks to
+disk with O_DIRECT (no page-cache copy or writeback on the engine's CPUs); labels are counted per layer by one
+native pass.  BENCHMARKS.md has the speed against the in-memory engine.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import queue
 import re
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas._files import atomic_write_bytes, fsync_dir
+from kernelatlas._files import SequentialFile, atomic_write_bytes, fsync_dir, npy_header
 from kernelatlas.corpus import Corpus, CorpusError
 
 __all__ = ["RunResult", "assign_corpus", "latest_runs", "load_prototypes", "run_id_for"]
@@ -112,40 +114,124 @@ def _spans(corpus: Corpus, shard: str, kind: str) -> _Spans:
     return _Spans(runs, arr)
 
 
-class _Prefetcher:
-    """Touches one byte per page of a memmap range in a background thread, so the engine's threads find the
-    pages already mapped (page-cache hits still cost a minor fault per page when first touched)."""
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-
-    def start(self, arr: np.ndarray, a: int, b: int) -> None:
-        self.wait()
-        if b <= a:
-            return
-        flat = arr[a:b].reshape(-1)
-        step = max(1, _PAGE // flat.itemsize)
-        self._thread = threading.Thread(target=lambda: float(flat[::step].sum()), daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+def _readahead(arr: np.ndarray, a: int, b: int) -> None:
+    """Ask the kernel to start reading rows [a, b) of a memmapped shard into the page cache (MADV_WILLNEED: an
+    asynchronous readahead hint, no page touched here), so that on a cold corpus the disk works on the next chunk
+    while the engine computes the current one.  On a page-cached corpus it costs a few microseconds."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or b <= a or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    base = arr.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 lies in the mapping
+    row = arr.strides[0]
+    lo = base + a * row
+    start = lo - lo % mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_WILLNEED, start, base + b * row - start)
+    except (OSError, ValueError):  # a hint only
+        pass
 
 
-def _open_out(path: Path, rows: int, dtype: Any, fill: Any) -> np.ndarray:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows,))
-    out[:] = fill
-    return out
+def _layer_counts(layers: np.ndarray, a: int, labels: np.ndarray, scores: np.ndarray, codes: np.ndarray | None,
+                  n_labels: int, into: dict[int, np.ndarray]) -> None:
+    """Add the label counts (index 0: -1, i + 1: cluster i) and the dead-kernel count (last) of rows
+    [a, a + len(labels)) to ``into[layer_id]`` for every layer of ``layers`` ([n, 3] layer_id, row_start, rows,
+    sorted by row_start) overlapping them.  Dead / flat / non-finite kernels have code NaN (autoencoder mode),
+    score 0 and label -1 (prototype mode).  One native pass over the rows."""
+    from kernelatlas import _core
+
+    b = a + len(labels)
+    first = max(0, int(np.searchsorted(layers[:, 1], a, side="right")) - 1)
+    last = int(np.searchsorted(layers[:, 1], b, side="left"))
+    sel = layers[first:last]
+    starts = np.clip(sel[:, 1], a, b) - a
+    stops = np.clip(sel[:, 1] + sel[:, 2], a, b) - a
+    keep = stops > starts
+    sel, starts, stops = sel[keep], starts[keep], stops[keep]
+    values = codes if codes is not None else scores
+    counts = _core.label_counts(np.ascontiguousarray(labels), np.ascontiguousarray(values), starts, stops, n_labels,
+                                codes is not None)
+    for layer_id, row in zip(sel[:, 0].tolist(), counts, strict=True):
+        acc = into.get(layer_id)
+        if acc is None:
+            into[layer_id] = row.copy()
+        else:
+            acc += row
 
 
-def _finish(tmp: Path, final: Path, arr: np.ndarray) -> None:
-    arr.flush()
-    del arr
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+class _ShardOutput:
+    """The outputs of one shard (labels, scores and, with a model, codes), written in row order through
+    :class:`SequentialFile`: ``buffers(a, b)`` hands the engine views of the files' staging blocks for rows
+    [a, b) (writing fill values first for rows of other kinds before ``a``), so the engine writes its outputs
+    in place; ``put`` counts their labels per layer (native, one pass) and appends them, and a background
+    thread writes them to disk while the engine computes the next chunk.  The .npy header is one 4 KiB block,
+    so the data starts block-aligned for O_DIRECT.  ``close()`` fsyncs; ``commit()`` renames the files into
+    place, labels last."""
+
+    HEADER = 4096
+    _FILL = {"labels": LABEL_OTHER_KIND, "scores": np.nan, "codes": np.nan}
+    _DTYPE = {"labels": np.dtype(np.int16), "scores": np.dtype(np.float32), "codes": np.dtype(np.float32)}
+
+    def __init__(self, final: dict[str, Path], rows: int, chunk_rows: int, layers: np.ndarray, n_labels: int) -> None:
+        self.final = final
+        self.rows = rows
+        self.layers = layers
+        self.n_labels = n_labels
+        self.counts: dict[int, np.ndarray] = {}
+        self.tmp = {n: f.with_name(f".{f.name}.tmp") for n, f in final.items()}
+        self._files: dict[str, SequentialFile] = {}
+        self._written = 0
+        self._open: tuple[int, int] | None = None
+        try:
+            for name, path in self.tmp.items():
+                item = self._DTYPE[name].itemsize
+                self._files[name] = SequentialFile(path, block=max(1 << 22, chunk_rows * item + 2 * SequentialFile.ALIGN))
+                self._files[name].write(npy_header(self._DTYPE[name].str, (rows,), self.HEADER))
+        except BaseException:
+            self.discard()
+            raise
+
+    def buffers(self, a: int, b: int) -> dict[str, np.ndarray]:
+        """Writable views for rows [a, b) (b - a <= chunk_rows), to be filled by the engine, then ``put``."""
+        self._fill_to(a)
+        self._open = (a, b)
+        return {name: f.reserve((b - a) * self._DTYPE[name].itemsize).view(self._DTYPE[name])
+                for name, f in self._files.items()}
+
+    def put(self) -> None:
+        """Count and append the rows the engine wrote into the views of the last ``buffers`` call."""
+        assert self._open is not None
+        a, b = self._open
+        views = {name: f.reserve((b - a) * self._DTYPE[name].itemsize).view(self._DTYPE[name])
+                 for name, f in self._files.items()}
+        _layer_counts(self.layers, a, views["labels"], views["scores"], views.get("codes"), self.n_labels, self.counts)
+        for name, f in self._files.items():
+            f.advance((b - a) * self._DTYPE[name].itemsize)
+        self._written, self._open = b, None
+
+    def close(self) -> None:
+        """Write the rest (fill values) and fsync."""
+        self._fill_to(self.rows)
+        for f in self._files.values():
+            f.close()
+
+    def commit(self) -> None:
+        for name in [n for n in ("codes", "scores", "labels") if n in self.final]:  # labels last: marks the shard done
+            os.replace(self.tmp[name], self.final[name])
+        fsync_dir(self.final["labels"].parent)
+
+    def discard(self) -> None:
+        """Stop writing and remove the temp files."""
+        for f in self._files.values():
+            f.abandon()
+        for path in self.tmp.values():
+            path.unlink(missing_ok=True)
+
+    def _fill_to(self, row: int) -> None:
+        while self._written < row:
+            n = min(row - self._written, 1 << 20)
+            for name, f in self._files.items():
+                f.write(np.full(n, self._FILL[name], self._DTYPE[name]).data)
+            self._written += n
 
 
 def assign_corpus(
@@ -216,53 +302,49 @@ def assign_corpus(
     total = sum(b - a for sp in spans.values() for a, b in sp.runs)
     bar = tqdm(total=total, desc=f"assign k={k}", unit="kernel", unit_scale=True, disable=not progress,
                file=sys.stderr)
-    prefetch = _Prefetcher()
     layer_rows: list[np.ndarray] = []
     n_labels = len(clusters)
     for shard in shards:
         num = re.search(r"(\d+)\.npy$", shard)
         tag = num.group(1) if num else Path(shard).stem
-        final = {n: outdir / f"{n}-{tag}.npy" for n in ("labels", "scores", "codes")}
         arr = c.shard_array(shard)
         sp = spans[shard]
+        names = ("labels", "scores", "codes") if model is not None else ("labels", "scores")
+        final = {n: outdir / f"{n}-{tag}.npy" for n in names}
+        pieces = [(a0, min(a0 + chunk_rows, b)) for a, b in sp.runs for a0 in range(a, b, chunk_rows)]
+        counts: dict[int, np.ndarray] = {}
         if not final["labels"].is_file():
-            tmp = {n: outdir / f".{n}-{tag}.npy.tmp" for n in final}
-            labels = _open_out(tmp["labels"], len(arr), np.int16, LABEL_OTHER_KIND)
-            scores = _open_out(tmp["scores"], len(arr), np.float32, np.nan)
-            codes = _open_out(tmp["codes"], len(arr), np.float32, np.nan) if model is not None else None
-            pieces = [(a0, min(a0 + chunk_rows, b)) for a, b in sp.runs for a0 in range(a, b, chunk_rows)]
-            if pieces:
-                prefetch.start(arr, *pieces[0])
-            for i, (a, b) in enumerate(pieces):
-                prefetch.wait()
-                if i + 1 < len(pieces):
-                    prefetch.start(arr, *pieces[i + 1])
-                if model is not None:
-                    kernelatlas.assign(arr[a:b], ae, threshold=threshold, min_abs=min_abs, threads=threads,
-                                       decoder=decoder, out=(labels[a:b], scores[a:b], codes[a:b]))
-                else:
-                    kernelatlas.assign_prototypes(arr[a:b], engine, threshold=threshold, min_abs=min_abs,
-                                                  threads=threads, out=(labels[a:b], scores[a:b]))
-                bar.update(b - a)
-            prefetch.wait()
-            # labels last: its presence marks the shard done
-            if codes is not None:
-                _finish(tmp["codes"], final["codes"], codes)
-            _finish(tmp["scores"], final["scores"], scores)
-            _finish(tmp["labels"], final["labels"], labels)
-            fsync_dir(outdir)
-        else:
+            out = _ShardOutput(final, len(arr), chunk_rows, sp.layers, n_labels)
+            try:
+                if pieces:
+                    _readahead(arr, *pieces[0])
+                for i, (a, b) in enumerate(pieces):
+                    if i + 1 < len(pieces):
+                        _readahead(arr, *pieces[i + 1])
+                    buf = out.buffers(a, b)
+                    if model is not None:
+                        kernelatlas.assign(arr[a:b], ae, threshold=threshold, min_abs=min_abs, threads=threads,
+                                           decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]))
+                    else:
+                        kernelatlas.assign_prototypes(arr[a:b], engine, threshold=threshold, min_abs=min_abs,
+                                                      threads=threads, out=(buf["labels"], buf["scores"]))
+                    out.put()
+                    bar.update(b - a)
+                out.close()
+            except BaseException:
+                out.discard()
+                raise
+            out.commit()
+            counts = out.counts
+        else:  # done by an earlier, interrupted run: count from its files
+            done = {n: np.load(f, mmap_mode="r") for n, f in final.items()}
+            for a, b in pieces:
+                _layer_counts(sp.layers, a, done["labels"][a:b], done["scores"][a:b],
+                              done["codes"][a:b] if "codes" in done else None, n_labels, counts)
             bar.update(sum(b - a for a, b in sp.runs))
-        labels_done = np.load(final["labels"], mmap_mode="r")
-        scores_done = np.load(final["scores"], mmap_mode="r")
-        codes_done = np.load(final["codes"], mmap_mode="r") if final["codes"].is_file() else None
-        for layer_id, a, n in sp.layers:
-            lab = labels_done[a:a + n]
-            counts = np.bincount(lab.astype(np.int64) + 1, minlength=n_labels + 1)  # index 0: -1
-            # dead / flat / non-finite kernels: code NaN (autoencoder mode), score 0 and label -1 (prototypes)
-            dead = int(np.count_nonzero(np.isnan(codes_done[a:a + n]))) if codes_done is not None else \
-                int(np.count_nonzero((lab == -1) & (scores_done[a:a + n] == 0)))
-            layer_rows.append(np.concatenate([[layer_id, n, n - dead], counts]).astype(np.int64))
+        for layer_id, _, n in sp.layers:
+            acc = counts[int(layer_id)]
+            layer_rows.append(np.concatenate([[layer_id, n, n - acc[-1]], acc[:-1]]).astype(np.int64))
     bar.close()
     _write_layers(root, layer_rows, [cl["name"] for cl in clusters])
     info = {"format": RUN_FORMAT, "run_id": rid, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "completed": True,

@@ -40,6 +40,13 @@ void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_a
 void assign_prototypes(const PrototypeView& p, const KernelsIn& x, float threshold, float min_abs, int16_t* labels,
                        float* scores, int threads);
 
+// Per-segment label statistics of assign's outputs, for the per-layer tables: segment j is rows
+// [starts[j], stops[j]); counts is [segments, n_labels + 2] int64 (zeroed here): column 0 counts label -1,
+// column 1 + c cluster c, the last column dead kernels -- value NaN when nan_is_dead (codes), else label -1
+// with value 0 (prototype scores).  Returns the number of labels outside [-1, n_labels) (not counted).
+int64_t label_counts(const int16_t* labels, const float* values, const int64_t* starts, const int64_t* stops,
+                     idx_t segments, int n_labels, bool nan_is_dead, int64_t* counts, int threads);
+
 // Measured FP32 FMA throughput of the active ISA with `threads` threads over about `seconds`, in GFLOP/s.
 double fma_peak_gflops(double seconds, int threads);
 

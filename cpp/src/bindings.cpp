@@ -18,6 +18,8 @@
 namespace py = pybind11;
 using namespace kernelatlas;
 
+void bind_quality(py::module_& m);  // bindings_quality.cpp
+
 namespace {
 
 std::string shape_str(const py::array& a) {
@@ -396,4 +398,5 @@ PYBIND11_MODULE(_core, m) {
     info["cuda_built"] = static_cast<bool>(KERNELATLAS_CUDA_BUILT);
     return info;
   });
+  bind_quality(m);
 }

@@ -56,3 +56,28 @@ def active_isa() -> str: ...
 def supported_isas() -> list[str]: ...
 def fma_peak_gflops(seconds: float = ..., threads: int = ...) -> float: ...
 def build_info() -> dict[str, Any]: ...
+
+# ---- per-layer statistics (cpp/src/bindings_quality.cpp, kernelatlas/quality.h) ----
+_I32 = npt.NDArray[np.int32]
+_I64 = npt.NDArray[np.int64]
+_F64 = npt.NDArray[np.float64]
+
+def layer_stats(x: _Kernels, starts: _I64, stops: _I64, *, threads: int = ...) -> dict[str, _I64 | _F64]:
+    """Per segment j (rows starts[j]:stops[j]): n, nonfinite, zeros, sparse (int64 [L]), max_abs (float64 [L]),
+    sum, sum_scaled (float64 [L, d]), gram, gram_scaled (float64 [L, d, d]); "scaled" = rows divided by their own
+    max|w|.  Non-finite rows count only in nonfinite; sparse: every |w| < 0.01 * max_abs (all finite rows when
+    max_abs == 0).  Bit-identical for any thread count and ISA."""
+
+def coef_range(
+    x: _Kernels, starts: _I64, stops: _I64, mean: npt.ArrayLike, basis: npt.ArrayLike, *,
+    scale_maxabs: bool = ..., threads: int = ...
+) -> tuple[_F64, _F64]:
+    """(lo, hi) [n_components]: min and max of basis @ (w' - mean) over the finite rows (+inf/-inf if none)."""
+
+def coef_histograms(
+    x: _Kernels, starts: _I64, stops: _I64, groups: _I32, n_groups: int, mean: npt.ArrayLike,
+    basis: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike, *, bins: int = ..., scale_maxabs: bool = ...,
+    threads: int = ...
+) -> _I64:
+    """int64 [n_groups, n_components, bins]: bin = floor((c - lo) / (hi - lo) * bins) clamped into
+    [0, bins - 1] (outside values in the edge bins); segments with groups[j] == -1 are skipped."""

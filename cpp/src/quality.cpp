@@ -1,0 +1,350 @@
+// Drivers of the per-layer statistics (kernelatlas/quality.h): split segments into pieces of at most
+// kQualityPieceRows rows (always counted from the segment's start, so a segment's results never depend on the
+// thread count or on its neighbours), run the ISA's kernels over the pieces in one OpenMP loop, and combine
+// the pieces of each segment in order.
+//
+// Sparsity needs a segment's max|w| before its rows can be counted.  The piece kernel leaves every row's max|w|
+// in per-thread scratch, so a segment that fits in one piece (nearly every layer: the CNN Filter DB averages
+// 68k filters per layer) is counted right away from that buffer; longer segments are counted in a second pass
+// over their rows once all their pieces are combined.
+#include "kernelatlas/quality.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "kernelatlas/engine.h"
+#include "parallel.h"
+#include "quality_kernels.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace kernelatlas {
+namespace {
+
+const QualityKernels& kernels() {
+  switch (active_isa()) {
+    case Isa::avx512: return quality_kernels_avx512();
+    case Isa::avx2: return quality_kernels_avx2();
+    case Isa::scalar: break;
+  }
+  return quality_kernels_scalar();
+}
+
+// Rows transposed at a time: the plain and the scaled copy of a sub-block together stay within 32 KB (L1).
+int sub_rows_for(int d) {
+  int sub = 256;
+  while (sub > 32 && 2 * static_cast<size_t>(d + 1) * sub * sizeof(float) > 32 * 1024) sub /= 2;
+  return sub;
+}
+
+// One thread's QualityScratch, carved from one allocation in 64-byte aligned slices.
+class ScratchOwner {
+ public:
+  // stats: room for piece_stats (Gram partials, a piece of row maxima); else for the coefficient kernels.
+  ScratchOwner(int d, int n_components, bool stats) {
+    const size_t dp = static_cast<size_t>(d) + 1, lanes = kQualityLanes;
+    const int sub = sub_rows_for(d);
+    const size_t sub_z = static_cast<size_t>(sub);
+    const size_t rowmax = (stats ? static_cast<size_t>(kQualityPieceRows) : sub_z) + lanes;
+    const size_t acc = stats ? 2 * dp * dp * lanes : 0;
+    const size_t nc = static_cast<size_t>(n_components);
+    const size_t sizes[] = {
+        2 * dp * sub_z * sizeof(float),                  // cols
+        rowmax * sizeof(float),                          // rowmax
+        acc * sizeof(float),                             // acc32
+        acc * sizeof(double),                            // acc64
+        (stats ? 0 : sub_z) * sizeof(double),            // inv
+        (stats ? 0 : nc * sub_z) * sizeof(double),       // coef
+        (stats ? 0 : nc * sub_z) * sizeof(int32_t),      // bin
+    };
+    size_t total = 64;
+    for (size_t bytes : sizes) total += (bytes + 63) / 64 * 64;
+    mem_.reset(new unsigned char[total]());
+    unsigned char* p = mem_.get();
+    p += (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64;
+    void* slots[7];
+    for (int i = 0; i < 7; ++i) {
+      slots[i] = p;
+      p += (sizes[i] + 63) / 64 * 64;
+    }
+    s_.sub_rows = sub;
+    s_.cols = static_cast<float*>(slots[0]);
+    s_.rowmax = static_cast<float*>(slots[1]);
+    s_.acc32 = static_cast<float*>(slots[2]);
+    s_.acc64 = static_cast<double*>(slots[3]);
+    s_.inv = static_cast<double*>(slots[4]);
+    s_.coef = static_cast<double*>(slots[5]);
+    s_.bin = static_cast<int32_t*>(slots[6]);
+  }
+  const QualityScratch& get() const { return s_; }
+
+ private:
+  std::unique_ptr<unsigned char[]> mem_;
+  QualityScratch s_{};
+};
+
+struct Piece {
+  idx_t segment;
+  idx_t r0;
+  idx_t rows;
+  idx_t index;  // within its segment
+};
+
+// Pieces of the segments for which keep(j) holds, in segment order; returns the rows they cover.
+template <class Keep>
+idx_t split(const int64_t* starts, const int64_t* stops, idx_t segments, Keep&& keep, std::vector<Piece>& pieces) {
+  idx_t rows = 0;
+  for (idx_t j = 0; j < segments; ++j) {
+    if (!keep(j)) continue;
+    for (idx_t r = starts[j], p = 0; r < stops[j]; r += kQualityPieceRows, ++p)
+      pieces.push_back({j, r, std::min<idx_t>(kQualityPieceRows, stops[j] - r), p});
+    rows += stops[j] - starts[j];
+  }
+  return rows;
+}
+
+int threads_for(idx_t rows, size_t items, int threads) {
+  if (rows < kSerialRows || items < 2) return 1;
+  return std::max(1, std::min(resolve_threads(threads), static_cast<int>(std::min<size_t>(items, 1 << 20))));
+}
+
+// fn(thread, item) for every item; dynamic scheduling (pieces differ in size at segment ends).  Nothing in fn
+// throws: scratch is allocated before, on the calling thread.
+template <class Fn>
+void for_each_item(size_t items, int threads, Fn&& fn) {
+  const auto n = static_cast<idx_t>(items);
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (idx_t i = 0; i < n; ++i) fn(omp_get_thread_num(), i);
+    return;
+  }
+#endif
+  for (idx_t i = 0; i < n; ++i) fn(0, i);
+}
+
+// Rows are sparse when max|w| < 0.01 * the segment's max|w|, in float64 as the reference computes it: for a
+// float m, m < t exactly when m < t rounded up to a float.
+float sparse_threshold(float max_abs) {
+  const double t = 0.01 * static_cast<double>(max_abs);
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
+// rowmax: [rows], NaN for non-finite rows (never counted).
+idx_t count_below(const float* rowmax, idx_t rows, float threshold) {
+  idx_t count = 0;
+  for (idx_t r = 0; r < rows; ++r) count += rowmax[r] < threshold;
+  return count;
+}
+
+struct SegmentTotals {
+  idx_t nonfinite = 0, zeros = 0;
+  float max_abs = 0.f;
+};
+
+// Segment j's outputs from its combined totals; acc: [2][d + 1][d + 1], upper triangle.
+void write_segment(const LayerStatsOut& out, idx_t j, int d, idx_t rows, const SegmentTotals& t, const double* acc) {
+  const int dp = d + 1;
+  const size_t dd = static_cast<size_t>(d) * d;
+  out.n[j] = rows - t.nonfinite;
+  out.nonfinite[j] = t.nonfinite;
+  out.zeros[j] = t.zeros;
+  out.max_abs[j] = t.max_abs;
+  double* sums[2] = {out.sum + j * d, out.sum_scaled + j * d};
+  double* grams[2] = {out.gram + j * dd, out.gram_scaled + j * dd};
+  for (int m = 0; m < 2; ++m) {
+    const double* a = acc + static_cast<size_t>(m) * dp * dp;
+    for (int i = 0; i < d; ++i) {
+      sums[m][i] = a[i * dp + d];
+      for (int k = i; k < d; ++k) grams[m][i * d + k] = grams[m][k * d + i] = a[i * dp + k];
+    }
+  }
+}
+
+}  // namespace
+
+void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments,
+                 const LayerStatsOut& out, int threads) {
+  const QualityKernels& k = kernels();
+  const int d = x.d, dp = d + 1;
+  const size_t acc_n = 2 * static_cast<size_t>(dp) * dp;
+  const size_t dd = static_cast<size_t>(d) * d;
+  std::fill(out.n, out.n + segments, 0);
+  std::fill(out.nonfinite, out.nonfinite + segments, 0);
+  std::fill(out.zeros, out.zeros + segments, 0);
+  std::fill(out.sparse, out.sparse + segments, 0);
+  std::fill(out.max_abs, out.max_abs + segments, 0.0);
+  std::fill(out.sum, out.sum + segments * d, 0.0);
+  std::fill(out.sum_scaled, out.sum_scaled + segments * d, 0.0);
+  std::fill(out.gram, out.gram + segments * dd, 0.0);
+  std::fill(out.gram_scaled, out.gram_scaled + segments * dd, 0.0);
+
+  std::vector<Piece> pieces;
+  const idx_t rows = split(starts, stops, segments, [](idx_t) { return true; }, pieces);
+  // segments of several pieces keep each piece's results (slot) until all are done
+  std::vector<idx_t> first_slot(static_cast<size_t>(segments), -1);
+  idx_t slots = 0;
+  for (idx_t j = 0; j < segments; ++j) {
+    const idx_t n_pieces = (stops[j] - starts[j] + kQualityPieceRows - 1) / kQualityPieceRows;
+    if (n_pieces > 1) {
+      first_slot[static_cast<size_t>(j)] = slots;
+      slots += n_pieces;
+    }
+  }
+  std::vector<double> slot_acc(static_cast<size_t>(slots) * acc_n);
+  std::vector<SegmentTotals> slot_totals(static_cast<size_t>(slots));
+
+  threads = threads_for(rows, pieces.size(), threads);
+  std::vector<std::unique_ptr<ScratchOwner>> scratch;
+  std::vector<double> thread_acc(static_cast<size_t>(threads) * acc_n);
+  for (int t = 0; t < threads; ++t) scratch.push_back(std::make_unique<ScratchOwner>(d, 0, true));
+
+  for_each_item(pieces.size(), threads, [&](int t, idx_t i) {
+    const Piece& p = pieces[static_cast<size_t>(i)];
+    const QualityScratch& s = scratch[static_cast<size_t>(t)]->get();
+    const idx_t slot0 = first_slot[static_cast<size_t>(p.segment)];
+    PieceStats ps;
+    ps.acc = slot0 < 0 ? thread_acc.data() + static_cast<size_t>(t) * acc_n
+                       : slot_acc.data() + static_cast<size_t>(slot0 + p.index) * acc_n;
+    k.piece_stats(x, p.r0, p.rows, s, ps);
+    const SegmentTotals totals{ps.nonfinite, ps.zeros, ps.max_abs};
+    if (slot0 >= 0) {
+      slot_totals[static_cast<size_t>(slot0 + p.index)] = totals;
+      return;
+    }
+    write_segment(out, p.segment, d, p.rows, totals, ps.acc);
+    const idx_t finite = p.rows - ps.nonfinite;
+    out.sparse[p.segment] = ps.max_abs == 0.f ? finite : count_below(s.rowmax, p.rows, sparse_threshold(ps.max_abs));
+  });
+
+  // segments of several pieces: pieces combined in order, then their sparse rows counted in a second pass
+  std::vector<Piece> recount;
+  std::vector<double> combined(acc_n);
+  std::vector<float> thresholds(static_cast<size_t>(segments), 0.f);
+  for (idx_t j = 0; j < segments; ++j) {
+    const idx_t slot0 = first_slot[static_cast<size_t>(j)];
+    if (slot0 < 0) continue;
+    const idx_t n_pieces = (stops[j] - starts[j] + kQualityPieceRows - 1) / kQualityPieceRows;
+    SegmentTotals t;
+    std::fill(combined.begin(), combined.end(), 0.0);
+    for (idx_t p = 0; p < n_pieces; ++p) {
+      const SegmentTotals& pt = slot_totals[static_cast<size_t>(slot0 + p)];
+      t.nonfinite += pt.nonfinite;
+      t.zeros += pt.zeros;
+      t.max_abs = std::max(t.max_abs, pt.max_abs);
+      const double* a = slot_acc.data() + static_cast<size_t>(slot0 + p) * acc_n;
+      for (size_t e = 0; e < acc_n; ++e) combined[e] += a[e];
+    }
+    write_segment(out, j, d, stops[j] - starts[j], t, combined.data());
+    if (t.max_abs == 0.f) {
+      out.sparse[j] = out.n[j];
+    } else {
+      thresholds[static_cast<size_t>(j)] = sparse_threshold(t.max_abs);
+      for (idx_t p = 0; p < n_pieces; ++p) {
+        const idx_t r0 = starts[j] + p * kQualityPieceRows;
+        recount.push_back({j, r0, std::min<idx_t>(kQualityPieceRows, stops[j] - r0), p});
+      }
+    }
+  }
+  if (recount.empty()) return;
+  std::vector<idx_t> sparse(recount.size(), 0);
+  for_each_item(recount.size(), threads, [&](int t, idx_t i) {
+    const Piece& p = recount[static_cast<size_t>(i)];
+    const QualityScratch& s = scratch[static_cast<size_t>(t)]->get();
+    k.piece_rowmax(x, p.r0, p.rows, s);
+    sparse[static_cast<size_t>(i)] = count_below(s.rowmax, p.rows, thresholds[static_cast<size_t>(p.segment)]);
+  });
+  for (size_t i = 0; i < recount.size(); ++i) out.sparse[recount[i].segment] += sparse[i];
+}
+
+namespace {
+
+// The shared setup of the two coefficient passes: pieces, threads, scratch.
+struct CoefRun {
+  std::vector<Piece> pieces;
+  int threads = 1;
+  std::vector<std::unique_ptr<ScratchOwner>> scratch;
+
+  template <class Keep>
+  CoefRun(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments, int n_components,
+          int requested_threads, Keep&& keep) {
+    const idx_t rows = split(starts, stops, segments, keep, pieces);
+    threads = threads_for(rows, pieces.size(), requested_threads);
+    for (int t = 0; t < threads; ++t) scratch.push_back(std::make_unique<ScratchOwner>(x.d, n_components, false));
+  }
+};
+
+}  // namespace
+
+void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments,
+                const double* mean, const double* basis, int n_components, bool scale_maxabs, double* lo, double* hi,
+                int threads) {
+  const QualityKernels& k = kernels();
+  CoefRun run(x, starts, stops, segments, n_components, threads, [](idx_t) { return true; });
+  CoefParams p;
+  p.n_components = n_components;
+  p.scale_maxabs = scale_maxabs;
+  p.mean = mean;
+  p.basis = basis;
+  const size_t nc = static_cast<size_t>(n_components);
+  std::vector<double> t_lo(static_cast<size_t>(run.threads) * nc, std::numeric_limits<double>::infinity());
+  std::vector<double> t_hi(static_cast<size_t>(run.threads) * nc, -std::numeric_limits<double>::infinity());
+  for_each_item(run.pieces.size(), run.threads, [&](int t, idx_t i) {
+    const Piece& piece = run.pieces[static_cast<size_t>(i)];
+    k.coef_minmax(x, piece.r0, piece.rows, p, run.scratch[static_cast<size_t>(t)]->get(),
+                  t_lo.data() + static_cast<size_t>(t) * nc, t_hi.data() + static_cast<size_t>(t) * nc);
+  });
+  for (size_t c = 0; c < nc; ++c) {
+    lo[c] = std::numeric_limits<double>::infinity();
+    hi[c] = -std::numeric_limits<double>::infinity();
+    for (int t = 0; t < run.threads; ++t) {
+      lo[c] = std::min(lo[c], t_lo[static_cast<size_t>(t) * nc + c]);
+      hi[c] = std::max(hi[c], t_hi[static_cast<size_t>(t) * nc + c]);
+    }
+  }
+}
+
+void coef_histograms(const KernelsIn& x, const int64_t* starts, const int64_t* stops, const int32_t* groups,
+                     idx_t segments, int n_groups, const double* mean, const double* basis, int n_components,
+                     const double* lo, const double* hi, int bins, bool scale_maxabs, int64_t* hist, int threads) {
+  const QualityKernels& k = kernels();
+  const size_t nc = static_cast<size_t>(n_components), per_group = nc * static_cast<size_t>(bins);
+  std::fill(hist, hist + static_cast<size_t>(n_groups) * per_group, 0);
+  CoefRun run(x, starts, stops, segments, n_components, threads, [&](idx_t j) { return groups[j] >= 0; });
+  std::vector<double> inv_width(nc);
+  for (size_t c = 0; c < nc; ++c) inv_width[c] = static_cast<double>(bins) / (hi[c] - lo[c]);
+  CoefParams p;
+  p.n_components = n_components;
+  p.scale_maxabs = scale_maxabs;
+  p.mean = mean;
+  p.basis = basis;
+  p.lo = lo;
+  p.inv_width = inv_width.data();
+  p.bins = bins;
+  // per thread: the current piece's counts in four copies of per_group + 1 slots (uint32: a piece has at most
+  // 2^18 rows; the extra slot collects skipped rows)
+  const size_t copy = per_group + 1;
+  std::vector<uint32_t> local(static_cast<size_t>(run.threads) * 4 * copy);
+  for_each_item(run.pieces.size(), run.threads, [&](int t, idx_t i) {
+    const Piece& piece = run.pieces[static_cast<size_t>(i)];
+    uint32_t* h = local.data() + static_cast<size_t>(t) * 4 * copy;
+    std::fill(h, h + 4 * copy, 0u);
+    k.coef_hist(x, piece.r0, piece.rows, p, run.scratch[static_cast<size_t>(t)]->get(), h);
+    int64_t* dst = hist + static_cast<size_t>(groups[piece.segment]) * per_group;
+    // integer counts: the order in which pieces are added does not matter
+#ifdef _OPENMP
+#pragma omp critical(kernelatlas_quality_hist)
+#endif
+    for (size_t e = 0; e < per_group; ++e)
+      dst[e] += static_cast<int64_t>(h[e]) + h[copy + e] + h[2 * copy + e] + h[3 * copy + e];
+  });
+}
+
+}  // namespace kernelatlas

@@ -18,9 +18,11 @@ from kernelatlas.engine import (
     set_isa,
 )
 
-_LAZY = {  # need torch or matplotlib: imported on first use, so `import kernelatlas` stays light
+_LAZY = {  # need torch, pandas or matplotlib: imported on first use, so `import kernelatlas` stays light
     "train": ("kernelatlas.training", "train"),
     "clusters": ("kernelatlas.clustering", "clusters"),
+    "quality": ("kernelatlas.layer_quality", "quality"),
+    "shift": ("kernelatlas.distribution_shift", "shift"),
 }
 
 
@@ -42,6 +44,8 @@ __all__ = [
     "build_info",
     "clusters",
     "normalize",
+    "quality",
     "set_isa",
+    "shift",
     "train",
 ]

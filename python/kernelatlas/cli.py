@@ -601,6 +601,171 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if not summary["failed"] else 1
 
 
+# ---------------------------------------------------------------------------------------------- quality
+
+
+def _add_quality(sub: Any) -> None:
+    from kernelatlas.layer_quality import (
+        DEGENERATE_LOW_ENTROPY,
+        DEGENERATE_MARGIN,
+        DEGENERATE_SPARSITY,
+        KINDS,
+        SCALES,
+    )
+
+    p = sub.add_parser(
+        "quality",
+        help="per-layer kernel quality (sparsity, entropy, degenerate layers) and the global PCA",
+        description=_text(
+            "Measure every stored layer of a corpus as CNN Filter DB does (Gavrikov & Keuper, CVPR 2022): n "
+            "(finite kernels, zeros included), sparsity S (kernels with every |w| < 1% of the layer's max), "
+            "variance entropy H (base 10, from the singular values of the centred layer), the randomness "
+            "threshold TH(n) (the paper's logistic for 3x3; ours, fitted the same way, for 5x5 and 7x7), "
+            "H/TH, degenerate layers (H >= TH(n) - margin, or H < low-entropy bound and S >= sparsity bound), "
+            "the entropy of the non-sparse kernels, orthogonality (CVPRW 2022) and zero / non-finite counts; "
+            "and the global PCA of all kernels of each size (each kernel scaled by its max|w| first, as in the "
+            "paper, unless --scale none).",
+            "One native streaming pass over the shards (per-layer first and second moments; small "
+            "eigenproblems afterwards) plus one numpy pass per layer for orthogonality.  Writes "
+            "CORPUS/runs/RUN_ID/quality.parquet, pca-kK.npz/.csv, pca-kK.png and quality-kK.png; run.json last.  "
+            "RUN_ID is a hash of the options and the corpus state: rerunning returns the finished run at once."),
+        epilog=_text(
+            "Next: `kernelatlas shift CORPUS --by family` (or task, category, depth, model); `kernelatlas report`.",
+            "example: kernelatlas quality corpus --kind depthwise --threads 2"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS")
+    p.add_argument("--run", default=None, metavar="RUN_ID", help="run id (default: derived from the options)")
+    p.add_argument("--kind", choices=KINDS, default="all",
+                   help="layers measured and pooled in the PCA (default: %(default)s stored layers)")
+    p.add_argument("--scale", choices=SCALES, default="maxabs",
+                   help="maxabs: divide each kernel by its max|w| before the PCA, as the paper does; none: raw "
+                   "kernels (default: %(default)s)")
+    p.add_argument("--degenerate-margin", type=float, default=DEGENERATE_MARGIN, metavar="M",
+                   help="random-looking when H >= TH(n) - M (default: %(default)s)")
+    p.add_argument("--degenerate-entropy", type=float, default=DEGENERATE_LOW_ENTROPY, metavar="H",
+                   help="low-entropy bound for 3x3, scaled by log10(d)/log10(9) for larger kernels "
+                   "(default: %(default)s)")
+    p.add_argument("--degenerate-sparsity", type=float, default=DEGENERATE_SPARSITY, metavar="S",
+                   help="sparse enough, together with low entropy, to be degenerate (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    p.add_argument("--chunk-rows", type=int, default=1 << 22, help="rows per native call; layers are never split "
+                   "(default: %(default)s)")
+    p.add_argument("--no-orthogonality", action="store_true",
+                   help="skip orthogonality (c_out^2 * c_in * k^2 per layer: the slow part on big regular convs)")
+    p.add_argument("--recompute", action="store_true", help="compute again even when the run is complete")
+    p.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    from kernelatlas.layer_quality import quality_run
+
+    run = quality_run(args.corpus, kind=args.kind, scale=args.scale, run_id=args.run, threads=args.threads,
+                      chunk_rows=args.chunk_rows, progress=not args.no_progress, figures=not args.no_figures,
+                      command=" ".join(["kernelatlas", *sys.argv[1:]]), degenerate_margin=args.degenerate_margin,
+                      degenerate_low_entropy=args.degenerate_entropy, degenerate_sparsity=args.degenerate_sparsity,
+                      with_orthogonality=not args.no_orthogonality, recompute=args.recompute)
+    table = run.table
+    for k in run.kernel_sizes:
+        t = table[(table["k"] == k) & (table["n"] > 0)]
+        pca = run.pca(k)
+        print(f"{k}x{k}: {len(t):,} layers, {int(t['n'].sum()):,} kernels; degenerate {int(t['degenerate'].sum())} "
+              f"(random-looking {int(t['degenerate_random'].sum())}, sparse + replicated "
+              f"{int(t['degenerate_sparse'].sum())}); median H/TH {t['entropy_ratio'].median():.3f}, median S "
+              f"{t['sparsity'].median():.3f}, median orthogonality {t['orthogonality'].median():.3f}")
+        print(f"  PCA ({'max-abs scaled' if pca.scaled else 'raw'}) explained variance: "
+              + " ".join(f"{v:.3f}" for v in pca.evr[:9]) + (" ..." if pca.d > 9 else ""))
+    for note in run.info.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"run {run.run_id}: {run.root / 'quality.parquet'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- shift
+
+
+def _add_shift(sub: Any) -> None:
+    from kernelatlas.distribution_shift import BINS, GROUPINGS
+    from kernelatlas.layer_quality import KINDS, SCALES
+
+    p = sub.add_parser(
+        "shift",
+        help="distribution shift of kernels between groups (family, task, category, depth, model)",
+        description=_text(
+            "Compare the kernel distributions of groups as CNN Filter DB does (Gavrikov & Keuper, CVPR 2022): "
+            "every kernel's coefficients in the global PCA basis of the quality run, 70-bin histograms per "
+            "component and group over one shared range (native, streamed), empty bins floored at float32 eps and "
+            "renormalised, and the shift D(P, Q) = sum_k EVR_k [KL(P_k||Q_k) + KL(Q_k||P_k)] between every two "
+            "groups.",
+            "Groups: a models.parquet column -- family, task, category (CNN Filter DB's 'Visual Category'), "
+            "dataset or any KEY given to `kernelatlas extract --meta KEY=VAL` --, model (each model alone), or "
+            "depth (deciles of the layer's normalised depth).  Models without a value are left out.  The quality "
+            "run is computed first when missing.  Writes CORPUS/runs/QRUN/shift-kK-BY/ (shift.csv, pairs.csv, "
+            "groups.csv, coefficients.csv, histograms.npz, shift.png, coefficients.png, shift.json last) and "
+            "shift-kK-box.png, the pairwise shifts of every grouping computed so far."),
+        epilog=_text("example: kernelatlas shift corpus --by family,task,depth --drop-degenerate"),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS")
+    p.add_argument("--by", action="append", type=_str_list, required=True, metavar="G[,G...]",
+                   help=f"grouping(s): {', '.join(GROUPINGS)} or another models.parquet column; repeatable")
+    p.add_argument("--kernel-size", type=int, default=None, metavar="K",
+                   help="kernel size (default: every size the quality run holds)")
+    p.add_argument("--bins", type=int, default=BINS, help="histogram bins per component (default: %(default)s)")
+    p.add_argument("--drop-degenerate", action="store_true",
+                   help="leave degenerate layers out (the paper's comparisons of task, category and depth)")
+    p.add_argument("--run", default=None, metavar="QRUN_ID",
+                   help="the quality run whose PCA basis is used (default: that of --kind/--scale, made if missing)")
+    p.add_argument("--kind", choices=KINDS, default="all", help="layers compared (default: %(default)s)")
+    p.add_argument("--scale", choices=SCALES, default="maxabs", help="see `kernelatlas quality --help` "
+                   "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    p.add_argument("--chunk-rows", type=int, default=1 << 22, help=argparse.SUPPRESS)
+    p.add_argument("--recompute", action="store_true", help="compute again even when the result is complete")
+    p.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_shift(args: argparse.Namespace) -> int:
+    from kernelatlas.distribution_shift import shift_result
+    from kernelatlas.layer_quality import load_quality_run, quality_run
+
+    groupings = list(dict.fromkeys(g for part in args.by for g in part))
+    if not groupings:
+        raise ValueError("--by needs at least one grouping (family, task, category, depth, model)")
+    if args.run is not None:
+        qrun = load_quality_run(args.corpus, args.run)
+    else:
+        qrun = quality_run(args.corpus, kind=args.kind, scale=args.scale, threads=args.threads,
+                           chunk_rows=args.chunk_rows, progress=not args.no_progress, figures=not args.no_figures)
+    sizes = [args.kernel_size] if args.kernel_size is not None else qrun.kernel_sizes
+    failed = 0
+    for k in sizes:
+        for by in groupings:
+            try:
+                res = shift_result(qrun.corpus, by, kernel_size=k, bins=args.bins,
+                                   drop_degenerate=args.drop_degenerate, quality_run_id=qrun.run_id,
+                                   threads=args.threads, chunk_rows=args.chunk_rows, progress=not args.no_progress,
+                                   figures=not args.no_figures, recompute=args.recompute,
+                                   command=" ".join(["kernelatlas", *sys.argv[1:]]))
+            except ValueError as exc:  # one grouping without enough groups: say so, do the others
+                if len(groupings) * len(sizes) == 1:
+                    raise
+                print(f"kernelatlas shift: error: {k}x{k} by {by}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            pairs = res.pairs.sort_values("shift", ascending=False)
+            skipped = res.info.get("layers_without_group", 0)
+            print(f"{k}x{k} by {by}: {len(res.matrix)} groups, {int(res.groups['kernels'].sum()):,} kernels"
+                  + (f" ({skipped} layers without a {by})" if skipped else "")
+                  + f"; shift median {pairs['shift'].median():.4f}, max {pairs['shift'].max():.4f}")
+            for row in pairs.head(5).itertuples(index=False):
+                print(f"  {row.shift:9.4f}  {row.group_a}  <->  {row.group_b}")
+            print(f"  {res.root}")
+    return 1 if failed else 0
+
+
 # ---------------------------------------------------------------------------------------------- train
 
 
@@ -738,6 +903,8 @@ _VERBS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], in
     "zoo": (_add_zoo, _cmd_zoo),
     "train": (_add_train, _cmd_train),
     "clusters": (_add_clusters, _cmd_clusters),
+    "quality": (_add_quality, _cmd_quality),
+    "shift": (_add_shift, _cmd_shift),
 }
 
 

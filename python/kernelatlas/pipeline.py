@@ -1,7 +1,7 @@
 """`kernelatlas run`: the paper's pipeline end to end on public checkpoints, with the defaults of each step.
 
     zoo pull -> extract -> train (one autoencoder per depthwise kernel size present) -> clusters -> assign ->
-    report
+    quality + shift (CNN Filter DB analyses) -> report
 
 Every step is resumable, so rerunning the command after an interruption (or with more sources) only does
 what is missing: extract skips files already in the corpus, a model directory whose model.json matches the
@@ -29,6 +29,26 @@ MIN_KERNELS = 1000  # a kernel size with fewer depthwise kernels is too thin to 
 def _say(msg: str, progress: bool) -> None:
     if progress:
         print(f"[run] {msg}", file=sys.stderr, flush=True)
+
+
+def _quality(corpus: Any, *, threads: int | None, progress: bool, command: str) -> None:
+    """The CNN Filter DB analyses of every stored layer (seconds at zoo scale): per-layer quality, the global
+    PCA, and the distribution shift between models and between depth deciles (the groupings every corpus has;
+    `kernelatlas shift --by task|category|family` adds those given with extract --meta)."""
+    from kernelatlas.corpus import CorpusError
+    from kernelatlas.distribution_shift import shift_result
+    from kernelatlas.layer_quality import quality_run
+
+    _say("measuring kernel quality per layer (sparsity, variance entropy, degenerate layers) and the PCA basis",
+         progress)
+    qrun = quality_run(corpus, threads=threads, progress=progress, command=command)
+    for k in sorted({int(k) for k in corpus.kernel_sizes}):
+        for by in ("model", "depth"):
+            try:
+                shift_result(corpus, by, kernel_size=k, quality_run_id=qrun.run_id, threads=threads,
+                             progress=progress, command=command)
+            except (ValueError, CorpusError) as exc:  # e.g. one model only: nothing to compare
+                _say(f"k={k}: no shift by {by}: {exc}", progress)
 
 
 def run_pipeline(
@@ -94,6 +114,7 @@ def run_pipeline(
         _say(f"k={k}: assigning every depthwise kernel (threshold {threshold})", progress)
         run_ids[k] = assign_corpus(corpus, model=mdir, threshold=threshold, threads=threads, progress=progress,
                                    command=f"kernelatlas run --out {root}")
+    _quality(corpus, threads=threads, progress=progress, command=f"kernelatlas run --out {root}")
     _say(f"writing the report into {report_dir}", progress)
     page = report(corpus, report_dir, runs=list(run_ids.values()))
     summary = {"out": str(root), "corpus": str(corpus_dir), "models": {k: str(models_dir / f"k{k}") for k in sizes},

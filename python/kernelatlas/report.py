@@ -185,6 +185,15 @@ def _decoded_prototypes(clusters: list[Cluster], model_dir: Path, k: int) -> lis
     return [replace(c, prototype=decoded[i]) if np.isnan(c.prototype).all() else c for i, c in enumerate(clusters)]
 
 
+def _other_kind_of_run(spec_path: Path) -> bool:
+    """A completed run directory of another command (a quality run: its own report section), not an assign run."""
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(spec, dict) and spec.get("format", "kernelatlas-run") != "kernelatlas-run"
+
+
 def _run_ids(root: Path) -> list[str]:
     runs = root / "runs"
     return sorted(p.name for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []
@@ -206,7 +215,7 @@ def _created_key(run: RunInfo) -> tuple[float, float, str]:
         return -math.inf, mtime, run.run_id
 
 
-def find_runs(corpus_root: str | os.PathLike[str]) -> tuple[list[RunInfo], list[str]]:
+def find_runs(corpus_root: str | os.PathLike[str], *, allow_none: bool = False) -> tuple[list[RunInfo], list[str]]:
     """The default selection: the latest completed run (by run.json "created") per (kernel size, kind), so
     that a depthwise and a regular run of one size are both reported and compared.  Returns the runs and one
     note per run directory left out (not completed, unreadable, or superseded by a later run)."""
@@ -215,6 +224,8 @@ def find_runs(corpus_root: str | os.PathLike[str]) -> tuple[list[RunInfo], list[
     latest: dict[tuple[int, str], RunInfo] = {}
     older: list[RunInfo] = []
     for run_id in _run_ids(root):
+        if _other_kind_of_run(root / "runs" / run_id / "run.json"):
+            continue
         try:
             run = load_run(root, run_id)
         except RunError as exc:
@@ -231,7 +242,7 @@ def find_runs(corpus_root: str | os.PathLike[str]) -> tuple[list[RunInfo], list[
         newer = latest[(run.kernel_size, run.kind)]
         notes.append(f"not shown: run {run.run_id} ({run.kernel_size}x{run.kernel_size} {run.kind}, created "
                      f"{run.created}) is older than run {newer.run_id}; name it with --run to report on it")
-    if not latest:
+    if not latest and not allow_none:
         where = root / "runs"
         raise RunError(f"no completed run in {where}: run `kernelatlas assign {root} --model MODEL` first"
                        + (" (" + "; ".join(notes) + ")" if notes else ""))
@@ -986,6 +997,10 @@ class _Doc:
               caption: str | None = None, bold_last: bool = False) -> None:
         self.blocks.append(("table", (list(headers), [list(r) for r in rows], csv, caption, bold_last)))
 
+    def raw(self, markdown: str, html_fragment: str) -> None:
+        """A section rendered elsewhere (the kernel-quality section), as Markdown and as an HTML fragment."""
+        self.blocks.append(("raw", (markdown.strip(), html_fragment)))
+
     def figure(self, file: str, title: str, caption: str) -> None:
         """A PNG next to the pages: ``title`` is its alt text, ``caption`` how to read it."""
         self.blocks.append(("fig", (file, title, " ".join(caption.split()))))
@@ -1034,6 +1049,8 @@ class _Doc:
             elif kind == "fig":
                 file, title, caption = value
                 out.append(f"![{self._md_cell(title)}]({file})\n\n*{caption}*")
+            elif kind == "raw":
+                out.append(value[0])
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
@@ -1065,6 +1082,13 @@ class _Doc:
                                   for i, c in enumerate(row))
                     trs.append(f"<tr{cls}>{tds}</tr>")
                 body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>")
+            elif kind == "raw":
+                fragment = value[1]
+                for m in list(re.finditer(r"<h2>(.*?)</h2>", fragment)):  # give its sections anchors too
+                    anchor = f"s{len(body)}-" + re.sub(r"[^a-z0-9]+", "-", html.unescape(m.group(1)).lower()).strip("-")
+                    fragment = fragment.replace(m.group(0), f'<h2 id="{anchor}">{m.group(1)}</h2>', 1)
+                    contents.append(f'<li><a href="#{anchor}">{m.group(1)}</a></li>')
+                body.append(fragment)
             elif kind == "fig":
                 file, title, caption = value
                 body.append(f'<figure><a href="{html.escape(file)}"><img src="{html.escape(file)}" '
@@ -1102,7 +1126,7 @@ def _write_csv(frame: Any, path: Path) -> str:
 # or models leaves no stale figure behind (nothing else in the folder is touched)
 _OWN_FILES = ("report.md", "report.html", "corpus.csv", "runs.csv", "coverage.csv", "coverage-totals.csv",
               "coverage-curves.csv", "compare.csv", "coverage-runs.png", "compare-k*.png", "layers-*.png",
-              "layers-*.csv", "depth-*.png", "prototypes-*.png", "spectrum-*.png", "coverage-k*.png", "clusters-*.csv")
+              "layers-*.csv", "depth-*.png", "prototypes-*.png", "spectrum-*.png", "coverage-k*.png", "clusters-*.csv", "quality-*")
 
 
 def _clear_previous(out: Path) -> None:
@@ -1142,7 +1166,10 @@ def report(corpus: Corpus | str | os.PathLike[str], out: str | os.PathLike[str],
         notes: list[str] = []
         selection = "the runs named on the command line"
     else:
-        selected, notes = find_runs(corpus.root)
+        from kernelatlas.layer_quality import latest_quality_run
+
+        # a corpus with only a quality run still gets a report (its quality section)
+        selected, notes = find_runs(corpus.root, allow_none=latest_quality_run(corpus) is not None)
         selection = "the latest completed run per kernel size and kind (by its `created` time)"
     all_stats = [_scan(corpus, run, thresholds, chunk_rows=chunk_rows, progress=progress) for run in selected]
     for st in all_stats:
@@ -1163,6 +1190,9 @@ def report(corpus: Corpus | str | os.PathLike[str], out: str | os.PathLike[str],
         _run_section(doc, corpus, st, out_dir)
     _curves_section(doc, corpus, all_stats, out_dir)
     compared = _comparison_section(doc, corpus, all_stats, thresholds, out_dir)
+    from kernelatlas.distribution_shift import quality_section
+
+    doc.raw(*quality_section(corpus, out_dir))
     doc.h(2, "Files")
     doc.p("Every table above is also a CSV file in this folder (shares as fractions, counts as kernels): "
           "`corpus.csv`, `runs.csv`, `coverage.csv` (per model and run), `coverage-totals.csv`, "

@@ -379,7 +379,7 @@ def latest_runs(corpus: Corpus) -> dict[int, str]:
     best: dict[int, tuple[str, str]] = {}
     for info_path in sorted((corpus.root / "runs").glob("*/run.json")):
         info = json.loads(info_path.read_text())
-        if not info.get("completed"):
+        if not info.get("completed") or info.get("format", RUN_FORMAT) != RUN_FORMAT:  # e.g. quality runs
             continue
         k = int(info["kernel_size"])
         if k not in best or info["created"] > best[k][0]:

@@ -11,71 +11,18 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "bindings_args.h"
 #include "kernelatlas/engine.h"
 #include "kernelatlas/model.h"
 #include "parallel.h"
 
 namespace py = pybind11;
 using namespace kernelatlas;
+using namespace kernelatlas::bindings;
 
 void bind_quality(py::module_& m);  // bindings_quality.cpp
 
 namespace {
-
-std::string shape_str(const py::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << (a.ndim() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
-bool is_c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
-
-std::string kernel_size_name(int d) {
-  const int k = static_cast<int>(std::lround(std::sqrt(static_cast<double>(d))));
-  if (k * k == d) return std::to_string(k) + "x" + std::to_string(k);
-  return std::to_string(d) + " entries";
-}
-
-// A batch of kernels: float32/float16, C-contiguous, [n, d] or [n, k, k].  expected_d < 0: any d.
-KernelsIn kernels_arg(const py::array& x, int expected_d, const char* name) {
-  const char kind = x.dtype().kind();
-  const auto itemsize = x.itemsize();
-  KernelsIn in;
-  if (kind == 'f' && itemsize == 4) {
-    in.dtype = DType::float32;
-  } else if (kind == 'f' && itemsize == 2) {
-    in.dtype = DType::float16;
-  } else {
-    throw py::type_error(std::string(name) + " must be float32 or float16, got " + dtype_str(x) + ": convert it with " +
-                         name + ".astype(np.float32)");
-  }
-  int d = 0;
-  if (x.ndim() == 2) {
-    d = static_cast<int>(x.shape(1));
-  } else if (x.ndim() == 3 && x.shape(1) == x.shape(2)) {
-    d = static_cast<int>(x.shape(1) * x.shape(2));
-  } else {
-    throw py::value_error(std::string(name) + " must have shape [n, k*k] or [n, k, k], got " + shape_str(x) +
-                          ": reshape it with " + name + ".reshape(len(" + name + "), -1)");
-  }
-  if (d < 1 || d > kMaxDim)
-    throw py::value_error(std::string(name) + " has " + std::to_string(d) + " entries per kernel; the engine takes 1.." +
-                          std::to_string(kMaxDim) + " (3x3, 5x5, 7x7 kernels are 9, 25, 49)");
-  if (expected_d >= 0 && d != expected_d)
-    throw py::value_error(std::string(name) + " holds " + kernel_size_name(d) + " kernels but the model is for " +
-                          kernel_size_name(expected_d) + " kernels: use the model trained for this kernel size");
-  if (!is_c_contiguous(x))
-    throw py::value_error(std::string(name) + " is not C-contiguous (a transposed view or strided slice?): pass "
-                          "np.ascontiguousarray(" + name + "); kernelatlas never copies large inputs silently");
-  in.data = x.data();
-  in.rows = x.shape(0);
-  in.d = d;
-  return in;
-}
 
 // An output array: exact dtype, exact shape, C-contiguous, writeable -- or a freshly allocated one.
 template <class T>
@@ -321,21 +268,13 @@ PYBIND11_MODULE(_core, m) {
           };
           need(labels, 'i', 2, "labels", "int16");
           need(values, 'f', 4, "values", "float32");
-          need(starts, 'i', 8, "starts", "int64");
-          need(stops, 'i', 8, "stops", "int64");
           if (values.shape(0) != labels.shape(0))
             throw py::value_error("labels and values must have the same length, got " + shape_str(labels) + " and " +
                                   shape_str(values));
-          if (starts.shape(0) != stops.shape(0))
-            throw py::value_error("starts and stops must have the same length");
           if (n_labels < 0 || n_labels > 32767) throw py::value_error("n_labels must be in 0..32767");
+          const py::ssize_t segs = segments_arg(starts, stops, labels.shape(0));
           const auto* s0 = static_cast<const int64_t*>(starts.data());
           const auto* s1 = static_cast<const int64_t*>(stops.data());
-          const py::ssize_t segs = starts.shape(0), n = labels.shape(0);
-          for (py::ssize_t j = 0; j < segs; ++j)
-            if (s0[j] < 0 || s1[j] < s0[j] || s1[j] > n)
-              throw py::value_error("segment " + std::to_string(j) + " [" + std::to_string(s0[j]) + ", " +
-                                    std::to_string(s1[j]) + ") is outside the " + std::to_string(n) + " rows");
           py::array_t<int64_t> counts({segs, static_cast<py::ssize_t>(n_labels + 2)});
           int64_t bad = 0;
           {

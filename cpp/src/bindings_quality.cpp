@@ -10,81 +10,15 @@
 #include <string>
 #include <vector>
 
+#include "bindings_args.h"
 #include "kernelatlas/quality.h"
 #include "kernelatlas/types.h"
 
 namespace py = pybind11;
 using namespace kernelatlas;
+using namespace kernelatlas::bindings;
 
 namespace {
-
-std::string shape_str(const py::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << (a.ndim() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
-bool is_c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
-
-// The kernels: float32/float16, C-contiguous, [n, d] or [n, k, k] -- the checks and messages of bindings.cpp's
-// kernels_arg, repeated here so that the two binding files stay independent.
-KernelsIn kernels_arg(const py::array& x, const char* name) {
-  const char kind = x.dtype().kind();
-  KernelsIn in;
-  if (kind == 'f' && x.itemsize() == 4) {
-    in.dtype = DType::float32;
-  } else if (kind == 'f' && x.itemsize() == 2) {
-    in.dtype = DType::float16;
-  } else {
-    throw py::type_error(std::string(name) + " must be float32 or float16, got " + dtype_str(x) + ": convert it with " +
-                         name + ".astype(np.float32)");
-  }
-  int d = 0;
-  if (x.ndim() == 2) {
-    d = static_cast<int>(x.shape(1));
-  } else if (x.ndim() == 3 && x.shape(1) == x.shape(2)) {
-    d = static_cast<int>(x.shape(1) * x.shape(2));
-  } else {
-    throw py::value_error(std::string(name) + " must have shape [n, k*k] or [n, k, k], got " + shape_str(x) +
-                          ": reshape it with " + name + ".reshape(len(" + name + "), -1)");
-  }
-  if (d < 1 || d > kMaxDim)
-    throw py::value_error(std::string(name) + " has " + std::to_string(d) + " entries per kernel; the engine takes 1.." +
-                          std::to_string(kMaxDim) + " (3x3, 5x5, 7x7 kernels are 9, 25, 49)");
-  if (!is_c_contiguous(x))
-    throw py::value_error(std::string(name) + " is not C-contiguous (a transposed view or strided slice?): pass "
-                          "np.ascontiguousarray(" + name + "); kernelatlas never copies large inputs silently");
-  in.data = x.data();
-  in.rows = x.shape(0);
-  in.d = d;
-  return in;
-}
-
-// starts/stops: C-contiguous int64 [L], 0 <= start <= stop <= n.  Returns L.
-py::ssize_t segments_arg(const py::array& starts, const py::array& stops, idx_t n) {
-  const auto need_int64 = [](const py::array& a, const char* name) {
-    if (a.dtype().kind() != 'i' || a.itemsize() != 8 || a.ndim() != 1 || !is_c_contiguous(a))
-      throw py::type_error(std::string(name) + " must be a C-contiguous 1-D int64 array, got " + dtype_str(a) + " " +
-                           shape_str(a) + ": use np.ascontiguousarray(" + name + ", dtype=np.int64)");
-  };
-  need_int64(starts, "starts");
-  need_int64(stops, "stops");
-  if (starts.shape(0) != stops.shape(0))
-    throw py::value_error("starts and stops must have the same length, got " + shape_str(starts) + " and " +
-                          shape_str(stops));
-  const auto* s0 = static_cast<const int64_t*>(starts.data());
-  const auto* s1 = static_cast<const int64_t*>(stops.data());
-  for (py::ssize_t j = 0; j < starts.shape(0); ++j)
-    if (s0[j] < 0 || s1[j] < s0[j] || s1[j] > n)
-      throw py::value_error("segment " + std::to_string(j) + " [" + std::to_string(s0[j]) + ", " +
-                            std::to_string(s1[j]) + ") is not a range of the " + std::to_string(n) +
-                            " rows: segments need 0 <= start <= stop <= len(x)");
-  return starts.shape(0);
-}
 
 // A small float64 parameter of the given shape (converted from any real dtype; it is never large), all finite.
 py::array_t<double> param_arg(const py::handle& obj, std::vector<py::ssize_t> shape, const char* name,
@@ -131,7 +65,7 @@ int threads_arg(int threads) {
 void bind_quality(py::module_& m) {
   m.def("layer_stats",
         [](const py::array& x, const py::array& starts, const py::array& stops, int threads) {
-          const KernelsIn in = kernels_arg(x, "x");
+          const KernelsIn in = kernels_arg(x, -1, "x");
           const py::ssize_t segs = segments_arg(starts, stops, in.rows);
           threads = threads_arg(threads);
           const py::ssize_t d = in.d;
@@ -175,7 +109,7 @@ void bind_quality(py::module_& m) {
   m.def("coef_range",
         [](const py::array& x, const py::array& starts, const py::array& stops, const py::object& mean,
            const py::object& basis, bool scale_maxabs, int threads) {
-          const KernelsIn in = kernels_arg(x, "x");
+          const KernelsIn in = kernels_arg(x, -1, "x");
           const py::ssize_t segs = segments_arg(starts, stops, in.rows);
           threads = threads_arg(threads);
           py::array_t<double> mean_a, basis_a;
@@ -201,7 +135,7 @@ void bind_quality(py::module_& m) {
         [](const py::array& x, const py::array& starts, const py::array& stops, const py::array& groups,
            int n_groups, const py::object& mean, const py::object& basis, const py::object& lo,
            const py::object& hi, int bins, bool scale_maxabs, int threads) {
-          const KernelsIn in = kernels_arg(x, "x");
+          const KernelsIn in = kernels_arg(x, -1, "x");
           const py::ssize_t segs = segments_arg(starts, stops, in.rows);
           threads = threads_arg(threads);
           if (groups.dtype().kind() != 'i' || groups.itemsize() != 4 || groups.ndim() != 1 || !is_c_contiguous(groups))

@@ -32,15 +32,7 @@ py::array_t<T> out_arg(const std::optional<py::array>& out, const std::vector<py
   if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
     throw py::type_error(std::string(name) + " must be " + py::str(py::dtype::of<T>()).cast<std::string>() + ", got " +
                          dtype_str(a));
-  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
-  if (!same) {
-    std::ostringstream os;
-    os << name << " must have shape (";
-    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-    os << (shape.size() == 1 ? ",)" : ")") << ", got " << shape_str(a);
-    throw py::value_error(os.str());
-  }
+  require_shape(a, shape, name);
   if (!is_c_contiguous(a)) throw py::value_error(std::string(name) + " must be C-contiguous");
   if (!a.writeable())
     throw py::value_error(std::string(name) + " is read-only: open an output memmap with mode 'r+' or 'w+'");

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "kernelatlas/types.h"
 
@@ -26,6 +27,19 @@ inline std::string shape_str(const py::array& a) {
 inline std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
 inline bool is_c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
+
+// Throws "NAME must have shape (a, b)DETAIL, got (c, d)" unless a's shape is exactly ``shape``.
+inline void require_shape(const py::array& a, const std::vector<py::ssize_t>& shape, const std::string& name,
+                          const std::string& detail = "") {
+  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
+  if (same) return;
+  std::ostringstream os;
+  os << name << " must have shape (";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << (shape.size() == 1 ? ",)" : ")") << detail << ", got " << shape_str(a);
+  throw py::value_error(os.str());
+}
 
 inline std::string kernel_size_name(int d) {
   const int k = static_cast<int>(std::lround(std::sqrt(static_cast<double>(d))));

@@ -25,15 +25,7 @@ py::array_t<double> param_arg(const py::handle& obj, std::vector<py::ssize_t> sh
                               const char* what) {
   auto a = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(obj);
   if (!a) throw py::type_error(std::string(name) + " must be an array of real numbers (" + what + ")");
-  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
-  if (!same) {
-    std::ostringstream os;
-    os << name << " must have shape (";
-    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-    os << (shape.size() == 1 ? ",)" : ")") << " (" << what << "), got " << shape_str(a);
-    throw py::value_error(os.str());
-  }
+  require_shape(a, shape, name, std::string(" (") + what + ")");
   const double* p = a.data();
   for (py::ssize_t i = 0; i < a.size(); ++i)
     if (!std::isfinite(p[i])) throw py::value_error(std::string(name) + " must be finite (" + what + ")");

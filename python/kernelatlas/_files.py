@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 _POOL: dict[int, list[Any]] = {}
-_POOL_LOCK = __import__("threading").Lock()
+_POOL_LOCK = threading.Lock()
 
 
 def _staging_block(size: int) -> Any:
@@ -93,11 +95,6 @@ class SequentialFile:
     ALIGN = 4096
 
     def __init__(self, path: Path, block: int = 1 << 22, blocks: int = 3) -> None:
-        import queue
-        import threading
-
-        import numpy as np
-
         self.path = path
         self.size = 0
         self._fill = 0

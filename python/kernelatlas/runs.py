@@ -148,8 +148,7 @@ def _layer_counts(layers: np.ndarray, a: int, labels: np.ndarray, scores: np.nda
     keep = stops > starts
     sel, starts, stops = sel[keep], starts[keep], stops[keep]
     values = codes if codes is not None else scores
-    counts = _core.label_counts(np.ascontiguousarray(labels), np.ascontiguousarray(values), starts, stops, n_labels,
-                                codes is not None)
+    counts = _core.label_counts(labels, values, starts, stops, n_labels, codes is not None)
     for layer_id, row in zip(sel[:, 0].tolist(), counts, strict=True):
         acc = into.get(layer_id)
         if acc is None:
@@ -180,7 +179,7 @@ class _ShardOutput:
         self.tmp = {n: f.with_name(f".{f.name}.tmp") for n, f in final.items()}
         self._files: dict[str, SequentialFile] = {}
         self._written = 0
-        self._open: tuple[int, int] | None = None
+        self._open: tuple[int, int, dict[str, np.ndarray]] | None = None
         try:
             for name, path in self.tmp.items():
                 item = self._DTYPE[name].itemsize
@@ -193,16 +192,15 @@ class _ShardOutput:
     def buffers(self, a: int, b: int) -> dict[str, np.ndarray]:
         """Writable views for rows [a, b) (b - a <= chunk_rows), to be filled by the engine, then ``put``."""
         self._fill_to(a)
-        self._open = (a, b)
-        return {name: f.reserve((b - a) * self._DTYPE[name].itemsize).view(self._DTYPE[name])
-                for name, f in self._files.items()}
+        views = {name: f.reserve((b - a) * self._DTYPE[name].itemsize).view(self._DTYPE[name])
+                 for name, f in self._files.items()}
+        self._open = (a, b, views)
+        return views
 
     def put(self) -> None:
         """Count and append the rows the engine wrote into the views of the last ``buffers`` call."""
         assert self._open is not None
-        a, b = self._open
-        views = {name: f.reserve((b - a) * self._DTYPE[name].itemsize).view(self._DTYPE[name])
-                 for name, f in self._files.items()}
+        a, b, views = self._open
         _layer_counts(self.layers, a, views["labels"], views["scores"], views.get("codes"), self.n_labels, self.counts)
         for name, f in self._files.items():
             f.advance((b - a) * self._DTYPE[name].itemsize)

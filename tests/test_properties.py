@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -80,6 +80,8 @@ def test_rows_are_unit_and_centred_or_flagged_zero(x):
     st.floats(1e-3, 1e3),
     st.floats(-100, 100),
 )
+# found by CI: a one-entry 1e-9 kernel next to a shift of 50 is constant in fp32
+@example(np.array([[0] * 8 + [1e-9], range(9)], np.float32), 2.0, 50.0)
 def test_invariant_to_positive_scaling_and_shifting(x, scale, shift):
     ref = R.normalize(x)
     cond = R.conditioning(x, ref)
@@ -87,6 +89,16 @@ def test_invariant_to_positive_scaling_and_shifting(x, scale, shift):
     assume(keep.any())
     x, cond = x[keep], cond[keep]
     y = (x.astype(np.float64) * scale + shift).astype(np.float32)
+    # A shift can swamp a pattern whose spread is below one fp32 ulp of the shift: y is then constant as
+    # stored, so there is nothing left to be invariant to -- the engine must call such rows flat.
+    constant = np.ptp(y, axis=1) == 0
+    if constant.any():
+        nc, norms_c = ka.normalize(y[constant], threads=1)
+        assert np.all(nc == 0) and np.all(norms_c == 0)
+    ref_y = R.normalize(y)
+    survived = ref_y.good
+    assume(survived.any())
+    x, cond, y = x[survived], cond[survived], y[survived]
     cond_y = R.conditioning(y, R.normalize(y))
     ny, _ = ka.normalize(y, threads=1)
     nx, _ = ka.normalize(x, threads=1)

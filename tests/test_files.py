@@ -116,3 +116,40 @@ def test_staging_blocks_are_reused(tmp_path):
     g = SequentialFile(tmp_path / "b.bin", block=1 << 15, blocks=2)
     assert g._stage.ctypes.data in pooled
     g.abandon()
+
+
+def _vm_flags(path) -> list[str]:
+    """The VmFlags of this process's mapping of ``path`` (/proc/self/smaps)."""
+    from pathlib import Path
+
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.endswith(" " + str(path)):
+            for flags in lines[i + 1:]:
+                if flags.startswith("VmFlags:"):
+                    return flags.split()[1:]
+    raise AssertionError(f"{path} is not mapped")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_corpus_shards_are_mapped_with_huge_page_advice(tmp_path):
+    """Corpus.shard_array advises MADV_HUGEPAGE ('hg' in the mapping's VmFlags), so that pages read from disk
+    come as 2 MiB folios; a plain np.load memmap does not carry the flag."""
+    from kernelatlas.corpus import Corpus, CorpusWriter
+    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+
+    weight = np.random.default_rng(0).standard_normal((5000, 1, 3, 3)).astype(np.float32)
+    with CorpusWriter(tmp_path / "c") as w:
+        w.add_model(LoadedModel("m.pth", "torch", [ConvLayer("dw", weight, 5000, "depthwise", False, 0.0)]), sha256="m")
+    c = Corpus.open(tmp_path / "c")
+    shard = c.shards(3)[0]
+    plain = np.load(c.root / shard, mmap_mode="r")
+    assert "hg" not in _vm_flags((c.root / shard).resolve())
+    del plain
+    arr = c.shard_array(shard)
+    assert "hg" in _vm_flags((c.root / shard).resolve())
+    np.testing.assert_array_equal(arr, weight.reshape(5000, 9))
+
+
+def test_advise_huge_pages_ignores_arrays_without_a_mapping():
+    _files.advise_huge_pages(np.zeros((4, 9), np.float32))  # not a memmap: nothing to advise, no error

@@ -191,3 +191,20 @@ def test_errors_name_the_fix(tmp_path):
         runs_mod.assign_corpus(c, model=mdir, kind="bogus", progress=False)
     with pytest.raises(Exception, match="no completed run"):
         c.run()
+
+
+@pytest.mark.parametrize(("row_bytes", "rows"), [(18, 1 << 22), (36, 1 << 22), (100, (256 << 20) // 100),
+                                                 (196, (256 << 20) // 196), (1 << 40, 1 << 16), (0, 1 << 22)])
+def test_default_chunk_rows(row_bytes, rows):
+    assert runs_mod.default_chunk_rows(row_bytes) == rows
+
+
+def test_chunk_size_changes_no_output(tmp_path):
+    c = make_corpus(tmp_path / "c")
+    mdir, _ = make_model(tmp_path)
+    runs = [outputs(c, runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False, run_id=f"r{n}",
+                                              chunk_rows=n)) for n in (None, 1, 97)]
+    assert len(runs[0]) == 3 * len(c.shards(3))
+    assert runs[1] == runs[0] and runs[2] == runs[0]  # byte for byte
+    with pytest.raises(ValueError, match="chunk_rows"):
+        runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False, run_id="bad", chunk_rows=0)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas._files import atomic_write_bytes, fsync_dir, npy_header
+from kernelatlas._files import advise_huge_pages, atomic_write_bytes, fsync_dir, npy_header
 from kernelatlas.loaders.base import LoadedModel, conv_depths
 
 __all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
@@ -207,6 +207,7 @@ class Corpus:
         if arr.shape != (entry["rows"], entry["k"] ** 2):
             raise CorpusError(f"{self.root / shard} has shape {arr.shape}, the manifest says "
                               f"({entry['rows']}, {entry['k'] ** 2}): the corpus is damaged")
+        advise_huge_pages(arr)
         return arr
 
     def iter_chunks(self, k: int, rows: int = 1 << 20, *, kind: str | None = None) -> Iterator[Chunk]:

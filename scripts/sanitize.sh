@@ -11,7 +11,9 @@ site=$root/build/asan-site
 rm -rf "$site"
 "$py" -m pip install -q --no-deps --target "$site" \
   -Ccmake.define.KERNELATLAS_SANITIZE=ON -Ccmake.define.KERNELATLAS_CUDA=OFF -Cbuild-dir="$root/build/asan" "$root"
-nm -D "$site"/kernelatlas/_core*.so | grep -q __asan_report || { echo "sanitize: _core is not instrumented" >&2; exit 1; }
+so=$(ls "$site"/kernelatlas/_core*.so)
+# grep without -q: -q stops at the first match, nm then dies of SIGPIPE and pipefail reads that as "not found"
+nm -D "$so" | grep __asan_report >/dev/null || { echo "sanitize: $so is not instrumented" >&2; exit 1; }
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 cd "$root"

@@ -827,6 +827,18 @@ def _threshold_lines(ax: Any, thresholds: Sequence[float]) -> None:
         ax.axvline(t, color="#555555", linestyle=":", linewidth=0.9)
 
 
+def _coverage_axes(ax: Any, thresholds: Sequence[float], title: str, xlabel: str) -> None:
+    """The frame every coverage-vs-threshold plot shares: threshold lines, 0.5..1 x 0..100%, labels, grid."""
+    _threshold_lines(ax, thresholds)
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.yaxis.set_major_formatter(_percent_formatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("share of live kernels classified")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
 def _coverage_figure(stats: RunStats, models: Any, out: Path) -> str:
     """Share of live kernels classified vs threshold: one line per model, the corpus total in black."""
     run, lay = stats.run, stats.layers
@@ -848,15 +860,9 @@ def _coverage_figure(stats: RunStats, models: Any, out: Path) -> str:
                     label=_short(str(names.get(m, "?")), 30))
     total = sum(per_model.values(), np.zeros(len(CURVE_GRID), np.int64))
     ax.plot(CURVE_GRID, _share(total, int(live.sum())), color="black", linewidth=2.6, label="all models")
-    _threshold_lines(ax, stats.thresholds)
-    ax.set_xlim(0.5, 1.0)
-    ax.set_ylim(0, 1.02)
-    ax.yaxis.set_major_formatter(_percent_formatter())
-    ax.set_xlabel("cosine-similarity threshold t (dotted: the report's thresholds)")
-    ax.set_ylabel("share of live kernels classified")
-    ax.set_title(f"Coverage vs threshold — {run.kernel_size}×{run.kernel_size} {run.kind}, run {run.run_id}",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
+    _coverage_axes(ax, stats.thresholds,
+                   f"Coverage vs threshold — {run.kernel_size}×{run.kernel_size} {run.kind}, run {run.run_id}",
+                   "cosine-similarity threshold t (dotted: the report's thresholds)")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     name = f"coverage-{run.tag}.png"
     _save(fig, out / name)
@@ -888,14 +894,8 @@ def _runs_coverage_figure(all_stats: Sequence[RunStats], out: Path) -> str:
         ax.plot(CURVE_GRID, _share(curve, int(st.layers["live"].sum())), color=colour,
                 linestyle=styles.get(st.run.kind, "-"), linewidth=2,
                 label=f"{st.run.kernel_size}×{st.run.kernel_size} {st.run.kind} ({st.run.run_id}, {st.run.mode})")
-    _threshold_lines(ax, all_stats[0].thresholds)
-    ax.set_xlim(0.5, 1.0)
-    ax.set_ylim(0, 1.02)
-    ax.yaxis.set_major_formatter(_percent_formatter())
-    ax.set_xlabel("cosine-similarity threshold t (dotted: the report's thresholds)")
-    ax.set_ylabel("share of live kernels classified")
-    ax.set_title("Coverage vs threshold, all models, per kernel size and kind", fontsize=10)
-    ax.grid(alpha=0.3)
+    _coverage_axes(ax, all_stats[0].thresholds, "Coverage vs threshold, all models, per kernel size and kind",
+                   "cosine-similarity threshold t (dotted: the report's thresholds)")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     name = "coverage-runs.png"
     _save(fig, out / name)
@@ -949,14 +949,7 @@ def _comparison_figure(k: int, sources: dict[str, _KindSource], thresholds: Sequ
         has = live_by_depth > 0  # no bar where the kind has no layer at that depth
         x = np.arange(10) + (j - (len(sources) - 1) / 2) * width
         right.bar(x[has], share[has], width=width, color=colour, label=kind)
-    _threshold_lines(left, thresholds)
-    left.set_xlim(0.5, 1.0)
-    left.set_ylim(0, 1.02)
-    left.yaxis.set_major_formatter(_percent_formatter())
-    left.set_xlabel("cosine-similarity threshold t")
-    left.set_ylabel("share of live kernels classified")
-    left.set_title("coverage vs threshold", fontsize=10)
-    left.grid(alpha=0.3)
+    _coverage_axes(left, thresholds, "coverage vs threshold", "cosine-similarity threshold t")
     left.legend(fontsize=8, loc="best")
     right.set_xticks(np.arange(10), [f"{i / 10:.1f}" for i in range(10)], fontsize=8)
     right.set_ylim(0, 1.02)

@@ -566,15 +566,16 @@ def _cmd_assign(args: argparse.Namespace) -> int:
 def _add_run(sub: Any) -> None:
     p = sub.add_parser(
         "run",
-        help="the main job: zoo -> extract -> train -> clusters -> assign -> report",
+        help="the main job: zoo -> extract -> train -> clusters -> assign -> quality -> report",
         description=_text(
             "Run the paper's pipeline (Babaiee et al., ICLR 2024) end to end on public checkpoints: pull the zoo "
             "entries (default: the depthwise-separable models of `kernelatlas zoo list`), extract their kernels, "
             "train one autoencoder with a 1-D code per depthwise kernel size present, read the clusters off the "
-            "decoded code axis, assign every depthwise kernel with the native engine, and write the report "
+            "decoded code axis, assign every depthwise kernel with the native engine, measure every layer's kernel "
+            "quality and the distribution shift between models and depths (CNN Filter DB), and write the report "
             "(tables and figures).  Takes a few minutes on 2 cores.",
             "Every step resumes: rerunning the command only does what is missing."),
-        epilog=_text("Output: OUT/corpus, OUT/models/kK, OUT/report/report.html.",
+        epilog=_text("Output: OUT/corpus (with its runs/), OUT/models/kK, OUT/report/report.html.",
                      "example: kernelatlas run --out kernelatlas-run"),
         formatter_class=_Formatter,
     )

@@ -13,7 +13,9 @@ from kernelatlas import _core
 
 PIECE = 1 << 18  # rows per native work item (kQualityPieceRows): longer segments take the multi-piece path
 GRAM_RTOL = 1e-6  # of sqrt(G_ii G_jj) >= sum |w_i w_j| (quality.h: fp32 partials over 64 rows per lane)
-KEYS = ("n", "nonfinite", "zeros", "sparse", "max_abs", "sum", "gram", "sum_scaled", "gram_scaled")
+KEYS = ("n", "nonfinite", "zeros", "sparse", "max_abs", "sum", "gram", "sum_scaled", "gram_scaled", "sum_sparse",
+        "gram_sparse")
+SPARSE_RTOL = 1e-12  # the sparse rows' moments are float64 sums (quality.h), only the order differs
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -23,7 +25,7 @@ def ref_layer_stats(x: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> dic
     d = int(np.prod(x.shape[1:]))
     w_all = x.reshape(len(x), d).astype(np.float64)
     out: dict[str, list] = {k: [] for k in KEYS}
-    out["abs_sum"], out["abs_sum_scaled"] = [], []
+    out["abs_sum"], out["abs_sum_scaled"], out["abs_sum_sparse"], out["abs_gram_sparse"] = [], [], [], []
     for a, b in zip(starts, stops, strict=True):
         w = w_all[a:b]
         finite = np.isfinite(w).all(axis=1)
@@ -42,8 +44,14 @@ def ref_layer_stats(x: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> dic
         out["gram_scaled"].append(scaled.T @ scaled)
         out["abs_sum"].append(np.abs(w).sum(axis=0) if len(w) else np.zeros(d))
         out["abs_sum_scaled"].append(np.abs(scaled).sum(axis=0) if len(w) else np.zeros(d))
+        sp = w[m < 0.01 * big] if big > 0 else np.zeros((0, d))  # all-zero layer: sparse rows are zeros
+        out["sum_sparse"].append(sp.sum(axis=0) if len(sp) else np.zeros(d))
+        out["gram_sparse"].append(sp.T @ sp)
+        out["abs_sum_sparse"].append(np.abs(sp).sum(axis=0) if len(sp) else np.zeros(d))
+        out["abs_gram_sparse"].append(np.abs(sp).T @ np.abs(sp))
     shapes = {"sum": (d,), "gram": (d, d), "sum_scaled": (d,), "gram_scaled": (d, d), "abs_sum": (d,),
-              "abs_sum_scaled": (d,)}
+              "abs_sum_scaled": (d,), "sum_sparse": (d,), "gram_sparse": (d, d), "abs_sum_sparse": (d,),
+              "abs_gram_sparse": (d, d)}
     return {k: np.array(v, dtype=np.float64 if k in shapes or k == "max_abs" else np.int64).reshape(
         (len(starts), *shapes.get(k, ()))) for k, v in out.items()}
 
@@ -122,6 +130,11 @@ def check_stats(got: dict, ref: dict, exact_scaled_sums: bool = False) -> None:
         np.testing.assert_array_equal(g, np.swapaxes(g, 1, 2))  # exactly symmetric
         s, rs = got["sum" + tag], ref["sum" + tag]
         assert np.all(np.abs(s - rs) <= GRAM_RTOL * ref["abs_sum" + tag] + 1e-300), f"sum{tag}"
+    g, r = got["gram_sparse"], ref["gram_sparse"]
+    assert np.all(np.abs(g - r) <= SPARSE_RTOL * ref["abs_gram_sparse"]), "gram_sparse"
+    np.testing.assert_array_equal(g, np.swapaxes(g, 1, 2))
+    s, rs = got["sum_sparse"], ref["sum_sparse"]
+    assert np.all(np.abs(s - rs) <= SPARSE_RTOL * ref["abs_sum_sparse"]), "sum_sparse"
 
 
 def layer_stats(x, starts, stops, **kw) -> dict:
@@ -179,6 +192,30 @@ def test_multi_piece_segments_threads_and_isas_bit_identical(dtype):
     for other in results[1:]:
         for k in KEYS:
             np.testing.assert_array_equal(other[k], results[0][k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("d", [9, 25, 49])
+def test_sparse_moments_of_mostly_sparse_layers(dtype, d):
+    """Layers where a third to all of the rows are sparse (degenerate layers of CNN Filter DB): the sparse rows'
+    moments (what entropy_clean subtracts) match numpy, in one piece and across pieces, and do not depend on
+    the thread count; neighbouring segments share cache lines of the outputs."""
+    rng = np.random.default_rng(d)
+    n = PIECE + 3001 if d == 9 else 20_000
+    x = rng.standard_normal((n, d))
+    sparse = rng.random(n) < np.where(np.arange(n) < n // 2, 0.35, 0.999)
+    x[sparse] *= 1e-3
+    x[[0, n // 2]] = 50.0  # one big row in each half keeps the others sparse
+    x = np.ascontiguousarray(x.astype(dtype))
+    cuts = np.sort(rng.integers(1, n, 30))
+    starts = np.concatenate([[0, 0, n // 2], cuts[:-1]]).astype(np.int64)
+    stops = np.concatenate([[n, n // 2, n], cuts[1:]]).astype(np.int64)
+    ref = ref_layer_stats(x, starts, stops)
+    assert ref["sparse"][0] > n // 2  # the case this test is about
+    one, two = (layer_stats(x, starts, stops, threads=t) for t in (1, 2))
+    check_stats(one, ref)
+    for k in KEYS:
+        np.testing.assert_array_equal(two[k], one[k], err_msg=k)
 
 
 @pytest.mark.parametrize("d", [9, 25, 49])

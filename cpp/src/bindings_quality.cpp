@@ -63,7 +63,7 @@ void bind_quality(py::module_& m) {
           const py::ssize_t d = in.d;
           py::array_t<int64_t> n({segs}), nonfinite({segs}), zeros({segs}), sparse({segs});
           py::array_t<double> max_abs({segs}), sum({segs, d}), gram({segs, d, d}), sum_scaled({segs, d}),
-              gram_scaled({segs, d, d});
+              gram_scaled({segs, d, d}), sum_sparse({segs, d}), gram_sparse({segs, d, d});
           LayerStatsOut out;
           out.n = n.mutable_data();
           out.nonfinite = nonfinite.mutable_data();
@@ -74,6 +74,8 @@ void bind_quality(py::module_& m) {
           out.gram = gram.mutable_data();
           out.sum_scaled = sum_scaled.mutable_data();
           out.gram_scaled = gram_scaled.mutable_data();
+          out.sum_sparse = sum_sparse.mutable_data();
+          out.gram_sparse = gram_sparse.mutable_data();
           const auto* s0 = static_cast<const int64_t*>(starts.data());
           const auto* s1 = static_cast<const int64_t*>(stops.data());
           {
@@ -90,12 +92,15 @@ void bind_quality(py::module_& m) {
           result["gram"] = gram;
           result["sum_scaled"] = sum_scaled;
           result["gram_scaled"] = gram_scaled;
+          result["sum_sparse"] = sum_sparse;
+          result["gram_sparse"] = gram_sparse;
           return result;
         },
         py::arg("x"), py::arg("starts"), py::arg("stops"), py::kw_only(), py::arg("threads") = 0,
         "Per-segment (layer) statistics of the kernels x[starts[j]:stops[j]] -> dict of arrays: n, nonfinite, "
         "zeros, sparse (int64 [L]), max_abs (float64 [L]), sum [L, d], gram [L, d, d], sum_scaled, gram_scaled "
-        "(rows divided by their own max|w|).  Rows with any NaN/Inf count only in nonfinite.  A row is sparse "
+        "(rows divided by their own max|w|), sum_sparse [L, d], gram_sparse [L, d, d] (the raw moments of the "
+        "sparse rows alone, float64).  Rows with any NaN/Inf count only in nonfinite.  A row is sparse "
         "when every |w| < 0.01 * the segment's max_abs (CNN Filter DB); when max_abs is 0 every finite row is.");
 
   m.def("coef_range",

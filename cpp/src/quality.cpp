@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernelatlas/engine.h"
+#include "kernelatlas/vecmath.h"
 #include "parallel.h"
 #include "quality_kernels.h"
 
@@ -144,6 +145,68 @@ idx_t count_below(const float* rowmax, idx_t rows, float threshold) {
   return count;
 }
 
+// Adds the float64 sum [d] and upper-triangle sum of outer products [d, d] (i <= k) of the sparse rows of
+// x[r0, r0 + rows) -- those with rowmax < threshold, the rule of count_below -- in row order.  Sparse rows are
+// a minority of the rows of nearly every layer and are read once more here while still in cache; plain scalar
+// float64, so the moments do not depend on the ISA path.
+// The row products of a batch of rows already converted to float64.
+template <int D>
+void add_outer_products(const double (*w)[kMaxDim], int count, int d_runtime, double* sum, double* gram) {
+  const int d = D > 0 ? D : d_runtime;
+  for (int r = 0; r < count; ++r) {
+    for (int i = 0; i < d; ++i) {
+      sum[i] += w[r][i];
+      double* g = gram + i * d;
+      const double wi = w[r][i];
+      for (int k = i; k < d; ++k) g[k] += wi * w[r][k];
+    }
+  }
+}
+
+template <int D>  // D = 0: any d (runtime)
+void sparse_moments_impl(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
+                         double* sum, double* gram) {
+  const int d = D > 0 ? D : x.d;
+  // Rows are converted a batch at a time and multiplied after the whole batch: the vector loads of a row
+  // just written by scalar stores would each wait for the stores to retire (no store forwarding from two
+  // stores into one load) -- 5x slower one row at a time.  The order of the additions is still row order.
+  constexpr int kBatch = 16;
+  alignas(64) double w[kBatch][kMaxDim];
+  int count = 0;
+  for (idx_t r = 0; r < rows; ++r) {
+    if (!(rowmax[r] < threshold)) continue;
+    const idx_t at = (r0 + r) * d;
+    if (x.dtype == DType::float16) {
+      const auto* p = static_cast<const uint16_t*>(x.data) + at;
+      for (int i = 0; i < d; ++i) w[count][i] = static_cast<double>(half_to_float(p[i]));
+    } else {
+      const auto* p = static_cast<const float*>(x.data) + at;
+      for (int i = 0; i < d; ++i) w[count][i] = static_cast<double>(p[i]);
+    }
+    if (++count == kBatch) {
+      add_outer_products<D>(w, count, d, sum, gram);
+      count = 0;
+    }
+  }
+  add_outer_products<D>(w, count, d, sum, gram);
+}
+
+void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
+                        double* sum, double* gram) {
+  switch (x.d) {  // the corpus sizes with the trip counts known, so the compiler unrolls and vectorises
+    case 9: return sparse_moments_impl<9>(x, r0, rows, rowmax, threshold, sum, gram);
+    case 25: return sparse_moments_impl<25>(x, r0, rows, rowmax, threshold, sum, gram);
+    case 49: return sparse_moments_impl<49>(x, r0, rows, rowmax, threshold, sum, gram);
+    default: return sparse_moments_impl<0>(x, r0, rows, rowmax, threshold, sum, gram);
+  }
+}
+
+// The lower triangle of a [d, d] matrix from its upper one.
+void mirror_upper(double* g, int d) {
+  for (int i = 0; i < d; ++i)
+    for (int k = i + 1; k < d; ++k) g[k * d + i] = g[i * d + k];
+}
+
 struct SegmentTotals {
   idx_t nonfinite = 0, zeros = 0;
   float max_abs = 0.f;
@@ -185,6 +248,8 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
   std::fill(out.sum_scaled, out.sum_scaled + segments * d, 0.0);
   std::fill(out.gram, out.gram + segments * dd, 0.0);
   std::fill(out.gram_scaled, out.gram_scaled + segments * dd, 0.0);
+  std::fill(out.sum_sparse, out.sum_sparse + segments * d, 0.0);
+  std::fill(out.gram_sparse, out.gram_sparse + segments * dd, 0.0);
 
   std::vector<Piece> pieces;
   const idx_t rows = split(starts, stops, segments, [](idx_t) { return true; }, pieces);
@@ -221,10 +286,24 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
     }
     write_segment(out, p.segment, d, p.rows, totals, ps.acc);
     const idx_t finite = p.rows - ps.nonfinite;
-    out.sparse[p.segment] = ps.max_abs == 0.f ? finite : count_below(s.rowmax, p.rows, sparse_threshold(ps.max_abs));
+    if (ps.max_abs == 0.f) {  // every finite row is sparse, and all-zero: its moments are 0
+      out.sparse[p.segment] = finite;
+      return;
+    }
+    const float threshold = sparse_threshold(ps.max_abs);
+    out.sparse[p.segment] = count_below(s.rowmax, p.rows, threshold);
+    if (out.sparse[p.segment] > 0) {  // accumulated apart: neighbouring segments' outputs share cache lines
+      std::vector<double> m(static_cast<size_t>(d) + dd, 0.0);
+      add_sparse_moments(x, p.r0, p.rows, s.rowmax, threshold, m.data(), m.data() + d);
+      std::copy(m.begin(), m.begin() + d, out.sum_sparse + p.segment * d);
+      double* g = out.gram_sparse + p.segment * static_cast<idx_t>(dd);
+      std::copy(m.begin() + d, m.end(), g);
+      mirror_upper(g, d);
+    }
   });
 
-  // segments of several pieces: pieces combined in order, then their sparse rows counted in a second pass
+  // segments of several pieces: pieces combined in order, then their sparse rows counted (and their moments
+  // summed) in a second pass
   std::vector<Piece> recount;
   std::vector<double> combined(acc_n);
   std::vector<float> thresholds(static_cast<size_t>(segments), 0.f);
@@ -254,14 +333,31 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
     }
   }
   if (recount.empty()) return;
+  // per piece: its sparse count and moments (sum [d], upper-triangle gram [d, d]), added up in piece order
+  const size_t moments = static_cast<size_t>(d) + dd;
   std::vector<idx_t> sparse(recount.size(), 0);
+  std::vector<double> piece_moments(recount.size() * moments, 0.0);
   for_each_item(recount.size(), threads, [&](int t, idx_t i) {
     const Piece& p = recount[static_cast<size_t>(i)];
     const QualityScratch& s = scratch[static_cast<size_t>(t)]->get();
+    const float threshold = thresholds[static_cast<size_t>(p.segment)];
     k.piece_rowmax(x, p.r0, p.rows, s);
-    sparse[static_cast<size_t>(i)] = count_below(s.rowmax, p.rows, thresholds[static_cast<size_t>(p.segment)]);
+    sparse[static_cast<size_t>(i)] = count_below(s.rowmax, p.rows, threshold);
+    if (sparse[static_cast<size_t>(i)] > 0) {
+      double* m = piece_moments.data() + static_cast<size_t>(i) * moments;
+      add_sparse_moments(x, p.r0, p.rows, s.rowmax, threshold, m, m + d);
+    }
   });
-  for (size_t i = 0; i < recount.size(); ++i) out.sparse[recount[i].segment] += sparse[i];
+  for (size_t i = 0; i < recount.size(); ++i) {
+    const idx_t j = recount[i].segment;
+    out.sparse[j] += sparse[i];
+    const double* m = piece_moments.data() + i * moments;
+    for (int e = 0; e < d; ++e) out.sum_sparse[j * d + e] += m[e];
+    for (size_t e = 0; e < dd; ++e) out.gram_sparse[j * static_cast<idx_t>(dd) + static_cast<idx_t>(e)] += m[d + e];
+  }
+  for (size_t i = 0; i < recount.size(); ++i)
+    if (i + 1 == recount.size() || recount[i + 1].segment != recount[i].segment)
+      mirror_upper(out.gram_sparse + recount[i].segment * static_cast<idx_t>(dd), d);
 }
 
 namespace {

@@ -20,10 +20,10 @@ copied) and returns per layer the counts, max|w|, and the first and second momen
 products, in float64) of the raw kernels and of the kernels scaled by their own max|w|.  Everything else is
 small linear algebra afterwards: H from the d x d centred scatter gram - sum sum^T / n, the global PCA from
 the moments summed over layers.  A layer is always one segment of one call (its sparsity threshold needs the
-whole layer's max), so results do not depend on the chunk size.  Two things need the kernels once more, layer
-by layer, in numpy, while the layer is still in the page cache: orthogonality (a c_out x c_out Gram of whole
-filters, computed in blocks), and -- only for layers holding sparse kernels -- the moments of the sparse
-kernels, subtracted from the layer's moments to give entropy_clean.
+whole layer's max), so results do not depend on the chunk size.  It also returns the moments of each layer's
+sparse kernels (read once more natively, right after their piece), subtracted from the layer's moments to give
+entropy_clean.  Only orthogonality (a c_out x c_out Gram of whole filters, computed in blocks) needs the
+kernels once more in numpy, layer by layer, while the layer is still in the page cache.
 
 Output: ``CORPUS/runs/RUN_ID/`` with quality.parquet (one row per stored layer), pca-kK.npz / pca-kK.csv
 (mean, basis, eigenvalues, explained-variance ratios) and figures (pca-kK.png, quality-kK.png); run.json is
@@ -380,25 +380,6 @@ def _native(name: str) -> Any:
     return fn
 
 
-def _sparse_moments(rows: np.ndarray, max_abs: float, block: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Count, sum and sum of outer products of the sparse kernels of one layer (finite, every |w| <
-    SPARSITY_EPS * max_abs; all finite kernels when max_abs is 0)."""
-    d = rows.shape[1]
-    count, total, gram = 0, np.zeros(d), np.zeros((d, d))
-    thr = SPARSITY_EPS * max_abs
-    for a in range(0, len(rows), block):
-        r = np.asarray(rows[a:a + block], dtype=np.float64)
-        fin = np.isfinite(r).all(axis=1)
-        if max_abs > 0:
-            amax = np.abs(np.where(fin[:, None], r, 0.0)).max(axis=1, initial=0.0)
-            fin &= amax < thr
-        r = r[fin]
-        count += len(r)
-        total += r.sum(axis=0)
-        gram += r.T @ r
-    return count, total, gram
-
-
 # ---------------------------------------------------------------------------------------------- the corpus
 # pass
 
@@ -442,7 +423,6 @@ def _scan(corpus: Corpus, *, kind: str, scale: str, threads: int | None, chunk_r
     sel = _stored_layers(corpus, kind)
     rows_out: list[dict[str, Any]] = []
     pcas: dict[int, PCA] = {}
-    block = 1 << 18  # rows per numpy step of the sparse-moment pass (<= 100 MB of float64 for 7x7)
     for k in corpus.kernel_sizes:
         d = k * k
         lay_k = sel[sel["kh"] == k]
@@ -475,17 +455,12 @@ def _scan(corpus: Corpus, *, kind: str, scale: str, threads: int | None, chunk_r
                     rows = x[starts[i]:stops[i]]
                     n = int(st["n"][i])
                     sparse = int(st["sparse"][i])
-                    if "gram_sparse" in st:  # an engine that returns the sparse rows' moments itself
-                        n_dense = n - sparse
+                    n_dense = n - sparse
+                    if sparse == 0:
+                        h_clean = h[i]
+                    else:  # the dense rows' moments: the layer's minus those of its sparse rows (native)
                         h_clean = entropy_from_moments([n_dense], [st["sum"][i] - st["sum_sparse"][i]],
                                                        [st["gram"][i] - st["gram_sparse"][i]])[0]
-                    elif sparse == 0:
-                        n_dense, h_clean = n, h[i]
-                    else:
-                        cnt, s_sp, g_sp = _sparse_moments(rows, float(st["max_abs"][i]), block)
-                        n_dense = n - cnt
-                        h_clean = entropy_from_moments([n_dense], [st["sum"][i] - s_sp],
-                                                       [st["gram"][i] - g_sp])[0]
                     if with_orthogonality and g.c_out * g.c_in_per_group == g.rows and g.c_out >= 2:
                         orth = orthogonality(rows.reshape(g.c_out, g.c_in_per_group * d))
                     else:

@@ -16,7 +16,8 @@
 //
 // Work items are pieces of at most 2^18 rows of one segment.  A segment longer than that keeps 2 (d + 1)^2
 // doubles per piece until it is complete (1.6 KB per 2^18 rows of 3x3 kernels) and is read a second time
-// for its sparse count; shorter segments (nearly all layers) are read once.
+// for its sparse count; shorter segments (nearly all layers) are read once.  The sparse rows (usually few) are
+// read once more, right after their piece, for their own moments.
 #pragma once
 #include <cstdint>
 
@@ -35,6 +36,8 @@ struct LayerStatsOut {
   double* gram = nullptr;          // [L, d, d] sum of outer(w, w) over finite rows (full symmetric matrix)
   double* sum_scaled = nullptr;    // [L, d] the same for rows divided by their own max |w| (all-zero rows: 0)
   double* gram_scaled = nullptr;   // [L, d, d]
+  double* sum_sparse = nullptr;    // [L, d] sum of the sparse rows (raw), float64 in row order: subtracted from
+  double* gram_sparse = nullptr;   // [L, d, d]  sum / gram, they give the moments of the dense rows (entropy_clean)
 };
 
 // Every output is overwritten.  starts/stops: [segments], 0 <= start <= stop <= x.rows (checked by the caller).

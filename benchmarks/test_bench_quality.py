@@ -53,8 +53,10 @@ def corpus() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def numpy_layer_stats(x: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> dict[str, np.ndarray]:
-    """The peer: what a user writes with numpy, float32 BLAS for the Gram matrices."""
-    out: dict[str, list] = {k: [] for k in ("n", "sparse", "max_abs", "sum", "gram", "sum_scaled", "gram_scaled")}
+    """The peer: what a user writes with numpy, float32 BLAS for the Gram matrices (float64 for the sparse
+    kernels' moments, as the engine returns them)."""
+    out: dict[str, list] = {k: [] for k in ("n", "sparse", "max_abs", "sum", "gram", "sum_scaled", "gram_scaled",
+                                            "sum_sparse", "gram_sparse")}
     for a, b in zip(starts, stops, strict=True):
         w = x[a:b].astype(np.float32)
         w = w[np.isfinite(w).all(axis=1)]
@@ -68,6 +70,9 @@ def numpy_layer_stats(x: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> d
         out["gram"].append(w.T @ w)
         out["sum_scaled"].append(s.sum(axis=0, dtype=np.float64))
         out["gram_scaled"].append(s.T @ s)
+        sp = w[m < 0.01 * big] if big > 0 else w[:0]  # the sparse kernels' moments, for entropy_clean
+        out["sum_sparse"].append(sp.sum(axis=0, dtype=np.float64))
+        out["gram_sparse"].append(sp.T.astype(np.float64) @ sp)
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -127,6 +132,7 @@ def test_layer_stats_numpy_peer(benchmark, corpus):
     for k in ("n", "sparse", "max_abs"):  # the same statistics, not just the same speed
         np.testing.assert_array_equal(got[k], ref[k])
     np.testing.assert_allclose(got["gram"], ref["gram"], rtol=1e-4)
+    np.testing.assert_allclose(got["gram_sparse"], ref["gram_sparse"], rtol=1e-9, atol=1e-12)
     benchmark.pedantic(numpy_layer_stats, args=(x, starts, stops), rounds=1, iterations=1)
     t = benchmark.stats.stats.median
     print(f"\nnumpy peer (float32 BLAS per layer), {rows:,} kernels: {t:.2f} s = {rows / t / 1e6:.1f} M kernels/s")

@@ -149,7 +149,3 @@ def test_corpus_shards_are_mapped_with_huge_page_advice(tmp_path):
     arr = c.shard_array(shard)
     assert "hg" in _vm_flags((c.root / shard).resolve())
     np.testing.assert_array_equal(arr, weight.reshape(5000, 9))
-
-
-def test_advise_huge_pages_ignores_arrays_without_a_mapping():
-    _files.advise_huge_pages(np.zeros((4, 9), np.float32))  # not a memmap: nothing to advise, no error

@@ -149,55 +149,25 @@ idx_t count_below(const float* rowmax, idx_t rows, float threshold) {
 // x[r0, r0 + rows) -- those with rowmax < threshold, the rule of count_below -- in row order.  Sparse rows are
 // a minority of the rows of nearly every layer and are read once more here while still in cache; plain scalar
 // float64, so the moments do not depend on the ISA path.
-// The row products of a batch of rows already converted to float64.
-template <int D>
-void add_outer_products(const double (*w)[kMaxDim], int count, int d_runtime, double* sum, double* gram) {
-  const int d = D > 0 ? D : d_runtime;
-  for (int r = 0; r < count; ++r) {
-    for (int i = 0; i < d; ++i) {
-      sum[i] += w[r][i];
-      double* g = gram + i * d;
-      const double wi = w[r][i];
-      for (int k = i; k < d; ++k) g[k] += wi * w[r][k];
-    }
-  }
-}
-
-template <int D>  // D = 0: any d (runtime)
-void sparse_moments_impl(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
-                         double* sum, double* gram) {
-  const int d = D > 0 ? D : x.d;
-  // Rows are converted a batch at a time and multiplied after the whole batch: the vector loads of a row
-  // just written by scalar stores would each wait for the stores to retire (no store forwarding from two
-  // stores into one load) -- 5x slower one row at a time.  The order of the additions is still row order.
-  constexpr int kBatch = 16;
-  alignas(64) double w[kBatch][kMaxDim];
-  int count = 0;
+void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
+                        double* sum, double* gram) {
+  const int d = x.d;
+  double w[kMaxDim];
   for (idx_t r = 0; r < rows; ++r) {
     if (!(rowmax[r] < threshold)) continue;
     const idx_t at = (r0 + r) * d;
     if (x.dtype == DType::float16) {
       const auto* p = static_cast<const uint16_t*>(x.data) + at;
-      for (int i = 0; i < d; ++i) w[count][i] = static_cast<double>(half_to_float(p[i]));
+      for (int i = 0; i < d; ++i) w[i] = static_cast<double>(half_to_float(p[i]));
     } else {
       const auto* p = static_cast<const float*>(x.data) + at;
-      for (int i = 0; i < d; ++i) w[count][i] = static_cast<double>(p[i]);
+      for (int i = 0; i < d; ++i) w[i] = static_cast<double>(p[i]);
     }
-    if (++count == kBatch) {
-      add_outer_products<D>(w, count, d, sum, gram);
-      count = 0;
+    for (int i = 0; i < d; ++i) {
+      sum[i] += w[i];
+      double* g = gram + i * d;
+      for (int k = i; k < d; ++k) g[k] += w[i] * w[k];
     }
-  }
-  add_outer_products<D>(w, count, d, sum, gram);
-}
-
-void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
-                        double* sum, double* gram) {
-  switch (x.d) {  // the corpus sizes with the trip counts known, so the compiler unrolls and vectorises
-    case 9: return sparse_moments_impl<9>(x, r0, rows, rowmax, threshold, sum, gram);
-    case 25: return sparse_moments_impl<25>(x, r0, rows, rowmax, threshold, sum, gram);
-    case 49: return sparse_moments_impl<49>(x, r0, rows, rowmax, threshold, sum, gram);
-    default: return sparse_moments_impl<0>(x, r0, rows, rowmax, threshold, sum, gram);
   }
 }
 

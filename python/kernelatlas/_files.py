@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SequentialFile", "advise_huge_pages", "atomic_write", "atomic_write_bytes", "fsync_dir", "npy_header", "sha256_file"]
+__all__ = ["SequentialFile", "advise_huge_pages", "advise_readahead", "atomic_write", "atomic_write_bytes", "fsync_dir",
+           "npy_header", "sha256_file"]
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -23,19 +24,43 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def advise_huge_pages(arr: Any) -> None:
-    """Ask the kernel to back a read-only memmap (np.load(mmap_mode="r")) with 2 MiB page-cache folios mapped
-    by single page-table entries (MADV_HUGEPAGE): pages it reads from disk from now on (faults and MADV_WILLNEED
-    readahead alike) are then allocated as PMD-size folios.  Without it, readahead fills the page cache with
-    small folios mapped 4 KiB at a time, and a pass over a 10^8-kernel corpus spends ~8% of the engine's time in
-    page faults and TLB misses (BENCHMARKS.md).  A hint: silently ignored where unsupported."""
+def _advise(arr: Any, advice: str, rows: tuple[int, int] | None = None) -> None:
+    """madvise(mmap.<advice>) on the mapping behind a read-only memmap (np.load(mmap_mode="r")): all of it, or
+    the pages holding rows [a, b).  A hint: silently skipped where the array has no mapping, the platform lacks
+    the advice, or the kernel refuses it."""
     mm = getattr(arr, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_HUGEPAGE"):
+    flag = getattr(mmap, advice, None)
+    if mm is None or flag is None or not hasattr(mm, "madvise"):
         return
     try:
-        mm.madvise(mmap.MADV_HUGEPAGE)
+        if rows is None:
+            mm.madvise(flag)
+            return
+        a, b = rows
+        if b <= a:
+            return
+        base = arr.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 lies in the mapping
+        lo = base + a * arr.strides[0]
+        start = lo - lo % mmap.PAGESIZE
+        mm.madvise(flag, start, base + b * arr.strides[0] - start)
     except (OSError, ValueError):
         pass
+
+
+def advise_huge_pages(arr: Any) -> None:
+    """Ask the kernel to back a read-only memmap with 2 MiB page-cache folios mapped by single page-table entries
+    (MADV_HUGEPAGE): pages it reads from disk from now on (faults and MADV_WILLNEED readahead alike) are then
+    allocated as PMD-size folios.  Without it, readahead fills the page cache with small folios mapped 4 KiB at
+    a time, and a pass over a 10^8-kernel corpus spends ~8% of the engine's time in page faults and TLB misses
+    (BENCHMARKS.md)."""
+    _advise(arr, "MADV_HUGEPAGE")
+
+
+def advise_readahead(arr: Any, a: int, b: int) -> None:
+    """Ask the kernel to start reading rows [a, b) of a memmapped shard into the page cache (MADV_WILLNEED: an
+    asynchronous hint, no page touched here), so that on a cold corpus the disk works on the next chunk while
+    the engine computes the current one.  On a page-cached corpus it costs a few microseconds."""
+    _advise(arr, "MADV_WILLNEED", (a, b))
 
 
 def npy_header(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
@@ -123,11 +148,11 @@ class SequentialFile:
         except OSError:
             self.direct = False
             self._fd = os.open(path, flags, 0o644)
-        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        self._free: queue.Queue[Any] = queue.Queue()  # staging blocks (numpy uint8 views)
         for _ in range(max(2, blocks)):
             self._free.put(_staging_block(self.block))
         self._stage = self._free.get()
-        self._full: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue()
+        self._full: queue.Queue[tuple[Any, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._io, name=f"write {path.name}", daemon=True)
         self._thread.start()
 
@@ -175,7 +200,7 @@ class SequentialFile:
                     view = memoryview(block[:nbytes])
                     while len(view):
                         view = view[os.write(self._fd, view):]
-            except BaseException as exc:  # reported to the writing thread by the next reserve / close
+            except BaseException as exc:  # noqa: BLE001 -- reported to the writing thread by the next reserve / close
                 self._error = exc
             self._free.put(block)
 

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
-import queue
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from kernelatlas._files import SequentialFile, atomic_write_bytes, fsync_dir, npy_header
+from kernelatlas._files import SequentialFile, advise_readahead, atomic_write_bytes, fsync_dir, npy_header
 from kernelatlas.corpus import Corpus, CorpusError
 
 __all__ = ["RunResult", "assign_corpus", "latest_runs", "load_prototypes", "run_id_for"]
@@ -53,7 +51,7 @@ def load_prototypes(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]
     if p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False).astype(np.float32)
         if arr.ndim == 2:
-            k = int(round(arr.shape[1] ** 0.5))
+            k = round(arr.shape[1] ** 0.5)
             arr = arr.reshape(len(arr), k, k)
         return arr, [f"prototype_{i}" for i in range(len(arr))]
     blocks: list[list[list[float]]] = []
@@ -122,23 +120,6 @@ def _spans(corpus: Corpus, shard: str, kind: str) -> _Spans:
     return _Spans(runs, arr)
 
 
-def _readahead(arr: np.ndarray, a: int, b: int) -> None:
-    """Ask the kernel to start reading rows [a, b) of a memmapped shard into the page cache (MADV_WILLNEED: an
-    asynchronous readahead hint, no page touched here), so that on a cold corpus the disk works on the next chunk
-    while the engine computes the current one.  On a page-cached corpus it costs a few microseconds."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is None or b <= a or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
-        return
-    base = arr.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 lies in the mapping
-    row = arr.strides[0]
-    lo = base + a * row
-    start = lo - lo % mmap.PAGESIZE
-    try:
-        mm.madvise(mmap.MADV_WILLNEED, start, base + b * row - start)
-    except (OSError, ValueError):  # a hint only
-        pass
-
-
 def _layer_counts(layers: np.ndarray, a: int, labels: np.ndarray, scores: np.ndarray, codes: np.ndarray | None,
                   n_labels: int, into: dict[int, np.ndarray]) -> None:
     """Add the label counts (index 0: -1, i + 1: cluster i) and the dead-kernel count (last) of rows
@@ -175,8 +156,9 @@ class _ShardOutput:
     place, labels last."""
 
     HEADER = 4096
-    _FILL = {"labels": LABEL_OTHER_KIND, "scores": np.nan, "codes": np.nan}
-    _DTYPE = {"labels": np.dtype(np.int16), "scores": np.dtype(np.float32), "codes": np.dtype(np.float32)}
+    _FILL: ClassVar[Mapping[str, float]] = {"labels": LABEL_OTHER_KIND, "scores": np.nan, "codes": np.nan}
+    _DTYPE: ClassVar[Mapping[str, np.dtype]] = {"labels": np.dtype(np.int16), "scores": np.dtype(np.float32),
+                                                "codes": np.dtype(np.float32)}
 
     def __init__(self, final: dict[str, Path], rows: int, chunk_rows: int, layers: np.ndarray, n_labels: int) -> None:
         self.final = final
@@ -305,9 +287,7 @@ def assign_corpus(
         done = json.loads(info_path.read_text())
         if done.get("completed") and done.get("options") == options:
             return rid
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(c.shard_array(shards[0]).strides[0])
-    if chunk_rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     spans = {s: _spans(c, s, kind) for s in shards}
     total = sum(b - a for sp in spans.values() for a, b in sp.runs)
@@ -319,19 +299,20 @@ def assign_corpus(
         num = re.search(r"(\d+)\.npy$", shard)
         tag = num.group(1) if num else Path(shard).stem
         arr = c.shard_array(shard)
+        rows_per_call = chunk_rows or default_chunk_rows(arr.strides[0])
         sp = spans[shard]
         names = ("labels", "scores", "codes") if model is not None else ("labels", "scores")
         final = {n: outdir / f"{n}-{tag}.npy" for n in names}
-        pieces = [(a0, min(a0 + chunk_rows, b)) for a, b in sp.runs for a0 in range(a, b, chunk_rows)]
+        pieces = [(a0, min(a0 + rows_per_call, b)) for a, b in sp.runs for a0 in range(a, b, rows_per_call)]
         counts: dict[int, np.ndarray] = {}
         if not final["labels"].is_file():
-            out = _ShardOutput(final, len(arr), chunk_rows, sp.layers, n_labels)
+            out = _ShardOutput(final, len(arr), rows_per_call, sp.layers, n_labels)
             try:
                 if pieces:
-                    _readahead(arr, *pieces[0])
+                    advise_readahead(arr, *pieces[0])
                 for i, (a, b) in enumerate(pieces):
                     if i + 1 < len(pieces):
-                        _readahead(arr, *pieces[i + 1])
+                        advise_readahead(arr, *pieces[i + 1])
                     buf = out.buffers(a, b)
                     if model is not None:
                         kernelatlas.assign(arr[a:b], ae, threshold=threshold, min_abs=min_abs, threads=threads,

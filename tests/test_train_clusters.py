@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,35 +23,12 @@ from kernelatlas import Autoencoder
 from kernelatlas.autoencoder import Dense
 from kernelatlas.cli import main as cli_main
 from kernelatlas.clustering import THRESHOLDS, clusters, merge_intervals, read_spec
-from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus import Corpus
 from kernelatlas.templates import _PAIRS, best_match, template_names, templates
-from kernelatlas.training import sample_kernels, train
-
-# The 8 "master key" 7x7 depthwise filters: (c) 2026 Tony Lindeberg, CC BY 4.0
-# (https://creativecommons.org/licenses/by/4.0/), from tonylindeberg/masterfiltmodel (model-fitting/8Filters.txt,
-# commit e170f53); credit T. Lindeberg, Z. Babaiee, P. Kiasari, "Modelling and analysis of the 8 filters from the
-# 'master key filters hypothesis' ...", JMIV 2026 (arXiv 2509.12746).  Read from the shared reference folder,
-# never copied into this repository.
-MASTER_KEY_FILTERS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "master_key_filters_7x7.txt"
+from kernelatlas.training import train
+from planted import centred_unit, make_small_corpus, planted_kernels, read_master_key_filters, write_corpus
 
 SIZES = (3, 5, 7, 9, 11)
-
-
-def centred_unit(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
-    rows = rows - rows.mean(axis=1, keepdims=True)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
-def read_master_key_filters() -> np.ndarray:
-    """[8, 7, 7] from the reference file ("Filter N:" then 7 rows of 7 numbers); skips the test when absent."""
-    if not MASTER_KEY_FILTERS.is_file():
-        pytest.skip(f"{MASTER_KEY_FILTERS} is absent (the shared reference data): the master-key checks need it")
-    blocks = re.split(r"Filter\s+\d+\s*:", MASTER_KEY_FILTERS.read_text())[1:]
-    filters = np.array([np.array(b.split(), dtype=np.float64).reshape(7, 7) for b in blocks])
-    assert filters.shape == (8, 7, 7)
-    return filters
 
 
 # ---------------------------------------------------------------------------------------------- (a) templates
@@ -134,146 +110,9 @@ def test_templates_reject_even_or_tiny_sizes(k):
         templates(k)
 
 
-# ---------------------------------------------------------------------------------------------- corpora
-
-
-def write_corpus(root: Path, kernels: np.ndarray, k: int, *, layer_rows: int = 1000,
-                 regular: np.ndarray | None = None, dtype: str = "float32") -> Corpus:
-    """A corpus of one model whose depthwise layers hold ``kernels`` in order (``layer_rows`` per layer), plus
-    one regular layer of ``regular`` kernels when given (stored: the corpus stores what it is handed)."""
-    layers = [
-        ConvLayer(f"dw{i}", kernels[a:a + layer_rows].reshape(-1, 1, k, k), groups=len(kernels[a:a + layer_rows]),
-                  kind="depthwise", kind_inferred=False, order=float(i))
-        for i, a in enumerate(range(0, len(kernels), layer_rows))
-    ]
-    sizes = (k,)
-    if regular is not None:
-        layers.insert(1, ConvLayer("regular", regular.reshape(len(regular), 1, k, k), groups=1, kind="regular",
-                                   kind_inferred=False, order=0.5))
-    with CorpusWriter(root, dtype=dtype) as writer:
-        writer.add_model(LoadedModel(f"/planted/{root.name}.pth", "torch", layers),
-                         sha256=hashlib.sha256(kernels.tobytes()).hexdigest(), sizes=sizes, all_convs=True)
-    return Corpus.open(root)
-
-
-def planted_kernels(sources: np.ndarray, n_per: int, n_noise: int, noise_max: float, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Kernels a*f + b + e for every source f (centred, unit norm): gain a ~ U(0.05, 2) (> 0: signs kept),
-    offset b ~ a*N(0, 1) (removed by the centring), noise e with norm about rho*a, rho ~ U(0, noise_max), so the
-    cosine of a planted kernel with its source is about 1/sqrt(1 + rho^2) or more; plus ``n_noise`` pure-noise
-    kernels (i.i.d. normal entries, random scale and offset).  Returns float32 kernels [n, k*k] in random order
-    and their source index (-1 for noise)."""
-    rng = np.random.default_rng(seed)
-    src = centred_unit(sources)
-    d = src.shape[1]
-    kernels, labels = [], []
-    for i, f in enumerate(src):
-        a = rng.uniform(0.05, 2.0, (n_per, 1))
-        b = rng.normal(0.0, 1.0, (n_per, 1)) * a
-        rho = rng.uniform(0.0, noise_max, (n_per, 1))
-        kernels.append(a * f + b + rng.standard_normal((n_per, d)) * rho * a / np.sqrt(d))
-        labels.append(np.full(n_per, i))
-    scale = rng.uniform(0.05, 2.0, (n_noise, 1))
-    kernels.append(rng.standard_normal((n_noise, d)) * scale + rng.normal(0.0, 1.0, (n_noise, 1)) * scale)
-    labels.append(np.full(n_noise, -1))
-    order = rng.permutation(n_per * len(src) + n_noise)
-    return np.concatenate(kernels).astype(np.float32)[order], np.concatenate(labels)[order]
-
-
-# ---------------------------------------------------------------------------------------------- (b) training
-
-
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Corpus, np.ndarray, np.ndarray]:
-    """3x3: 3,000 planted kernels from four templates, plus 200 dead, 50 NaN, 50 flat kernels and a regular
-    layer of 500 kernels of all 7s (which depthwise sampling must never return)."""
-    root = tmp_path_factory.mktemp("small") / "corpus"
-    bank = templates(3)
-    kernels, labels = planted_kernels(np.array([bank[n] for n in ("dog_on", "dx+", "dy-", "dxy+")]), 700, 200,
-                                      0.3, seed=5)
-    rng = np.random.default_rng(6)
-    dead = rng.uniform(-0.9e-4, 0.9e-4, (200, 9)).astype(np.float32)
-    nan = rng.standard_normal((50, 9)).astype(np.float32)
-    nan[:, 4] = np.nan
-    flat = np.repeat(rng.uniform(0.5, 1.0, (50, 1)), 9, axis=1).astype(np.float32)
-    kernels = np.concatenate([kernels, dead, nan, flat])
-    regular = np.full((500, 9), 7.0, dtype=np.float32)
-    return write_corpus(root, kernels, 3, layer_rows=600, regular=regular), kernels, labels
-
-
-def test_training_is_bit_reproducible(small_corpus, tmp_path):
-    corpus, _, _ = small_corpus
-    opts = dict(epochs=3, batch_size=128, threads=2, progress=False, sample=2000)
-    train(corpus, 3, tmp_path / "a", seed=11, **opts)
-    train(corpus.root, 3, tmp_path / "b", seed=11, **opts)
-    train(corpus, 3, tmp_path / "c", seed=12, **opts)
-    a, b, c = ((tmp_path / m / "autoencoder.safetensors").read_bytes() for m in "abc")
-    assert a == b, "the same seed must give bit-identical weights"
-    assert a != c, "another seed must give other weights"
-    ja, jb = (json.loads((tmp_path / m / "model.json").read_text()) for m in "ab")
-    assert ja["training"]["history"] == jb["training"]["history"]
-
-
-def test_training_records_what_it_did(small_corpus, tmp_path):
-    corpus, _, _ = small_corpus
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "clusters.json").write_text("{}")  # stale: from another model
-    model = train(corpus, 3, tmp_path / "m", epochs=2, batch_size=256, seed=0, threads=1, progress=False,
-                  sample=None)
-    assert not (tmp_path / "m" / "clusters.json").exists()
-    meta = json.loads((tmp_path / "m" / "model.json").read_text())
-    t, s, c = meta["training"], meta["sample"], meta["corpus"]
-    assert meta["kernel_size"] == 3 and [L["out"] for L in meta["encoder"]] == [64, 32, 1]
-    assert [L["activation"] for L in meta["encoder"]] == ["relu", "relu", "sigmoid"]
-    assert [L["activation"] for L in meta["decoder"]] == ["relu", "relu", "identity"]
-    assert t["seed"] == 0 and t["epochs_run"] == 2 and t["min_abs"] == 1e-4 and t["kind"] == "depthwise"
-    assert t["torch_version"] == torch.__version__ and t["device"] == "cpu" and t["threads"] == 1
-    assert 0 < t["val_loss"] < 2 and len(t["history"]["val_loss"]) == 2 and t["train_seconds"] > 0
-    assert c["generation"] == corpus.manifest["generation"]
-    assert c["manifest_sha256"] == hashlib.sha256((corpus.root / "manifest.json").read_bytes()).hexdigest()
-    # 3,000 planted + 200 dead + 50 NaN + 50 flat depthwise kernels; the regular layer is not sampled
-    assert s["available"] == s["drawn"] == 3300
-    assert s["excluded"] == {"nonfinite": 50, "dead": 200, "flat": 50}
-    assert s["used"] == 3000 and s["validation"] == 150 and s["train"] == 2850
-    loaded = Autoencoder.load(tmp_path / "m")
-    assert loaded.info["training"]["seed"] == 0
-    x = np.random.default_rng(0).standard_normal((10, 9)).astype(np.float32)
-    np.testing.assert_array_equal(loaded.encode(x), model.encode(x))
-
-
-def test_sampling_is_uniform_seeded_and_of_the_kind(small_corpus):
-    corpus, kernels, _ = small_corpus
-    every, counts = sample_kernels(corpus, 3, sample=None)
-    assert counts == {"available": 3300, "drawn": 3300}
-    np.testing.assert_array_equal(every, kernels)  # all rows, in corpus order, the regular layer left out
-    one, _ = sample_kernels(corpus, 3, sample=1000, rng=np.random.default_rng(3))
-    two, _ = sample_kernels(corpus, 3, sample=1000, rng=np.random.default_rng(3))
-    np.testing.assert_array_equal(one, two)
-    assert len(one) == 1000 and not (one == 7.0).all(axis=1).any()
-    # without replacement, and drawn from every part of the corpus
-    rows = {kernels[i].tobytes(): i for i in range(len(kernels)) if np.isfinite(kernels[i]).all()}
-    idx = [rows[r.tobytes()] for r in one if r.tobytes() in rows]
-    assert len(set(idx)) == len(idx) > 950
-    assert np.histogram(idx, bins=5, range=(0, len(kernels)))[0].min() > 120
-    regular, counts = sample_kernels(corpus, 3, kind="regular", sample=None)
-    assert counts["available"] == 500 and (regular == 7.0).all()
-    assert sample_kernels(corpus, 3, kind="all", sample=None)[1]["available"] == 3800
-
-
-def test_training_input_errors(small_corpus, tmp_path):
-    corpus, _, _ = small_corpus
-    with pytest.raises(ValueError, match="stores no 5x5 kernels"):
-        train(corpus, 5, tmp_path / "m", epochs=1, progress=False)
-    with pytest.raises(ValueError, match="kind must be one of"):
-        train(corpus, 3, tmp_path / "m", kind="pointwise", progress=False)
-    with pytest.raises(ValueError, match="widths"):
-        train(corpus, 3, tmp_path / "m", widths=(), progress=False)
-    with pytest.raises(ValueError, match="torch sees no CUDA device"):
-        if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
-        train(corpus, 3, tmp_path / "m", device="cuda", progress=False)
-    with pytest.raises(ka.corpus.CorpusError, match="not a kernelatlas corpus"):
-        train(tmp_path / "nowhere", 3, tmp_path / "m", progress=False)
+    return make_small_corpus(tmp_path_factory.mktemp("small") / "corpus")
 
 
 # ---------------------------------------------------------------------------------------------- (c) planted clusters

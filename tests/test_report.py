@@ -331,7 +331,9 @@ def test_cli(world, tmp_path, capsys):
     assert main(["report", str(corpus.root), "--run", "p5", "--out", str(tmp_path / "r"), "--thresholds",
                  "0.9,0.7", "--no-progress"]) == 0
     cov = pd.read_csv(tmp_path / "r" / "coverage.csv")
-    assert [c for c in cov.columns if c.startswith("share_")] == ["share_0.70", "share_0.90"]
+    assert [c for c in cov.columns if c.startswith("share_")] == [
+        "share_0.70", "share_0.90", "share_in_sample_0.70", "share_held_out_0.70", "share_in_sample_0.90",
+        "share_held_out_0.90"]
     want = expected(corpus, planted["p5"], "prototypes", 0.7)
     assert dict(zip(cov["model"], cov["classified_0.70"], strict=True)) == {m: v[1] for m, v in want.items()}
     assert main(["report", str(corpus.root), "--run", "nope", "--out", str(tmp_path / "r2")]) == 1

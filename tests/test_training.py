@@ -24,7 +24,7 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Corpus, np.n
 
 def test_training_is_bit_reproducible(small_corpus, tmp_path):
     corpus, _, _ = small_corpus
-    opts = dict(epochs=3, batch_size=128, threads=2, progress=False, sample=2000)
+    opts = dict(max_steps=60, eval_every=20, batch_size=128, threads=2, progress=False, sample=2000)
     train(corpus, 3, tmp_path / "a", seed=11, **opts)
     train(corpus.root, 3, tmp_path / "b", seed=11, **opts)
     train(corpus, 3, tmp_path / "c", seed=12, **opts)
@@ -40,20 +40,28 @@ def test_training_records_what_it_did(small_corpus, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "clusters.json").write_text("{}")  # stale: from another model
     model = train(corpus, 3, tmp_path / "m", epochs=2, batch_size=256, seed=0, threads=1, progress=False,
-                  sample=None)
+                  sample=None, eval_every=5, holdout=0.0)
     assert not (tmp_path / "m" / "clusters.json").exists()
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     t, s, c = meta["training"], meta["sample"], meta["corpus"]
     assert meta["kernel_size"] == 3 and [L["out"] for L in meta["encoder"]] == [64, 32, 1]
     assert [L["activation"] for L in meta["encoder"]] == ["relu", "relu", "sigmoid"]
     assert [L["activation"] for L in meta["decoder"]] == ["relu", "relu", "identity"]
-    assert t["seed"] == 0 and t["epochs_run"] == 2 and t["min_abs"] == 1e-4 and t["kind"] == "depthwise"
+    # 2,850 training rows in batches of 256: 12 steps an epoch, so the 2-epoch cap is 24 steps
+    assert t["seed"] == 0 and t["epochs_max"] == 2 and t["min_abs"] == 1e-4 and t["kind"] == "depthwise"
+    assert t["steps_per_epoch"] == 12 and t["steps_run"] == t["max_steps"] == 24 and t["epochs_run"] == 2.16
+    assert t["stop_reason"].startswith("epochs")
     assert t["torch_version"] == torch.__version__ and t["device"] == "cpu" and t["threads"] == 1
-    assert 0 < t["val_loss"] < 2 and len(t["history"]["val_loss"]) == 2 and t["train_seconds"] > 0
+    assert 0 < t["val_loss"] < 2 and t["history"]["step"] == [5, 10, 15, 20, 24] and t["train_seconds"] > 0
+    assert t["val_loss"] == min(t["history"]["val_loss"]) and t["best_step"] in t["history"]["step"]
+    density = t["code_density"]
+    assert (density["lo"], density["hi"]) == (0.0, 1.0) and sum(density["counts"]) == 3000
+    assert meta["holdout"]["share"] == 0.0 and meta["holdout"]["models"] is None
+    assert list(meta["holdout"]["shards"]) == corpus.shards(3)
     assert c["generation"] == corpus.manifest["generation"]
     assert c["manifest_sha256"] == hashlib.sha256((corpus.root / "manifest.json").read_bytes()).hexdigest()
     # 3,000 planted + 200 dead + 50 NaN + 50 flat depthwise kernels; the regular layer is not sampled
-    assert s["available"] == s["drawn"] == 3300
+    assert s["available"] == s["pool"] == s["drawn"] == 3300
     assert s["excluded"] == {"nonfinite": 50, "dead": 200, "flat": 50}
     assert s["used"] == 3000 and s["validation"] == 150 and s["train"] == 2850
     loaded = Autoencoder.load(tmp_path / "m")
@@ -65,7 +73,7 @@ def test_training_records_what_it_did(small_corpus, tmp_path):
 def test_sampling_is_uniform_seeded_and_of_the_kind(small_corpus):
     corpus, kernels, _ = small_corpus
     every, counts = sample_kernels(corpus, 3, sample=None)
-    assert counts == {"available": 3300, "drawn": 3300}
+    assert counts == {"available": 3300, "pool": 3300, "drawn": 3300}
     np.testing.assert_array_equal(every, kernels)  # all rows, in corpus order, the regular layer left out
     one, _ = sample_kernels(corpus, 3, sample=1000, rng=np.random.default_rng(3))
     two, _ = sample_kernels(corpus, 3, sample=1000, rng=np.random.default_rng(3))
@@ -85,6 +93,14 @@ def test_training_input_errors(small_corpus, tmp_path):
     corpus, _, _ = small_corpus
     with pytest.raises(ValueError, match="stores no 5x5 kernels"):
         train(corpus, 5, tmp_path / "m", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        train(corpus, 3, tmp_path / "m", schedule="linear", progress=False)
+    with pytest.raises(ValueError, match="holdout must be in"):
+        train(corpus, 3, tmp_path / "m", holdout=1.0, progress=False)
+    with pytest.raises(ValueError, match="no model named 'nope'"):
+        train(corpus, 3, tmp_path / "m", models=["nope"], progress=False)
+    with pytest.raises(ValueError, match="leave no model"):
+        train(corpus, 3, tmp_path / "m", exclude_models=[0], progress=False)
     with pytest.raises(ValueError, match="kind must be one of"):
         train(corpus, 3, tmp_path / "m", kind="pointwise", progress=False)
     with pytest.raises(ValueError, match="widths"):
@@ -95,3 +111,89 @@ def test_training_input_errors(small_corpus, tmp_path):
         train(corpus, 3, tmp_path / "m", device="cuda", progress=False)
     with pytest.raises(ka.corpus.CorpusError, match="not a kernelatlas corpus"):
         train(tmp_path / "nowhere", 3, tmp_path / "m", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- held-out split
+
+
+def test_heldout_mask_is_a_function_of_the_kernel_identity():
+    from kernelatlas.holdout import heldout_mask
+
+    whole = heldout_mask("k3/shard-000000.npy", 0, 100_000, share=0.2, salt=7)
+    assert abs(whole.mean() - 0.2) < 0.01
+    # the same rows give the same answer however the range is cut
+    parts = np.concatenate([heldout_mask("k3/shard-000000.npy", a, min(a + 999, 100_000), share=0.2, salt=7)
+                            for a in range(0, 100_000, 999)])
+    np.testing.assert_array_equal(parts, whole)
+    # another salt or shard gives another split; a larger share holds out a superset
+    assert (heldout_mask("k3/shard-000000.npy", 0, 100_000, share=0.2, salt=8) != whole).mean() > 0.25
+    assert (heldout_mask("k3/shard-000001.npy", 0, 100_000, share=0.2, salt=7) != whole).mean() > 0.25
+    assert (heldout_mask("k3/shard-000000.npy", 0, 100_000, share=0.3, salt=7) >= whole).all()
+    assert not heldout_mask("k3/shard-000000.npy", 0, 100, share=0.0, salt=7).any()
+    assert heldout_mask("k3/shard-000000.npy", 5, 5, share=0.5, salt=7).shape == (0,)
+    with pytest.raises(ValueError, match="held-out share"):
+        heldout_mask("k3/shard-000000.npy", 0, 10, share=1.0, salt=7)
+
+
+def test_held_out_kernels_never_reach_training(small_corpus):
+    from kernelatlas.holdout import Holdout
+
+    corpus, _, _ = small_corpus
+    split = Holdout(share=0.3, salt=5, shards={s: "" for s in corpus.shards(3)})
+    pool, counts = sample_kernels(corpus, 3, sample=None, holdout=split)
+    lay = corpus.layers
+    lay = lay[(lay.kind == "depthwise") & (lay.kh == 3)].sort_values("row_start")
+    expect, held = [], 0
+    for _, r in lay.iterrows():
+        rows = np.asarray(corpus.shard_array(r.shard)[r.row_start:r.row_start + r.rows])
+        mask = split.mask(r.shard, r.row_start, r.row_start + r.rows)
+        expect.append(rows[~mask])
+        held += int(mask.sum())
+    np.testing.assert_array_equal(pool, np.concatenate(expect))
+    assert counts == {"available": 3300, "pool": 3300 - held, "drawn": 3300 - held} and 850 < held < 1130
+    part, counts = sample_kernels(corpus, 3, sample=500, holdout=split, rng=np.random.default_rng(1))
+    assert counts["drawn"] == 500 and len(part) == 500
+    pool_rows = {r.tobytes() for r in pool}
+    assert all(r.tobytes() in pool_rows for r in part)
+
+
+def test_training_records_its_split_and_converges(small_corpus, tmp_path):
+    corpus, _, _ = small_corpus
+    model = train(corpus, 3, tmp_path / "m", seed=3, threads=2, progress=False, patience=300, eval_every=50)
+    t, s, h = model.info["training"], model.info["sample"], model.info["holdout"]
+    assert t["stop_reason"].startswith("converged") and "3 learning-rate drops" in t["stop_reason"]
+    assert t["steps_run"] < t["max_steps"] and t["lr_final"] == pytest.approx(1e-3 * 0.25 ** 3)
+    assert h["share"] == 0.2 and h["salt"] == 3 and h["models"] is None
+    # the pool is what the rule leaves: 3,300 rows less the held-out ones, of which dead/flat/NaN are dropped
+    assert 2500 < s["pool"] < 2800 and s["used"] == s["pool"] - sum(s["excluded"].values())
+
+
+def two_model_corpus(root):
+    """Two models of 3x3 depthwise kernels: 'left' (600 kernels) and 'right' (400 kernels of all 7s but noise)."""
+    from kernelatlas.corpus import CorpusWriter
+    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+
+    rng = np.random.default_rng(0)
+    left = rng.standard_normal((600, 9)).astype(np.float32)
+    right = (7.0 + 0.1 * rng.standard_normal((400, 9))).astype(np.float32)
+    with CorpusWriter(root) as writer:
+        for name, kernels in (("left", left), ("right", right)):
+            layer = ConvLayer("dw", kernels.reshape(-1, 1, 3, 3), groups=len(kernels), kind="depthwise",
+                              kind_inferred=False, order=0.0)
+            writer.add_model(LoadedModel(f"/x/{name}.pth", "torch", [layer]),
+                             sha256=hashlib.sha256(kernels.tobytes()).hexdigest(), sizes=(3,))
+    return Corpus.open(root), left, right
+
+
+def test_training_pool_of_chosen_models(tmp_path):
+    from kernelatlas.holdout import Holdout
+
+    corpus, left, right = two_model_corpus(tmp_path / "c")
+    ids = dict(zip(corpus.models["name"], corpus.models["model_id"], strict=True))
+    m = train(corpus, 3, tmp_path / "only-left", models=["left"], holdout=0.0, epochs=1, progress=False, threads=1)
+    assert m.info["holdout"]["models"] == [ids["left"]] and m.info["sample"]["pool"] == 600
+    m = train(corpus, 3, tmp_path / "not-left", exclude_models=["left"], holdout=0.0, epochs=1, progress=False,
+              threads=1)
+    assert m.info["holdout"]["models"] == [ids["right"]] and m.info["sample"]["pool"] == 400
+    pool, _ = sample_kernels(corpus, 3, sample=None, holdout=Holdout.from_json(m.info["holdout"]))
+    np.testing.assert_array_equal(pool, right)

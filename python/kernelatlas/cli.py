@@ -540,6 +540,9 @@ def _add_assign(sub: Any) -> None:
     p.add_argument("--kind", choices=("depthwise", "regular", "grouped", "all"), default="depthwise",
                    help="layers to assign (default: %(default)s)")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="run id (default: derived from the inputs)")
+    p.add_argument("--models", type=_str_list, default=None, metavar="M[,M...]",
+                   help="assign only these models' layers (ids or names), e.g. with a per-model autoencoder "
+                   "(default: every model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to compute (default: auto; the CUDA backend is not built yet, so the CPU)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
@@ -555,7 +558,7 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     _check_device(args.device)
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
                         kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
-                        progress=not args.no_progress, command=" ".join(["kernelatlas", *sys.argv[1:]]))
+                        models=args.models, progress=not args.no_progress, command=" ".join(["kernelatlas", *sys.argv[1:]]))
     print(f"run {rid}: {args.corpus / 'runs' / rid}")
     return 0
 
@@ -574,8 +577,12 @@ def _add_run(sub: Any) -> None:
             "decoded code axis, assign every depthwise kernel with the native engine, measure every layer's kernel "
             "quality and the distribution shift between models and depths (CNN Filter DB), and write the report "
             "(tables and figures).  Takes a few minutes on 2 cores.",
+            "Training runs to convergence; 20% of the kernels (--holdout) are kept out of it, and the coverage "
+            "table gives every model's figure in-sample and on those held-out kernels, next to the control "
+            "(random kernels through the same model).  --per-model adds one autoencoder per model.",
             "Every step resumes: rerunning the command only does what is missing."),
-        epilog=_text("Output: OUT/corpus (with its runs/), OUT/models/kK, OUT/report/report.html.",
+        epilog=_text("Output: OUT/corpus (with its runs/), OUT/models/kK (and OUT/models/per-model/ID-NAME/kK), "
+                     "OUT/report/report.html.",
                      "example: kernelatlas run --out kernelatlas-run"),
         formatter_class=_Formatter,
     )
@@ -586,7 +593,13 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--threshold", type=float, default=0.85, help="assign threshold (default: %(default)s); the "
                    "report shows 0.80/0.85/0.90 whatever it is")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: train's default)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="cap training at this many epochs (default: none, train to convergence)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="share of the kernels never trained on, for the held-out coverage (default: 0.2)")
+    p.add_argument("--per-model", action="store_true",
+                   help="also train one autoencoder per model (models with >= 1000 depthwise kernels of a size) "
+                   "and report a per-model coverage table beside the pooled one")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     p.add_argument("--retrain", action="store_true", help="train again even when a matching model exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -597,7 +610,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     summary = run_pipeline(args.out, zoo=args.zoo, sources=args.src, threshold=args.threshold, seed=args.seed,
                            epochs=args.epochs, threads=args.threads, progress=not args.no_progress,
-                           retrain=args.retrain)
+                           retrain=args.retrain, per_model=args.per_model, holdout=args.holdout)
     print(f"report: {summary['report']}")
     return 0 if not summary["failed"] else 1
 
@@ -771,7 +784,16 @@ def _cmd_shift(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: Any) -> None:
-    from kernelatlas.training import DEFAULT_MIN_ABS, KINDS
+    from kernelatlas.holdout import DEFAULT_SHARE
+    from kernelatlas.training import (
+        DEFAULT_EVAL_EVERY,
+        DEFAULT_LR_DROPS,
+        DEFAULT_MAX_STEPS,
+        DEFAULT_MIN_ABS,
+        DEFAULT_PATIENCE,
+        KINDS,
+        SCHEDULES,
+    )
 
     p = sub.add_parser(
         "train",
@@ -782,14 +804,22 @@ def _add_train(sub: Any) -> None:
             "sigmoid code in [0, 1], identity output, cosine loss 1 - cos(kernel, reconstruction) on centred, "
             "L2-normalised kernels, Adam.  A uniform sample of --sample rows of layers of --kind is read from "
             "the corpus memmaps (never the whole corpus); kernels whose entries are all below --min-abs, flat "
-            "kernels and NaN/Inf kernels are left out.  5% of the sample is held out: training stops when its "
-            "loss has not improved for --patience epochs, and the best epoch's weights are kept.",
+            "kernels and NaN/Inf kernels are left out.",
+            "Held out: --holdout of the kernels (20%) never enter the pool the sample is drawn from, chosen by a "
+            "hash of each kernel's (shard, row) and the seed, so `kernelatlas report` can show coverage on kernels "
+            "the model never saw.  --models / --exclude-models restrict the pool to some models (ids or names).",
+            "Length: training runs to convergence, counted in optimiser steps.  5% of the sample is a validation "
+            "set, evaluated every --eval-every steps; when its loss has not improved by the relative margin "
+            "--min-rel-delta for --patience steps, the learning rate is divided by 4 (--schedule plateau, up to "
+            "--lr-drops times) and after that training stops.  --max-steps (and --epochs, when given) only cap it; "
+            "model.json says which ended it (training.stop_reason), and the weights of the best validation loss "
+            "are kept.  docs/training.md has the measured effect of each choice.",
             "Writes MODEL/autoencoder.safetensors and MODEL/model.json (options, seed, corpus generation and "
-            "manifest hash, sample counts, losses per epoch, time, torch version).  On the CPU the same "
-            "corpus, options, seed and --threads give bit-identical weights."),
+            "manifest hash, held-out split, sample counts, losses per evaluation, code density, time, torch "
+            "version).  On the CPU the same corpus, options, seed and --threads give bit-identical weights."),
         epilog=_text(
             "Next: `kernelatlas clusters MODEL` names the clusters of the code axis.",
-            "example: kernelatlas train corpus --kernel-size 7 --out models/k7 --epochs 30 --sample 2000000"),
+            "example: kernelatlas train corpus --kernel-size 7 --out models/k7 --sample 2000000"),
         formatter_class=_Formatter,
     )
     p.add_argument("corpus", type=Path, metavar="CORPUS")
@@ -797,18 +827,35 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="MODEL", help="model directory to write")
     p.add_argument("--kind", choices=KINDS, default="depthwise",
                    help="layers whose kernels are sampled (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
+                   help="cap on optimiser steps; a safety net, not the way training ends (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="also cap at this many epochs (default: no cap)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="plateau",
+                   help="learning-rate schedule (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY,
+                   help="steps between validation evaluations (default: %(default)s)")
+    p.add_argument("--min-rel-delta", type=float, default=1e-3,
+                   help="relative improvement of the validation loss that counts as progress (default: %(default)s)")
+    p.add_argument("--lr-drops", type=int, default=DEFAULT_LR_DROPS,
+                   help="plateau schedule: learning-rate drops before stopping (default: %(default)s)")
+    p.add_argument("--holdout", type=float, default=DEFAULT_SHARE,
+                   help="share of the kernels never trained on (default: %(default)s)")
+    p.add_argument("--models", type=_str_list, default=None, metavar="M[,M...]",
+                   help="train only on these models' kernels (ids or names; default: all)")
+    p.add_argument("--exclude-models", type=_str_list, default=[], metavar="M[,M...]",
+                   help="leave these models' kernels out of training (ids or names)")
     p.add_argument("--sample", type=int, default=2_000_000,
                    help="kernels sampled uniformly; 0: all of them (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, init and shuffling (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu or cuda "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=512, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--widths", type=_int_list, default=[64, 32], metavar="W[,W...]",
                    help="hidden widths of the encoder, mirrored by the decoder (default: 64,32)")
-    p.add_argument("--patience", type=int, default=5,
-                   help="epochs without validation improvement before stopping (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                   help="steps without a relative improvement of --min-rel-delta before the learning rate drops "
+                   "or training stops (default: %(default)s)")
     p.add_argument("--min-abs", type=float, default=DEFAULT_MIN_ABS,
                    help="kernels whose entries are all <= this in magnitude are left out (default: %(default)s, "
                    "as the authors' group did)")
@@ -824,16 +871,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from kernelatlas.training import train
 
     model = train(args.corpus, args.kernel_size, args.out, kind=args.kind, widths=args.widths, epochs=args.epochs,
+                  max_steps=args.max_steps, schedule=args.schedule, eval_every=args.eval_every,
+                  min_rel_delta=args.min_rel_delta, lr_drops=args.lr_drops, holdout=args.holdout,
+                  models=args.models, exclude_models=args.exclude_models,
                   sample=args.sample or None, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                   device=args.device, patience=args.patience, min_abs=args.min_abs, threads=args.threads,
                   restarts=args.restarts, progress=not args.no_progress)
     t, s = model.info["training"], model.info["sample"]
     excluded = ", ".join(f"{n:,} {why}" for why, n in s["excluded"].items() if n)
     print(f"{args.out}: {args.kernel_size}x{args.kernel_size} {args.kind} autoencoder trained on {s['used']:,} kernels "
-          f"(of {s['available']:,}; {s['drawn']:,} drawn" + (f", left out {excluded}" if excluded else "") + ")")
-    print(f"  {t['epochs_run']} epochs (best {t['best_epoch']}), loss {t['train_loss']:.4f} train / "
-          f"{t['val_loss']:.4f} validation, {t['train_seconds']:.1f} s on {t['device']}"
-          + (f"; restart {t['restart_chosen'] + 1} of {t['restarts']} kept" if t["restarts"] > 1 else ""))
+          f"(of {s['available']:,}; {s['available'] - s['pool']:,} held out, {s['drawn']:,} drawn"
+          + (f", left out {excluded}" if excluded else "") + ")")
+    print(f"  {t['steps_run']:,} steps ({t['epochs_run']:g} epochs; best at step {t['best_step']:,}), loss "
+          f"{t['train_loss']:.4f} train / {t['val_loss']:.4f} validation, {t['train_seconds']:.1f} s on "
+          f"{t['device']}" + (f"; restart {t['restart_chosen'] + 1} of {t['restarts']} kept" if t["restarts"] > 1
+                              else ""))
+    print(f"  stopped: {t['stop_reason']}")
     print(f"next: kernelatlas clusters {args.out}")
     return 0
 

@@ -190,6 +190,25 @@ class Corpus:
             self._layers = frame[frame["layer_id"] < self.manifest["n_layers"]].reset_index(drop=True)
         return self._layers
 
+    def model_ids(self, models: Sequence[int | str]) -> list[int]:
+        """The model_ids of ``models``, each an id or a name (models.parquet ``name``), in the order given; a
+        ValueError names what is not in the corpus."""
+        table = self.models
+        ids = {int(m) for m in table["model_id"]}
+        by_name = {str(n): int(m) for m, n in zip(table["model_id"], table["name"], strict=True)}
+        out = []
+        for item in models:
+            if str(item) in by_name:
+                out.append(by_name[str(item)])
+            elif isinstance(item, (int, np.integer)) or (isinstance(item, str) and item.strip().isdigit()):
+                if int(item) not in ids:
+                    raise ValueError(f"{self.root} has no model with id {item} (see `kernelatlas info`)")
+                out.append(int(item))
+            else:
+                raise ValueError(f"{self.root} has no model named {item!r}; its models are: "
+                                 f"{', '.join(sorted(by_name))}")
+        return out
+
     @property
     def kernel_sizes(self) -> list[int]:
         return sorted({int(s["k"]) for s in self.manifest["shards"]})

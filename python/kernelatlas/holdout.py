@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_SHARE", "Holdout", "heldout_mask", "random_control", "random_kernels"]
+__all__ = ["CONTROL_GRID", "DEFAULT_SHARE", "Holdout", "control_at", "heldout_mask", "random_control",
+           "random_kernels"]
 
 DEFAULT_SHARE = 0.2
+CONTROL_GRID = np.round(np.linspace(0.5, 1.0, 201), 6)  # thresholds the control is stored at (0.0025 apart)
+CONTROL_KERNELS = 100_000  # a share of ~3% then has a standard error of ~0.05 percentage points
+CONTROL_SEED = 0
 RULE = "splitmix64(row + key(shard, salt)) / 2^64 < share"
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -108,5 +112,22 @@ def random_control(model: Any, thresholds: Iterable[float], *, n: int = 100_000,
     thresholds = sorted(float(t) for t in thresholds)
     kernels = random_kernels(model.kernel_size ** 2, n, seed=seed)
     labels, scores, _ = assign(kernels, model, threshold=thresholds[0], threads=threads)
-    inside = labels >= 0
-    return {t: float(np.mean(inside & (scores >= t))) for t in thresholds}
+    inside = np.sort(scores[labels >= 0].astype(np.float64))
+    # classified at t: inside an interval and score >= t
+    return {t: float((len(inside) - np.searchsorted(inside, t, "left")) / n) for t in thresholds}
+
+
+def control_at(control: Mapping[str, Any] | None, threshold: float) -> float | None:
+    """The control share at ``threshold`` from a run.json ``control`` record (None when absent or when the
+    threshold is not one of its grid points)."""
+    if not isinstance(control, Mapping):
+        return None
+    try:
+        grid = [float(t) for t in control["thresholds"]]
+        share = [float(s) for s in control["share"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    for t, s in zip(grid, share, strict=False):
+        if abs(t - threshold) < 1e-9:
+            return s
+    return None

@@ -9,6 +9,7 @@ request is reused, assign resumes its run, and the report is redrawn from the la
 
     OUT/corpus/        the corpus (kernelatlas info OUT/corpus)
     OUT/models/kK/     one model directory per kernel size (autoencoder, clusters.json, spectrum.png)
+    OUT/models/per-model/ID-NAME/kK/   with --per-model: one autoencoder per model and kernel size
     OUT/report/        report.html, report.md, figures (PNG) and tables (CSV)
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 __all__ = ["run_pipeline"]
 
-MIN_KERNELS = 1000  # a kernel size with fewer depthwise kernels is too thin to train an autoencoder on
+MIN_KERNELS = 1000  # a kernel size (or, per model, a model) with fewer depthwise kernels is too thin to train on
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -62,14 +63,16 @@ def run_pipeline(
     threads: int | None = None,
     progress: bool = True,
     retrain: bool = False,
+    per_model: bool = False,
+    holdout: float | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job into ``out``; returns a summary (paths, runs, coverage per model)."""
-    from kernelatlas.clustering import clusters as find_clusters
+    """Run the whole job into ``out``; returns a summary (paths, models, runs).  ``per_model``: also one
+    autoencoder per model (each model with at least MIN_KERNELS depthwise kernels of a size), assigned over its
+    own model's kernels, for a per-model Table 1 beside the pooled one.  ``epochs`` caps training (default: to
+    convergence); ``holdout``: the share of kernels kept out of training (default: train's, 0.2)."""
     from kernelatlas.corpus import Corpus
     from kernelatlas.extract import extract
     from kernelatlas.report import report
-    from kernelatlas.runs import assign_corpus
-    from kernelatlas.training import train
 
     root = Path(out)
     corpus_dir, models_dir, report_dir = root / "corpus", root / "models", root / "report"
@@ -87,37 +90,84 @@ def run_pipeline(
     if not sizes:
         raise ValueError(f"{corpus_dir} holds fewer than {MIN_KERNELS} depthwise kernels of any stored size: "
                          "add sources with depthwise convs")
+    command = f"kernelatlas run --out {root}"
+    options: dict[str, Any] = {"seed": seed, "progress": progress}
+    if epochs is not None:
+        options["epochs"] = epochs
+    if holdout is not None:
+        options["holdout"] = holdout
     run_ids: dict[int, str] = {}
     for k in sorted(sizes):
-        mdir = models_dir / f"k{k}"
-        meta = mdir / "model.json"
-        reuse = False
-        if meta.is_file() and not retrain:
-            info = json.loads(meta.read_text())
-            reuse = (info.get("training", {}).get("seed") == seed
-                     and info.get("corpus", {}).get("generation") == corpus.manifest["generation"]
-                     and (epochs is None or info.get("training", {}).get("epochs_max") == epochs))
-        if reuse:
-            _say(f"k={k}: reusing the model in {mdir} (--retrain to train again)", progress)
-        else:
-            _say(f"k={k}: training the autoencoder on {int(dw[dw.kh == k]['rows'].sum()):,} depthwise kernels",
-                 progress)
-            options: dict[str, Any] = {"seed": seed, "progress": progress}
-            if epochs is not None:
-                options["epochs"] = epochs
-            train(corpus, k, mdir, **options)
-        if reuse and (mdir / "clusters.json").is_file():
-            _say(f"k={k}: keeping {mdir / 'clusters.json'}", progress)
-        else:
-            _say(f"k={k}: reading clusters off the code axis", progress)
-            find_clusters(mdir)
-        _say(f"k={k}: assigning every depthwise kernel (threshold {threshold})", progress)
-        run_ids[k] = assign_corpus(corpus, model=mdir, threshold=threshold, threads=threads, progress=progress,
-                                   command=f"kernelatlas run --out {root}")
+        n = int(dw[dw.kh == k]["rows"].sum())
+        run_ids[k] = _model_and_run(corpus, k, models_dir / f"k{k}", options, retrain=retrain, threshold=threshold,
+                                    threads=threads, progress=progress, command=command,
+                                    what=f"k={k}: the autoencoder of all {n:,} depthwise kernels")
+    per_model_runs: dict[str, dict[int, str]] = {}
+    if per_model:
+        names = corpus.models.set_index("model_id")["name"]
+        counts = dw.groupby(["model_id", "kh"])["rows"].sum()
+        for (model_id, k), n in counts.items():
+            if int(k) not in sizes:
+                continue
+            name = str(names[model_id])
+            if n < MIN_KERNELS:
+                _say(f"k={k}: {name}: {int(n):,} depthwise kernels, fewer than {MIN_KERNELS}: no per-model "
+                     "autoencoder", progress)
+                continue
+            mdir = models_dir / "per-model" / f"{int(model_id)}-{_safe(name)}" / f"k{k}"
+            per_model_runs.setdefault(name, {})[int(k)] = _model_and_run(
+                corpus, int(k), mdir, {**options, "models": [int(model_id)]}, retrain=retrain,
+                threshold=threshold, threads=threads, progress=progress, command=command + " --per-model",
+                what=f"k={k}: the autoencoder of {name} alone ({int(n):,} depthwise kernels)")
     _quality(corpus, threads=threads, progress=progress, command=f"kernelatlas run --out {root}")
     _say(f"writing the report into {report_dir}", progress)
-    page = report(corpus, report_dir, runs=list(run_ids.values()))
+    page = report(corpus, report_dir, runs=list(run_ids.values())
+                  + [r for runs in per_model_runs.values() for r in runs.values()])
     summary = {"out": str(root), "corpus": str(corpus_dir), "models": {k: str(models_dir / f"k{k}") for k in sizes},
-               "runs": run_ids, "report": str(page), "failed": ex.failed}
+               "runs": run_ids, "per_model_runs": per_model_runs, "report": str(page), "failed": ex.failed}
     _say(f"done: open {page}", progress)
     return summary
+
+
+def _safe(name: str) -> str:
+    """A model name as a folder name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def _model_and_run(corpus: Any, k: int, mdir: Path, options: dict[str, Any], *, retrain: bool, threshold: float,
+                   threads: int | None, progress: bool, command: str, what: str) -> str:
+    """Train (or reuse) the autoencoder in ``mdir``, read its clusters, assign; returns the run id.  A model
+    directory is reused when its model.json records the same seed, corpus generation, epoch cap, held-out share
+    and models as asked."""
+    from kernelatlas.clustering import clusters as find_clusters
+    from kernelatlas.holdout import DEFAULT_SHARE
+    from kernelatlas.runs import assign_corpus
+    from kernelatlas.training import train
+
+    meta = mdir / "model.json"
+    models = options.get("models")
+    reuse = False
+    if meta.is_file() and not retrain:
+        info = json.loads(meta.read_text())
+        training, split = info.get("training", {}), info.get("holdout") or {}
+        reuse = (training.get("seed") == options["seed"]
+                 and info.get("corpus", {}).get("generation") == corpus.manifest["generation"]
+                 and training.get("epochs_max") == options.get("epochs")
+                 and split.get("share") == options.get("holdout", DEFAULT_SHARE)
+                 and split.get("models") == models)
+    if reuse:
+        _say(f"{what}: reusing {mdir} (--retrain to train again)", progress)
+    else:
+        _say(f"{what}: training", progress)
+        train(corpus, k, mdir, **options)
+    if reuse and (mdir / "clusters.json").is_file():
+        _say(f"k={k}: keeping {mdir / 'clusters.json'}", progress)
+    else:
+        _say(f"k={k}: reading clusters off the code axis", progress)
+        find_clusters(mdir)
+    _say(f"k={k}: assigning {'the depthwise kernels of that model' if models else 'every depthwise kernel'} "
+         f"(threshold {threshold})", progress)
+    return assign_corpus(corpus, model=mdir, threshold=threshold, threads=threads, progress=progress,
+                         command=command, models=models)

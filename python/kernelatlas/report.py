@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kernelatlas.corpus import Corpus
+from kernelatlas.holdout import Holdout, control_at
 
 __all__ = ["RunError", "RunInfo", "find_runs", "load_run", "report"]
 
@@ -86,6 +87,17 @@ class RunInfo:
     shards: list[str]
     created: str
     model_dir: Path | None = None
+    holdout: Holdout | None = None     # the model's held-out split (autoencoder runs made since it existed)
+    models: tuple[int, ...] | None = None  # the models the run was restricted to (a per-model autoencoder)
+
+    @property
+    def per_model(self) -> bool:
+        """A run of a per-model autoencoder over its own model's kernels (reported in its own table)."""
+        return self.models is not None
+
+    def control(self, threshold: float) -> float | None:
+        """The random-kernel control at ``threshold`` (None: not recorded)."""
+        return control_at(self.spec.get("control"), threshold)
 
     @property
     def tag(self) -> str:
@@ -164,9 +176,11 @@ def load_run(corpus_root: str | os.PathLike[str], run_id: str) -> RunInfo:
         model_dir = md if md.is_absolute() or md.exists() else root / md
     if mode == "autoencoder" and model_dir is not None and any(np.isnan(c.prototype).all() for c in clusters):
         clusters = _decoded_prototypes(clusters, model_dir, k)
+    models = spec.get("models")
     return RunInfo(run_id=run_id, path=path, spec=spec, kernel_size=k, kind=kind, mode=mode, threshold=threshold,
                    clusters=clusters, shards=[str(s) for s in spec["shards"]], created=str(spec.get("created", "")),
-                   model_dir=model_dir)
+                   model_dir=model_dir, holdout=Holdout.from_json(spec.get("holdout")),
+                   models=None if not models else tuple(int(m) for m in models))
 
 
 def _decoded_prototypes(clusters: list[Cluster], model_dir: Path, k: int) -> list[Cluster]:
@@ -216,12 +230,13 @@ def _created_key(run: RunInfo) -> tuple[float, float, str]:
 
 
 def find_runs(corpus_root: str | os.PathLike[str], *, allow_none: bool = False) -> tuple[list[RunInfo], list[str]]:
-    """The default selection: the latest completed run (by run.json "created") per (kernel size, kind), so
-    that a depthwise and a regular run of one size are both reported and compared.  Returns the runs and one
-    note per run directory left out (not completed, unreadable, or superseded by a later run)."""
+    """The default selection: the latest completed run (by run.json "created") per (kernel size, kind, models
+    it was restricted to), so that a depthwise and a regular run of one size are both reported and compared, and
+    the runs of per-model autoencoders beside the pooled one.  Returns the runs and one note per run directory
+    left out (not completed, unreadable, or superseded by a later run)."""
     root = Path(corpus_root)
     notes: list[str] = []
-    latest: dict[tuple[int, str], RunInfo] = {}
+    latest: dict[tuple[int, str, tuple[int, ...] | None], RunInfo] = {}
     older: list[RunInfo] = []
     for run_id in _run_ids(root):
         if _other_kind_of_run(root / "runs" / run_id / "run.json"):
@@ -231,7 +246,7 @@ def find_runs(corpus_root: str | os.PathLike[str], *, allow_none: bool = False) 
         except RunError as exc:
             notes.append(f"skipped: {exc}")
             continue
-        key = (run.kernel_size, run.kind)
+        key = (run.kernel_size, run.kind, run.models)
         if key in latest and _created_key(latest[key]) >= _created_key(run):
             older.append(run)
             continue
@@ -239,14 +254,14 @@ def find_runs(corpus_root: str | os.PathLike[str], *, allow_none: bool = False) 
             older.append(latest[key])
         latest[key] = run
     for run in older:
-        newer = latest[(run.kernel_size, run.kind)]
+        newer = latest[(run.kernel_size, run.kind, run.models)]
         notes.append(f"not shown: run {run.run_id} ({run.kernel_size}x{run.kernel_size} {run.kind}, created "
                      f"{run.created}) is older than run {newer.run_id}; name it with --run to report on it")
     if not latest and not allow_none:
         where = root / "runs"
         raise RunError(f"no completed run in {where}: run `kernelatlas assign {root} --model MODEL` first"
                        + (" (" + "; ".join(notes) + ")" if notes else ""))
-    return sorted(latest.values(), key=lambda r: (r.kernel_size, r.kind, r.run_id)), notes
+    return sorted(latest.values(), key=lambda r: (r.kernel_size, r.kind, r.models or (), r.run_id)), notes
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -257,7 +272,8 @@ class RunStats:
     """What one pass over a run's outputs gives.  ``layers``: one row per layer with rows of the run's kind,
     the layer columns plus counts: assigned (rows not -2), dead, live, inside (live with a code in some
     interval; = live in prototypes mode), cls_<t> (classified at each report threshold), n_<i> (stored label
-    = cluster i).  ``curve``: for each (model_id, layer kind), counts of live in-interval kernels with score
+    = cluster i), and with a held-out split live_ho / cls_ho_<t> (the same counts over held-out kernels: never
+    in the model's training pool).  ``curve``: for each (model_id, layer kind), counts of live in-interval kernels with score
     >= each CURVE_GRID value.  ``label_mismatch``: rows whose stored label disagrees with the recomputation at
     the run's threshold (borderline float32 scores; anything else points at a bug)."""
 
@@ -349,8 +365,14 @@ def _scan(corpus: Corpus, run: RunInfo, thresholds: Sequence[float], *, chunk_ro
     layer_group = (lay["model_id"].map(model_pos).to_numpy(np.int64) * max(len(kinds), 1)
                    + lay["kind"].map(kind_pos).to_numpy(np.int64)) if n_layers else np.zeros(0, np.int64)
     n_groups = len(model_ids) * max(len(kinds), 1)
-    counts = {name: np.zeros(n_layers, np.int64) for name in ("assigned", "dead", "live", "inside")}
+    counts = {name: np.zeros(n_layers, np.int64) for name in ("assigned", "dead", "live", "inside", "live_ho")}
     classified = np.zeros((n_t, n_layers), np.int64)
+    classified_ho = np.zeros((n_t, n_layers), np.int64)
+    split = run.holdout
+    shard_sha = {str(s["path"]): s.get("sha256") for s in corpus.manifest["shards"]}
+    # layers whose model was never in the training pool: every kernel of theirs is held out
+    unpooled = (~lay["model_id"].map(split.model_in_pool).to_numpy(bool) if split is not None and n_layers
+                else np.zeros(n_layers, bool))
     by_cluster = np.zeros((n_layers, n_clusters), np.int64)
     curve_hist = np.zeros(n_groups * n_grid, np.int64)
     mismatch = 0
@@ -426,6 +448,18 @@ def _scan(corpus: Corpus, run: RunInfo, thresholds: Sequence[float], *, chunk_ro
                 score_in = score[inside].astype(np.float64)
                 for j, t in enumerate(thresholds):
                     classified[j, base:base + span] += np.bincount(local_in[score_in >= t], minlength=span)
+                if split is not None:
+                    if split.shard_in_pool(shard, shard_sha.get(shard)):
+                        held = split.mask(shard, a, b)
+                        held = held if valid is None else held[valid]
+                        held |= unpooled[base + local]
+                    else:  # a shard added after training (or changed): none of it was seen
+                        held = np.ones(len(lab), bool)
+                    add(counts["live_ho"], live & held)
+                    held_in = held[inside]
+                    for j, t in enumerate(thresholds):
+                        classified_ho[j, base:base + span] += np.bincount(local_in[held_in & (score_in >= t)],
+                                                                          minlength=span)
                 # curve: the grid point at or below each score, per (model, kind)
                 grid_bin = _grid_bin(score_in)
                 keep = grid_bin >= 0
@@ -445,6 +479,7 @@ def _scan(corpus: Corpus, run: RunInfo, thresholds: Sequence[float], *, chunk_ro
         frame[name] = values
     for j, t in enumerate(thresholds):
         frame[f"cls_{t!r}"] = classified[j]
+        frame[f"cls_ho_{t!r}"] = classified_ho[j]
     for i in range(n_clusters):
         frame[f"n_{i}"] = by_cluster[:, i]
     frame = frame[frame["assigned"] > 0].reset_index(drop=True)
@@ -460,7 +495,7 @@ def _scan(corpus: Corpus, run: RunInfo, thresholds: Sequence[float], *, chunk_ro
         stats.notes.append(f"run {run.run_id} assigned no kernel: its shards hold no {run.kind} "
                            f"{run.kernel_size}x{run.kernel_size} layer (every label is -2)")
     corpus_shards = corpus.shards(run.kernel_size)
-    missing = [s for s in corpus_shards if s not in run.shards]
+    missing = [] if run.per_model else [s for s in corpus_shards if s not in run.shards]
     if missing:
         stats.notes.append(f"run {run.run_id} covers {len(run.shards)} of the corpus's {len(corpus_shards)} "
                            f"{run.kernel_size}x{run.kernel_size} shards (the corpus grew after it: "
@@ -505,7 +540,8 @@ def _model_table(stats: RunStats, models: Any) -> Any:
     import pandas as pd
 
     lay = stats.layers
-    cols = ["assigned", "dead", "live"] + [stats.cls_col(t) for t in stats.thresholds]
+    cols = (["assigned", "dead", "live", "live_ho"] + [stats.cls_col(t) for t in stats.thresholds]
+            + [f"cls_ho_{t!r}" for t in stats.thresholds])
     per_model = lay.groupby("model_id", sort=True)[cols].sum().reset_index()
     names = models.set_index("model_id")["name"]
     out = pd.DataFrame({
@@ -518,7 +554,26 @@ def _model_table(stats: RunStats, models: Any) -> Any:
         out[f"classified_{_t(t)}"] = per_model[stats.cls_col(t)]
     for t in stats.thresholds:
         out[f"share_{_t(t)}"] = _share(per_model[stats.cls_col(t)], per_model["live"])
+    _split_columns(out, per_model, stats)
     return out
+
+
+def _split_columns(out: Any, counts: Any, stats: RunStats) -> None:
+    """In-sample (the training pool) and held-out (never seen) shares beside the overall one, and the
+    random-kernel control; NaN where the run records no split (prototypes, or a model from before splits)."""
+    has_split = stats.run.holdout is not None
+    live_ho = np.asarray(counts["live_ho"], dtype=np.int64)
+    live_in = np.asarray(counts["live"], dtype=np.int64) - live_ho
+    out["live_in_sample"] = live_in if has_split else -1
+    out["live_held_out"] = live_ho if has_split else -1
+    for t in stats.thresholds:
+        cls_ho = np.asarray(counts[f"cls_ho_{t!r}"], dtype=np.int64)
+        cls_in = np.asarray(counts[stats.cls_col(t)], dtype=np.int64) - cls_ho
+        out[f"share_in_sample_{_t(t)}"] = _share(cls_in, live_in) if has_split else np.nan
+        out[f"share_held_out_{_t(t)}"] = _share(cls_ho, live_ho) if has_split else np.nan
+    for t in stats.thresholds:
+        control = stats.run.control(t)
+        out[f"control_{_t(t)}"] = np.nan if control is None else control
 
 
 def _total_row(stats: RunStats) -> dict[str, Any]:
@@ -531,6 +586,13 @@ def _total_row(stats: RunStats) -> dict[str, Any]:
         row[f"classified_{_t(t)}"] = int(lay[stats.cls_col(t)].sum())
     for t in stats.thresholds:
         row[f"share_{_t(t)}"] = float(_share(row[f"classified_{_t(t)}"], row["live"]))
+    import pandas as pd
+
+    sums = {c: [int(lay[c].sum())] for c in ["live", "live_ho"] + [stats.cls_col(t) for t in stats.thresholds]
+            + [f"cls_ho_{t!r}" for t in stats.thresholds]}
+    frame = pd.DataFrame(index=[0])
+    _split_columns(frame, sums, stats)
+    row.update({k: (v.item() if hasattr(v, "item") else v) for k, v in frame.iloc[0].to_dict().items()})
     return row
 
 
@@ -1118,6 +1180,7 @@ def _write_csv(frame: Any, path: Path) -> str:
 # files this module writes into a report folder; older ones are removed first so that a rerun with fewer runs
 # or models leaves no stale figure behind (nothing else in the folder is touched)
 _OWN_FILES = ("report.md", "report.html", "corpus.csv", "runs.csv", "coverage.csv", "coverage-totals.csv",
+              "coverage-per-model.csv",
               "coverage-curves.csv", "compare.csv", "coverage-runs.png", "compare-k*.png", "layers-*.png",
               "layers-*.csv", "depth-*.png", "prototypes-*.png", "spectrum-*.png", "coverage-k*.png", "clusters-*.csv", "quality-*")
 
@@ -1178,11 +1241,15 @@ def report(corpus: Corpus | str | os.PathLike[str], out: str | os.PathLike[str],
     _method_section(doc, thresholds)
     _corpus_section(doc, corpus, out_dir)
     _runs_section(doc, corpus, all_stats, notes, out_dir)
-    _coverage_section(doc, corpus, all_stats, thresholds, out_dir)
-    for st in all_stats:
+    pooled = [st for st in all_stats if not st.run.per_model]
+    _coverage_section(doc, corpus, pooled, thresholds, out_dir)
+    per_model = _per_model_section(doc, corpus, [st for st in all_stats if st.run.per_model], pooled, thresholds,
+                                   out_dir)
+    for st in pooled:
         _run_section(doc, corpus, st, out_dir)
-    _curves_section(doc, corpus, all_stats, out_dir)
-    compared = _comparison_section(doc, corpus, all_stats, thresholds, out_dir)
+    if pooled:
+        _curves_section(doc, corpus, pooled, out_dir)
+    compared = _comparison_section(doc, corpus, pooled, thresholds, out_dir)
     from kernelatlas.distribution_shift import quality_section
 
     doc.raw(*quality_section(corpus, out_dir))
@@ -1190,6 +1257,7 @@ def report(corpus: Corpus | str | os.PathLike[str], out: str | os.PathLike[str],
     doc.p("Every table above is also a CSV file in this folder (shares as fractions, counts as kernels): "
           "`corpus.csv`, `runs.csv`, `coverage.csv` (per model and run), `coverage-totals.csv`, "
           "`coverage-curves.csv`, `clusters-*.csv`, `layers-*.csv`" + (", `compare.csv`" if compared else "")
+          + (", `coverage-per-model.csv`" if per_model else "")
           + ".  Regenerate with `kernelatlas report CORPUS --out DIR`.")
     (out_dir / "report.md").write_text(doc.markdown(), encoding="utf-8")
     (out_dir / "report.html").write_text(doc.html(f"kernelatlas report — {corpus.root.name}"), encoding="utf-8")
@@ -1265,15 +1333,33 @@ def _runs_section(doc: _Doc, corpus: Corpus, all_stats: Sequence[RunStats], note
         doc.ul(notes)
 
 
+def _split_cells(m: dict[str, Any], t: float) -> list[str]:
+    """'in-sample / held-out' shares of a table row at t (or the overall share when the run has no split)."""
+    if m.get("live_held_out", -1) < 0:
+        return [_pct(m[f"share_{_t(t)}"])]
+    return [f"{_pct(m[f'share_in_sample_{_t(t)}'])} / {_pct(m[f'share_held_out_{_t(t)}'])}"]
+
+
+def _control_row(label: str, control: list[float | None], width: int) -> list[str]:
+    return [label] + ["–"] * width + [_pct(c) if c is not None else "–" for c in control]
+
+
 def _coverage_section(doc: _Doc, corpus: Corpus, all_stats: Sequence[RunStats], thresholds: Sequence[float],
                       out_dir: Path) -> None:
-    """Table 1: per run, per model, the share of live kernels classified at each threshold."""
+    """Table 1: per run, per model, the share of live kernels classified at each threshold -- in-sample and on
+    held-out kernels -- and the random-kernel control."""
     import pandas as pd
 
     doc.h(2, "Coverage (Table 1)")
     doc.p("Share of the live kernels of each model classified at each threshold, per run (kernel size and kind). "
-          "kernels: rows of the run's kind; dead: all-zero, flat or non-finite; live = kernels − dead.  The last "
-          "row of each table sums all models; `coverage-totals.csv` holds those rows.")
+          "kernels: rows of the run's kind; dead: all-zero, flat or non-finite; live = kernels − dead.  Each cell "
+          "reads **in-sample / held-out**: in-sample kernels were in the autoencoder's training pool; held-out "
+          "ones never were (a fixed share of every layer's kernels, set aside by a rule on their identity before "
+          "training sampled anything, plus kernels of models or shards the model was not trained on).  The "
+          "held-out figure is the honest one; a gap between the two would mean the model memorised its training "
+          "kernels.  The last rows give all models together and the **control**: random kernels (i.i.d. "
+          "Gaussian entries, centred) through the same model -- a coverage figure means something only well "
+          "above it.  `coverage-totals.csv` holds the totals.")
     frames, totals = [], []
     for st in all_stats:
         table = _model_table(st, corpus.models)
@@ -1281,14 +1367,57 @@ def _coverage_section(doc: _Doc, corpus: Corpus, all_stats: Sequence[RunStats], 
         frames.append(table)
         totals.append(total)
         rows = [[_short(str(m["model"]), 60), _count(m["kernels"]), _count(m["dead"]), _count(m["live"])]
-                + [_pct(m[f"share_{_t(t)}"]) for t in thresholds] for m in table.to_dict("records")]
+                + [c for t in thresholds for c in _split_cells(m, t)] for m in table.to_dict("records")]
         rows.append([f"all {total['models']} models", _count(total["kernels"]), _count(total["dead"]),
-                     _count(total["live"])] + [_pct(total[f"share_{_t(t)}"]) for t in thresholds])
+                     _count(total["live"])] + [c for t in thresholds for c in _split_cells(total, t)])
+        split = total.get("live_held_out", -1) >= 0
+        if st.run.mode == "autoencoder":
+            rows.append(_control_row("random kernels (control)", [st.run.control(t) for t in thresholds], 3))
+        what = "in-sample / held-out" if split else "all kernels (the model records no held-out split)"
         doc.table(["model", "kernels", "dead", "live"] + [f"classified at {_t(t)}" for t in thresholds], rows,
                   "coverage.csv", f"{st.run.kernel_size}×{st.run.kernel_size} {st.run.kind} kernels, run "
-                  f"{st.run.run_id} ({st.run.mode})", bold_last=True)
-    _write_csv(pd.concat(frames, ignore_index=True), out_dir / "coverage.csv")
-    _write_csv(pd.DataFrame(totals), out_dir / "coverage-totals.csv")
+                  f"{st.run.run_id} ({st.run.mode}; {what})", bold_last=False)
+    if frames:
+        _write_csv(pd.concat(frames, ignore_index=True), out_dir / "coverage.csv")
+        _write_csv(pd.DataFrame(totals), out_dir / "coverage-totals.csv")
+
+
+def _per_model_section(doc: _Doc, corpus: Corpus, per_model: Sequence[RunStats], pooled: Sequence[RunStats],
+                       thresholds: Sequence[float], out_dir: Path) -> bool:
+    """Table 1 with one autoencoder per model (`kernelatlas run --per-model`), beside the pooled model's."""
+    import pandas as pd
+
+    if not per_model:
+        return False
+    doc.h(2, "Coverage with one autoencoder per model")
+    doc.p("Each model's kernels through an autoencoder trained on that model alone (its own held-out split), "
+          "next to the same model's figure under the pooled autoencoder of the table above.  Cells: in-sample / "
+          "held-out; control: random kernels through the model's own autoencoder.")
+    pooled_tables = {(st.run.kernel_size, st.run.kind): _model_table(st, corpus.models) for st in pooled}
+    frames = []
+    for (k, kind) in sorted({(st.run.kernel_size, st.run.kind) for st in per_model}):
+        rows = []
+        ref = pooled_tables.get((k, kind))
+        for st in sorted((s for s in per_model if (s.run.kernel_size, s.run.kind) == (k, kind)),
+                         key=lambda s: s.run.models or ()):
+            table = _model_table(st, corpus.models)
+            table["scope"] = "per-model"
+            frames.append(table)
+            for m in table.to_dict("records"):
+                cells = [c for t in thresholds for c in _split_cells(m, t)]
+                pooled_cells = ["–"] * len(thresholds)
+                if ref is not None and (ref["model_id"] == m["model_id"]).any():
+                    r = ref[ref["model_id"] == m["model_id"]].iloc[0].to_dict()
+                    pooled_cells = [c for t in thresholds for c in _split_cells(r, t)]
+                control = st.run.control(thresholds[len(thresholds) // 2])
+                rows.append([_short(str(m["model"]), 50), _count(m["live"])] + cells + pooled_cells
+                            + [_pct(control) if control is not None else "–", st.run.run_id])
+        mid = _t(thresholds[len(thresholds) // 2])
+        doc.table(["model", "live"] + [f"own model, {_t(t)}" for t in thresholds]
+                  + [f"pooled model, {_t(t)}" for t in thresholds] + [f"control at {mid}", "run"], rows,
+                  "coverage-per-model.csv", f"{k}×{k} {kind} kernels, one autoencoder per model")
+    _write_csv(pd.concat(frames, ignore_index=True), out_dir / "coverage-per-model.csv")
+    return True
 
 
 def _run_section(doc: _Doc, corpus: Corpus, st: RunStats, out_dir: Path) -> None:

@@ -104,11 +104,13 @@ class _Spans:
     layers: np.ndarray  # [n, 3] layer_id, row_start, rows
 
 
-def _spans(corpus: Corpus, shard: str, kind: str) -> _Spans:
+def _spans(corpus: Corpus, shard: str, kind: str, models: Sequence[int] | None = None) -> _Spans:
     lay = corpus.layers
     sel = lay[(lay["shard"] == shard) & (lay["rows"] > 0)]
     if kind != "all":
         sel = sel[sel["kind"] == kind]
+    if models is not None:
+        sel = sel[sel["model_id"].isin(list(models))]
     arr = sel[["layer_id", "row_start", "rows"]].to_numpy(dtype=np.int64)
     arr = arr[np.argsort(arr[:, 1], kind="stable")] if len(arr) else arr.reshape(0, 3)
     runs: list[tuple[int, int]] = []
@@ -234,13 +236,20 @@ def assign_corpus(
     min_abs: float = 0.0,
     decoder: str = "auto",
     chunk_rows: int | None = None,
+    models: Sequence[int | str] | None = None,
     progress: bool = True,
     command: str = "",
 ) -> str:
     """Assign every kernel of the model's size (of layers of ``kind``: depthwise | regular | grouped | all) in
     the corpus; returns the run id.  Exactly one of ``model`` (a model directory) or ``prototypes`` (a file,
     see :func:`load_prototypes`).  ``chunk_rows``: kernels per engine call (default: ~256 MiB of input, at most
-    2^22 rows; it changes no output, only the overhead per call and the staging memory, ~30 bytes a row)."""
+    2^22 rows; it changes no output, only the overhead per call and the staging memory, ~30 bytes a row).
+    ``models``: only the layers of these models (ids or names; e.g. a per-model autoencoder's own model): the
+    run then covers only the shards that hold them, and other rows are labelled -2.
+
+    With an autoencoder, run.json also records the model's held-out split (so the report can give coverage on
+    kernels the model never saw) and the random-kernel control: the share of random centred Gaussian kernels
+    the model classifies at each threshold of :data:`kernelatlas.holdout.CONTROL_GRID`."""
     from tqdm import tqdm
 
     import kernelatlas
@@ -267,6 +276,7 @@ def assign_corpus(
                              "prototype": iv.get("prototype")})
         options = {"mode": "autoencoder", "model": _model_digest(mdir), "threshold": threshold, "kind": kind,
                    "min_abs": min_abs, "decoder": decoder}
+        extra = {"holdout": ae.info.get("holdout"), "control": control_curve(ae, threads=threads)}
     else:
         protos, pnames = load_prototypes(prototypes)  # type: ignore[arg-type]
         k = protos.shape[1]
@@ -275,9 +285,18 @@ def assign_corpus(
                     for n, p in zip(pnames, engine.normalized.reshape(-1, k, k), strict=True)]
         options = {"mode": "prototypes", "prototypes": hashlib.sha256(protos.tobytes()).hexdigest(),
                    "threshold": threshold, "kind": kind, "min_abs": min_abs}
+        extra = {}
+    model_ids = None if models is None else sorted(set(c.model_ids(models)))
+    if model_ids is not None:
+        options["models"] = model_ids
     shards = c.shards(k)
     if not shards:
         raise CorpusError(f"{c.root} stores no {k}x{k} kernels (sizes: {c.kernel_sizes or 'none'})")
+    spans = {s: _spans(c, s, kind, model_ids) for s in shards}
+    if model_ids is not None:
+        shards = [s for s in shards if spans[s].runs]
+        if not shards:
+            raise CorpusError(f"{c.root}: models {model_ids} hold no stored {kind} {k}x{k} kernels")
     rid = run_id or run_id_for(c, options)
     root = c.root / "runs" / rid
     outdir = root / f"k{k}"
@@ -289,7 +308,6 @@ def assign_corpus(
             return rid
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    spans = {s: _spans(c, s, kind) for s in shards}
     total = sum(b - a for sp in spans.values() for a, b in sp.runs)
     bar = tqdm(total=total, desc=f"assign k={k}", unit="kernel", unit_scale=True, disable=not progress,
                file=sys.stderr)
@@ -344,9 +362,19 @@ def assign_corpus(
             "model_dir": str(Path(model).resolve()) if model is not None else None,
             "prototypes": str(Path(prototypes).resolve()) if prototypes is not None else None,
             "clusters": clusters, "shards": shards, "command": command, "options": options,
-            "corpus_generation": c.manifest.get("generation", 0), "rows_assigned": total}
+            "corpus_generation": c.manifest.get("generation", 0), "rows_assigned": total,
+            "models": model_ids, **extra}
     atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
     return rid
+
+
+def control_curve(model: Any, *, threads: int | None = None) -> dict[str, Any]:
+    """The random-kernel control of an autoencoder with clusters, as run.json stores it."""
+    from kernelatlas.holdout import CONTROL_GRID, CONTROL_KERNELS, CONTROL_SEED, random_control
+
+    shares = random_control(model, CONTROL_GRID, n=CONTROL_KERNELS, seed=CONTROL_SEED, threads=threads)
+    return {"kernels": CONTROL_KERNELS, "seed": CONTROL_SEED, "what": "i.i.d. N(0, 1) entries, centred",
+            "thresholds": [float(t) for t in CONTROL_GRID], "share": [round(shares[float(t)], 6) for t in CONTROL_GRID]}
 
 
 def _write_layers(root: Path, rows: list[np.ndarray], names: Sequence[str]) -> None:

@@ -245,27 +245,8 @@ def _pool_models(corpus: Corpus, models: Sequence[int | str] | None,
     """The model ids training may draw from (None: every model), from ids or names."""
     if models is None and not exclude:
         return None
-    table = corpus.models
-    ids = [int(m) for m in table["model_id"]]
-    by_name = {str(n): int(m) for m, n in zip(table["model_id"], table["name"], strict=True)}
-
-    def resolve(items: Sequence[int | str], what: str) -> set[int]:
-        found = set()
-        for item in items:
-            if isinstance(item, (int, np.integer)) or (isinstance(item, str) and item.isdigit()
-                                                         and int(item) in ids and item not in by_name):
-                if int(item) not in ids:
-                    raise ValueError(f"{corpus.root} has no model with id {item} ({what}); see `kernelatlas info`")
-                found.add(int(item))
-            elif str(item) in by_name:
-                found.add(by_name[str(item)])
-            else:
-                raise ValueError(f"{corpus.root} has no model named {item!r} ({what}); its models are: "
-                                 f"{', '.join(sorted(by_name))}")
-        return found
-
-    pool = set(ids) if models is None else resolve(models, "models")
-    pool -= resolve(exclude, "exclude_models")
+    pool = set(corpus.model_ids(models) if models is not None else corpus.models["model_id"].astype(int))
+    pool -= set(corpus.model_ids(exclude))
     if not pool:
         raise ValueError(f"{corpus.root}: models / exclude_models leave no model to train on")
     return tuple(sorted(pool))

@@ -28,17 +28,17 @@ from kernelatlas.holdout import Holdout, random_control
 THRESHOLDS = (0.80, 0.85, 0.90)
 # name -> train() options on top of the library defaults
 CHOICES: dict[str, dict] = {
-    "old default (30 epochs, batch 512)": dict(epochs=30, batch_size=512, schedule="constant", patience=10**9),
-    "2,000 steps constant": dict(max_steps=2_000, schedule="constant", patience=10**9),
-    "10,000 steps constant": dict(max_steps=10_000, schedule="constant", patience=10**9),
-    "20,000 steps cosine": dict(max_steps=20_000, schedule="cosine", patience=10**9),
-    "default (plateau to convergence)": {},
-    "default, batch 512": dict(batch_size=512),
-    "default, batch 64": dict(batch_size=64),
-    "default, lr 3e-3": dict(lr=3e-3),
-    "default, widths 128-64": dict(widths=(128, 64)),
-    "default, widths 32-16": dict(widths=(32, 16)),
-    "default, 3 restarts": dict(restarts=3),
+    "old default: 30 epochs of 512": dict(epochs=30, batch_size=512, schedule="constant", patience=10**9),
+    "2k steps constant lr": dict(max_steps=2_000, schedule="constant", patience=10**9),
+    "10k steps constant lr": dict(max_steps=10_000, schedule="constant", patience=10**9),
+    "20k steps cosine lr": dict(max_steps=20_000, schedule="cosine", patience=10**9),
+    "default: plateau to convergence": {},
+    "default + batch 512": dict(batch_size=512),
+    "default + batch 64": dict(batch_size=64),
+    "default + lr 3e-3": dict(lr=3e-3),
+    "default + widths 128-64": dict(widths=(128, 64)),
+    "default + widths 32-16": dict(widths=(32, 16)),
+    "default + 3 restarts": dict(restarts=3),
 }
 
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="mobilenet_v2-b0353104,efficientnet-lite0-57934424",
                     help="models to show beside 'all'")
     ap.add_argument("--exclude", default="", help="a model to leave out of training (its coverage: never seen)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     corpus = Corpus.open(args.corpus)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = CHOICES[name]
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            model = ka.train(corpus, k, Path(tmp) / "m", progress=False, threads=2,
+            model = ka.train(corpus, k, Path(tmp) / "m", progress=False, threads=args.threads,
                              exclude_models=[args.exclude] if args.exclude else (), **opts)
             seconds = time.perf_counter() - t0
         t = model.info["training"]

@@ -83,6 +83,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def open_lock_file(path: Path) -> Any:
+    """Open (creating) a lock file for reading and writing without following a symlink at ``path``: a folder
+    received from someone else may hold a ``.lock`` symlinked to one of the user's files, which a plain open
+    would then truncate.  Raises OSError when ``path`` is a symlink or not a regular file."""
+    import stat
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "r+")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` writes the content to a temp file beside ``path``; it is fsynced and renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")

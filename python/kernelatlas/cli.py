@@ -605,12 +605,28 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _print_totals(path: Path, threshold: float) -> None:
+    """One line per run: coverage of all models at the run's threshold, in-sample / held-out, and the control."""
+    import pandas as pd
+
+    if not path.is_file():
+        return
+    t = f"{threshold:.2f}"
+    for row in pd.read_csv(path).to_dict("records"):
+        if f"share_in_sample_{t}" not in row or row.get("live_held_out", -1) < 0:
+            continue
+        print(f"{row['kernel_size']}x{row['kernel_size']} {row['kind']}: {row['live']:,} live kernels, classified at {t}: "
+              f"{100 * row[f'share_in_sample_{t}']:.1f}% in-sample / {100 * row[f'share_held_out_{t}']:.1f}% "
+              f"held-out (random-kernel control {100 * row[f'control_{t}']:.1f}%)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from kernelatlas.pipeline import run_pipeline
 
     summary = run_pipeline(args.out, zoo=args.zoo, sources=args.src, threshold=args.threshold, seed=args.seed,
                            epochs=args.epochs, threads=args.threads, progress=not args.no_progress,
                            retrain=args.retrain, per_model=args.per_model, holdout=args.holdout)
+    _print_totals(Path(summary["report"]).parent / "coverage-totals.csv", args.threshold)
     print(f"report: {summary['report']}")
     return 0 if not summary["failed"] else 1
 

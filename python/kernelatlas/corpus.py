@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas._files import advise_huge_pages, atomic_write_bytes, fsync_dir, npy_header
+from kernelatlas._files import advise_huge_pages, atomic_write_bytes, fsync_dir, npy_header, open_lock_file
 from kernelatlas.loaders.base import LoadedModel, conv_depths
 
 __all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
@@ -369,7 +369,12 @@ class CorpusWriter:
         self._finished: list[_PendingShard] = []
         if not (self.root / MANIFEST).is_file():
             Corpus.create(self.root, dtype=dtype or "float32")
-        self._lock_fh = open(self.root / LOCK, "a+")
+        try:
+            self._lock_fh = open_lock_file(self.root / LOCK)
+        except OSError as exc:
+            raise CorpusError(f"cannot open the corpus lock {self.root / LOCK} ({exc}): remove it if it is a "
+                              "symlink (a corpus received from someone else may hold one pointing at your files)"
+                              ) from None
         try:
             fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -21,6 +21,7 @@ native pass.  BENCHMARKS.md has the speed against the in-memory engine.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -34,14 +35,24 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kernelatlas._files import SequentialFile, advise_readahead, atomic_write_bytes, fsync_dir, npy_header
+from kernelatlas._files import (
+    SequentialFile,
+    advise_readahead,
+    atomic_write,
+    atomic_write_bytes,
+    fsync_dir,
+    npy_header,
+    open_lock_file,
+)
 from kernelatlas.corpus import Corpus, CorpusError
 
-__all__ = ["RunResult", "assign_corpus", "latest_runs", "load_prototypes", "run_id_for"]
+__all__ = ["RunResult", "assign_corpus", "check_run_id", "latest_runs", "load_prototypes", "run_id_for"]
 
 RUN_FORMAT = "kernelatlas-run"
 LABEL_OTHER_KIND = -2
-_PAGE = 4096
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+OPTIONS = "options.json"  # what the run was started with: a resume with other options is refused
+LOCK = ".lock"
 
 
 def load_prototypes(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
@@ -81,6 +92,83 @@ def _model_digest(model_dir: Path) -> str:
             h.update(name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is a folder name inside CORPUS/runs: letters, digits, '_', '-', '.' (not first), no '..'."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ValueError(f"run id {run_id!r} is not allowed: use 1-128 letters, digits, '_', '-' or '.' (not "
+                         "first, no '..'), so the run stays a folder inside CORPUS/runs")
+    return run_id
+
+
+def _run_dir(corpus: Corpus, run_id: str) -> Path:
+    """CORPUS/runs/RUN_ID, refusing symlinked runs/ or run folders (they would send writes elsewhere)."""
+    runs = corpus.root / "runs"
+    root = runs / check_run_id(run_id)
+    for path in (runs, root):
+        if path.is_symlink():
+            raise CorpusError(f"{path} is a symlink: kernelatlas writes runs only into real folders inside the "
+                              "corpus; replace it with a folder")
+    return root
+
+
+class _RunLock:
+    """An exclusive flock on CORPUS/runs/RUN_ID/.lock for as long as a run is written (released by the kernel
+    if the process dies): a second `assign` on the same run id is refused instead of interleaving."""
+
+    def __init__(self, root: Path) -> None:
+        path = root / LOCK
+        try:
+            self.fh = open_lock_file(path)
+        except OSError as exc:
+            raise CorpusError(f"cannot open the run lock {path} ({exc}): remove it if it is a symlink") from None
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise CorpusError(f"run {root.name} is being written by {holder} (lock {path}): wait for it to finish, "
+                              "or give this one another --run") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()}")
+        self.fh.flush()
+
+    def __enter__(self) -> _RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+
+def _check_options(root: Path, rid: str, options: dict[str, Any]) -> None:
+    """Record the run's options when it starts; refuse to resume (or reuse the id of) a run made with others."""
+    path = root / OPTIONS
+    if path.is_file():
+        try:
+            started = json.loads(path.read_text())
+        except (OSError, ValueError):
+            started = None
+        if started != options:
+            raise CorpusError(f"run {rid} in {root} was started with other options ({path}: {started}; now: "
+                              f"{options}): its files cannot be reused.  Give this run another --run id (or "
+                              "none: the id is derived from the options), or delete the folder")
+        return
+    done = root / "run.json"
+    if done.is_file():  # a run written before options.json existed
+        try:
+            earlier = json.loads(done.read_text()).get("options")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier != options:
+            raise CorpusError(f"run {rid} in {root} was made with other options ({done}): give this run another "
+                              "--run id, or delete the folder")
+    elif any(root.glob("k*/labels-*.npy")):
+        raise CorpusError(f"{root} holds label files of a run whose options are unknown: give this run another "
+                          "--run id, or delete the folder")
+    atomic_write_bytes(path, json.dumps(options, indent=1, sort_keys=True).encode())
+    fsync_dir(root)
 
 
 def run_id_for(corpus: Corpus, options: dict[str, Any]) -> str:
@@ -250,9 +338,7 @@ def assign_corpus(
     With an autoencoder, run.json also records the model's held-out split (so the report can give coverage on
     kernels the model never saw) and the random-kernel control: the share of random centred Gaussian kernels
     the model classifies at each threshold of :data:`kernelatlas.holdout.CONTROL_GRID`."""
-    from tqdm import tqdm
 
-    import kernelatlas
     from kernelatlas.autoencoder import Autoencoder
     from kernelatlas.engine import prototype_engine
 
@@ -297,17 +383,39 @@ def assign_corpus(
         shards = [s for s in shards if spans[s].runs]
         if not shards:
             raise CorpusError(f"{c.root}: models {model_ids} hold no stored {kind} {k}x{k} kernels")
-    rid = run_id or run_id_for(c, options)
-    root = c.root / "runs" / rid
-    outdir = root / f"k{k}"
-    outdir.mkdir(parents=True, exist_ok=True)
-    info_path = root / "run.json"
-    if info_path.is_file():
-        done = json.loads(info_path.read_text())
-        if done.get("completed") and done.get("options") == options:
-            return rid
+    rid = run_id if run_id is not None else run_id_for(c, options)
+    root = _run_dir(c, rid)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    root.mkdir(parents=True, exist_ok=True)
+    with _RunLock(root):
+        _check_options(root, rid, options)
+        info_path = root / "run.json"
+        if info_path.is_file() and json.loads(info_path.read_text()).get("completed"):
+            return rid
+        outdir = root / f"k{k}"
+        if outdir.is_symlink():
+            raise CorpusError(f"{outdir} is a symlink: replace it with a folder (or delete the run)")
+        outdir.mkdir(exist_ok=True)
+        _assign_shards(c, root, outdir, rid, shards, spans, k=k, model=model, prototypes=prototypes,
+                       threshold=threshold, kind=kind, options=options, clusters=clusters, extra=extra,
+                       model_ids=model_ids, threads=threads, min_abs=min_abs, decoder=decoder,
+                       chunk_rows=chunk_rows, progress=progress, command=command,
+                       runner=(ae if model is not None else engine))
+    return rid
+
+
+def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[str], spans: dict[str, _Spans], *,
+                   k: int, model: Any, prototypes: Any, threshold: float, kind: str, options: dict[str, Any],
+                   clusters: list[dict[str, Any]], extra: dict[str, Any], model_ids: list[int] | None,
+                   threads: int | None, min_abs: float, decoder: str, chunk_rows: int | None, progress: bool,
+                   command: str, runner: Any) -> None:
+    """The shards of a run, each committed labels-last, then assign_layers.parquet and run.json (the commit),
+    every file and folder fsynced before the next step depends on it."""
+    from tqdm import tqdm
+
+    import kernelatlas
+
     total = sum(b - a for sp in spans.values() for a, b in sp.runs)
     bar = tqdm(total=total, desc=f"assign k={k}", unit="kernel", unit_scale=True, disable=not progress,
                file=sys.stderr)
@@ -333,10 +441,10 @@ def assign_corpus(
                         advise_readahead(arr, *pieces[i + 1])
                     buf = out.buffers(a, b)
                     if model is not None:
-                        kernelatlas.assign(arr[a:b], ae, threshold=threshold, min_abs=min_abs, threads=threads,
+                        kernelatlas.assign(arr[a:b], runner, threshold=threshold, min_abs=min_abs, threads=threads,
                                            decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]))
                     else:
-                        kernelatlas.assign_prototypes(arr[a:b], engine, threshold=threshold, min_abs=min_abs,
+                        kernelatlas.assign_prototypes(arr[a:b], runner, threshold=threshold, min_abs=min_abs,
                                                       threads=threads, out=(buf["labels"], buf["scores"]))
                     out.put()
                     bar.update(b - a)
@@ -364,8 +472,10 @@ def assign_corpus(
             "clusters": clusters, "shards": shards, "command": command, "options": options,
             "corpus_generation": c.manifest.get("generation", 0), "rows_assigned": total,
             "models": model_ids, **extra}
-    atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
-    return rid
+    fsync_dir(outdir)
+    fsync_dir(root)  # assign_layers.parquet's rename is durable before run.json marks the run complete
+    atomic_write_bytes(root / "run.json", json.dumps(info, indent=1).encode())
+    fsync_dir(root)
 
 
 def control_curve(model: Any, *, threads: int | None = None) -> dict[str, Any]:
@@ -389,9 +499,8 @@ def _write_layers(root: Path, rows: list[np.ndarray], names: Sequence[str]) -> N
                               "assigned_share": data[:, 4:].sum(axis=1) / live})
         for i, name in enumerate(names):
             frame[f"share_{name}"] = data[:, 4 + i] / live
-    tmp = root / ".assign_layers.parquet.tmp"
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-    os.replace(tmp, root / "assign_layers.parquet")
+    atomic_write(root / "assign_layers.parquet",
+                 lambda tmp: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp))
 
 
 def latest_runs(corpus: Corpus) -> dict[int, str]:

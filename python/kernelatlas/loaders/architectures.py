@@ -15,7 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from kernelatlas.loaders.base import LoadedModel, LoaderError
+from kernelatlas.loaders.base import LoadedModel, LoaderError, safe_torch_load
 
 __all__ = ["build_architecture", "load_with_architecture"]
 
@@ -51,7 +51,9 @@ def _state_dict(path: Path) -> dict[str, Any]:
 
         return dict(load_file(str(path)))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_torch_load(path)
+    except LoaderError:
+        raise
     except Exception as exc:  # torch raises many types for refused or broken pickles
         raise LoaderError(f"{path}: torch.load(weights_only=True) refused or failed: {exc}") from None
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -9,6 +9,7 @@ the file: torch checkpoints only with ``weights_only=True``, no pickle anywhere 
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,23 @@ KINDS = ("depthwise", "grouped", "regular")
 
 class LoaderError(ValueError):
     """A file that cannot be read as a checkpoint.  The message names the file (and layer) and what to do."""
+
+
+MIN_SAFE_TORCH = (2, 10)  # weights_only=True had code-execution bypasses before (CVE-2025-32434 and later)
+
+
+def safe_torch_load(path: Path, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, ...)``, refused outright on a torch older than 2.10: there the
+    weights-only unpickler could be made to run code (CVE-2025-32434 and a 2026 advisory), so an untrusted
+    checkpoint must not reach it."""
+    import torch
+
+    found = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if found < MIN_SAFE_TORCH:
+        raise LoaderError(f"{path}: not read: torch {torch.__version__} is installed, and torch.load(weights_only="
+                          "True) before torch 2.10 can be made to execute code by a crafted file (CVE-2025-32434 "
+                          "and later advisories).  Upgrade: pip install 'torch>=2.10'")
+    return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
 
 
 def classify_kind(c_out: int, c_in_per_group: int, groups: int) -> str:

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind
+from kernelatlas.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind, safe_torch_load
 
 __all__ = ["load", "load_safetensors"]
 
@@ -224,7 +224,9 @@ def _torch_tensors(p: Path) -> tuple[list[_Tensor], dict[str, Any]]:
         # torch warns about pickle protocols, TypedStorage ...: noise for our users, not their problem
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=(kind == "zip"))
+            obj = safe_torch_load(p, mmap=(kind == "zip"))
+    except LoaderError:
+        raise
     except Exception as e:  # noqa: BLE001 -- every failure of an untrusted file becomes a LoaderError
         raise LoaderError(_torch_load_message(p, e)) from None
     info: dict[str, Any] = {}

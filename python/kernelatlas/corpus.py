@@ -336,6 +336,19 @@ class _PendingShard:
         self.rows += len(data)
         return start
 
+    def mark(self) -> tuple[int, Any]:
+        """Where the shard stands now, for :meth:`rewind`."""
+        return self.rows, self.hash.copy()
+
+    def rewind(self, mark: tuple[int, Any]) -> None:
+        """Forget the rows appended since ``mark`` (a model whose reading failed half-way)."""
+        rows, digest = mark
+        self.fh.flush()
+        self.fh.truncate(len(_npy_header(self.dtype, 0, self.k * self.k)) + rows * self.k * self.k
+                         * self.dtype.itemsize)
+        self.fh.seek(0, os.SEEK_END)
+        self.rows, self.hash = rows, digest
+
     def finish(self, root: Path) -> dict[str, Any]:
         self.fh.seek(0)
         self.fh.write(_npy_header(self.dtype, self.rows, self.k * self.k))
@@ -466,6 +479,35 @@ class CorpusWriter:
             if owned:
                 raise ValueError(f"{model.source_path}: layer_columns cannot set {sorted(owned)} (written by "
                                  "the corpus writer)")
+        state = self._mark()
+        try:
+            return self._add_model(model, sha256=sha256, sizes=sizes, all_convs=all_convs, meta=meta, name=name,
+                                   layer_columns=layer_columns, on_layer=on_layer)
+        except BaseException:
+            self._rewind(state)  # nothing of a model that failed half-way reaches a commit
+            raise
+
+    def _mark(self) -> dict[str, Any]:
+        return {"pending": {k: (p, p.mark()) for k, p in self._pending.items()}, "finished": len(self._finished),
+                "layers": len(self._new_layers), "next_shard": self.manifest["next_shard"]}
+
+    def _rewind(self, state: dict[str, Any]) -> None:
+        before = {id(p) for p, _ in state["pending"].values()}
+        for pend in self._finished[state["finished"]:] + list(self._pending.values()):
+            if id(pend) not in before:
+                pend.discard()
+        del self._finished[state["finished"]:]
+        self._pending = {}
+        for k, (pend, mark) in state["pending"].items():
+            pend.rewind(mark)
+            self._pending[k] = pend
+        del self._new_layers[state["layers"]:]
+        self.manifest["next_shard"] = state["next_shard"]
+
+    def _add_model(self, model: LoadedModel, *, sha256: str, sizes: Sequence[int], all_convs: bool,
+                   meta: Mapping[str, Any] | None, name: str | None,
+                   layer_columns: Sequence[Mapping[str, Any]] | None,
+                   on_layer: Callable[[int], object] | None) -> dict[str, Any]:
         model_id = int(self.manifest["n_models"]) + len(self._new_models)
         layer_id0 = int(self.manifest["n_layers"]) + len(self._new_layers)
         depths, depth_norms = conv_depths([layer.order for layer in model.layers])

@@ -109,22 +109,26 @@ def extract(
             if writer.has_model(digest):
                 report.skipped.append(str(path))
                 continue
+            # one error boundary per file: whatever a loader or the reading of its tensors raises (a
+            # LoaderError, or a RecursionError / ValueError / MemoryError from a hostile file) fails this file
+            # alone -- add_model rewinds what it had written -- while KeyboardInterrupt and SystemExit still stop
             try:
                 model = load_file(path) if arch is None else load_with_architecture(path, arch, fold_bn=fold_bn)
+                kernels = sum(layer.c_out * layer.c_in_per_group for layer in model.layers)
+                with tqdm(total=kernels, desc=f"  {path.name[-30:]}", unit="kernel", unit_scale=True, leave=False,
+                          disable=not progress or kernels < 1_000_000, file=sys.stderr) as inner:
+                    row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta,
+                                           on_layer=inner.update)
             except LoaderError as exc:
                 report.failed.append((str(path), str(exc)))
                 continue
-            except (OSError, MemoryError) as exc:
-                report.failed.append((str(path), f"{path}: {exc}"))
+            except Exception as exc:  # noqa: BLE001 -- see above
+                report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
+                                      f"{str(exc)[:300] or 'no detail'})"))
                 continue
             report.warnings.extend(model.warnings)
             if not model.layers:
                 report.empty.append(str(path))
-            kernels = sum(layer.c_out * layer.c_in_per_group for layer in model.layers)
-            with tqdm(total=kernels, desc=f"  {path.name[-30:]}", unit="kernel", unit_scale=True, leave=False,
-                      disable=not progress or kernels < 1_000_000, file=sys.stderr) as inner:
-                row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta,
-                                       on_layer=inner.update)
             report.added.append(row)
             writer.maybe_commit()
         bar.close()

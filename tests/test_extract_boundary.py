@@ -128,3 +128,48 @@ def test_a_failed_model_leaves_the_shard_as_it_was(tmp_path):
     rows = np.concatenate([np.asarray(corpus.shard_array(s)) for s in corpus.shards(3)])
     np.testing.assert_array_equal(rows, np.concatenate([first, second]).reshape(-1, 9))
     assert [p.name for p in (tmp_path / "c" / "k3").iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------------------------------------- item 9
+
+
+def basicsr_checkpoint(tmp_path: Path, drift: bool) -> Path:
+    """BasicSR-style {'params': sd, 'params_ema': sd_ema}: six shared convs; with ``drift`` one module renamed
+    between the two sets (upsampler.0 in one, upsampler.conv3 in the other), as in real releases."""
+    torch.manual_seed(1)
+    shapes = {f"body.{i}.dw.weight": (24, 1, 3, 3) for i in range(5)} | {"upsampler.0.weight": (12, 24, 3, 3)}
+    plain = {k: torch.randn(*s) for k, s in shapes.items()}
+    ema = {k: v + 0.01 for k, v in plain.items()}
+    if drift:
+        ema["upsampler.conv3.weight"] = ema.pop("upsampler.0.weight")
+    path = tmp_path / ("drift.pth" if drift else "same.pth")
+    torch.save({"params": plain, "params_ema": ema}, path)
+    return path
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_a_weight_set_pair_is_one_model_whatever_its_keys_drift(tmp_path, drift):
+    from kernelatlas.loaders import torch_checkpoint
+
+    model = torch_checkpoint.load(basicsr_checkpoint(tmp_path, drift))
+    assert model.weight_set == "params_ema"
+    names = sorted(layer.name for layer in model.layers)
+    assert names == sorted([f"body.{i}.dw.weight" for i in range(5)]
+                           + ["upsampler.conv3.weight" if drift else "upsampler.0.weight"])
+    np.testing.assert_allclose(model.layers[0].weight, (torch.manual_seed(1), torch.randn(24, 1, 3, 3) + 0.01)[1]
+                               .numpy(), rtol=0, atol=1e-6)
+    notes = [w for w in model.warnings if "one network whose conv keys differ" in w]
+    if drift:
+        assert len(notes) == 1 and "upsampler.conv3.weight" in notes[0] and "upsampler.0.weight" in notes[0]
+    else:
+        assert notes == []
+
+
+def test_two_different_networks_beside_an_ema_name_are_both_kept(tmp_path):
+    from kernelatlas.loaders import torch_checkpoint
+
+    path = tmp_path / "two.pth"
+    torch.save({"g": {"a.weight": torch.randn(8, 1, 3, 3), "b.weight": torch.randn(8, 8, 3, 3)},
+                "g_ema": {"x.weight": torch.randn(16, 1, 5, 5), "y.weight": torch.randn(4, 4, 1, 1)}}, path)
+    model = torch_checkpoint.load(path)
+    assert len(model.layers) == 4 and model.weight_set == ""

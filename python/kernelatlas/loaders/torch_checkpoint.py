@@ -35,7 +35,11 @@ one network -- sibling subtrees with the same conv keys and shapes, one of which
 (``params``/``params_ema``, ``model``/``model_ema``, ``state_dict``/``state_dict_ema``, ``g``/``g_ema``
 ...) -- exactly one is taken: the EMA one, unless ``weight_set`` names another; ``LoadedModel.weight_set``
 says which (its full key path) and ``meta["weight_sets"]`` lists the alternatives.  Two same-shaped sets with
-no EMA among them (CycleGAN's two generators) are two networks and both are kept.
+no EMA among them (CycleGAN's two generators) are two networks and both are kept.  A known pair of names (an
+averaged set and the same name without its ema/swa token: ``params``/``params_ema``, ``g``/``g_ema`` ...) is
+one network even when its keys drifted between the two sets -- real releases rename a module in one of them
+(``upsampler.0`` vs ``upsampler.conv3``) -- as long as at least half of the smaller set's conv weights match by
+key and shape; a warning then names the keys that differ.
 
 Dtypes: float32 and float16 are kept as stored, bfloat16 / float64 become float32, torch-quantised tensors
 are dequantised with their own scale; integer tensors (quantised without a scale we can see) and fp8 are
@@ -75,6 +79,7 @@ _WRAPPERS = frozenset({
     "state_dict_ema", "ema_state_dict", "model_state_dict", "model_state", "ema_model", "weights", "shadow",
 })
 _AVERAGED_TOKENS = frozenset({"ema", "swa"})  # names of an averaged (usually the evaluated) weight set
+_TWIN_OVERLAP = 0.5  # a named pair of weight sets is one network when this share of conv weights match
 
 # safetensors dtype code -> (numpy dtype, bytes per element); BF16 has no numpy dtype (decoded by hand)
 _ST_DTYPES: dict[str, tuple[str, int]] = {
@@ -467,7 +472,7 @@ def _assemble(path: Path, fmt: str, tensors: list[_Tensor], weight_set: str | No
             raise LoaderError(f"{path}: no weight set {weight_set!r} in the file; its top-level keys are: "
                               f"{', '.join(tops[:20]) or '(none)'}")
         tensors, chosen = subset, weight_set
-    tensors, choices = _prefer_averaged(tensors)
+    tensors, choices, drift = _prefer_averaged(tensors)
     if choices:  # (inside a requested set too: its full key path is the more precise answer)
         meta["weight_sets"] = [".".join(m) for _, members in choices for m in members]
         chosen = ",".join(".".join(keep) for keep, _ in choices)
@@ -478,7 +483,7 @@ def _assemble(path: Path, fmt: str, tensors: list[_Tensor], weight_set: str | No
     convs = [t for t in tensors if t.is_conv]
     strip = _wrapper_depth(convs, {c for keep, _ in choices for c in keep} | set(chosen.split(".")))
     layers: list[ConvLayer] = []
-    warns: list[str] = []
+    warns: list[str] = [f"{path}: {note}" for note in drift]
     for t in convs:
         name = ".".join(t.parts[strip:])
         if 0 in t.shape:
@@ -526,11 +531,22 @@ def _signature(tensors: list[_Tensor], depth: int) -> tuple:
     return tuple(sorted(sig))
 
 
-def _prefer_averaged(tensors: list[_Tensor]) -> tuple[list[_Tensor], list[tuple[tuple, list[tuple]]]]:
-    """Drop the non-averaged twins of an EMA/SWA weight set (module docstring).  Returns the kept tensors and
-    the choices made: (kept path, [paths of the alternatives, kept one included])."""
+def _base_name(component: str) -> str | None:
+    """The name of the plain twin of an averaged set: params_ema -> params, ema_model -> model, g_ema -> g,
+    modelEMA -> model; None when nothing is left."""
+    base = re.sub(r"(?i)(^|[_.-])(ema|swa)(?=$|[_.-])", r"\1", component)
+    base = re.sub(r"(EMA|SWA)$", "", base)
+    base = re.sub(r"[_.-]{2,}", "_", base).strip("_.-")
+    return base if base and base != component else None
+
+
+def _prefer_averaged(tensors: list[_Tensor]) -> tuple[list[_Tensor], list[tuple[tuple, list[tuple]]], list[str]]:
+    """Drop the non-averaged twins of an EMA/SWA weight set (module docstring).  Returns the kept tensors, the
+    choices made: (kept path, [paths of the alternatives, kept one included]), and one note per named pair
+    whose keys drifted."""
     dropped: set[int] = set()
     choices: list[tuple[tuple, list[tuple]]] = []
+    drift: list[str] = []
 
     def visit(members: list[int], depth: int, prefix: tuple[str, ...]) -> None:
         groups: dict[str, list[int]] = {}
@@ -550,11 +566,29 @@ def _prefer_averaged(tensors: list[_Tensor]) -> tuple[list[_Tensor], list[tuple[
                     for c in twins:
                         if c != keep:
                             dropped.update(groups.pop(c))
+            # named pairs whose keys drifted: params_ema beside params, g_ema beside g ...
+            for avg in [c for c in groups if _is_averaged(c)]:
+                base = _base_name(avg)
+                if base is None or base not in groups or avg not in groups:
+                    continue
+                a = dict(_signature([tensors[i] for i in groups[avg]], depth + 1))
+                b = dict(_signature([tensors[i] for i in groups[base]], depth + 1))
+                same = sum(1 for key, shape in a.items() if b.get(key) == shape)
+                if not a or not b or same < _TWIN_OVERLAP * min(len(a), len(b)):
+                    continue  # too different to be one network's two weight sets: both are kept
+                only_avg = sorted(".".join(k) for k in a if b.get(k) != a[k])
+                only_base = sorted(".".join(k) for k in b if a.get(k) != b[k])
+                choices.append((prefix + (avg,), [prefix + (avg,), prefix + (base,)]))
+                dropped.update(groups.pop(base))
+                where = ".".join(prefix + (avg,))
+                drift.append(f"weight sets {where} and {'.'.join(prefix + (base,))} are one network whose conv "
+                             f"keys differ ({len(only_avg)} only in {avg}: {', '.join(only_avg[:4]) or '-'}; "
+                             f"{len(only_base)} only in {base}: {', '.join(only_base[:4]) or '-'}); took {where}")
         for c, idx in groups.items():
             visit(idx, depth + 1, prefix + (c,))
 
     visit(list(range(len(tensors))), 0, ())
-    return [t for i, t in enumerate(tensors) if i not in dropped], choices
+    return [t for i, t in enumerate(tensors) if i not in dropped], choices, drift
 
 
 def _wrapper_depth(convs: list[_Tensor], chosen: set[str]) -> int:

@@ -173,3 +173,39 @@ def test_two_different_networks_beside_an_ema_name_are_both_kept(tmp_path):
                 "g_ema": {"x.weight": torch.randn(16, 1, 5, 5), "y.weight": torch.randn(4, 4, 1, 1)}}, path)
     model = torch_checkpoint.load(path)
     assert len(model.layers) == 4 and model.weight_set == ""
+
+
+# ---------------------------------------------------------------------------------------------- item 11
+
+
+def onnx_with_external_data(folder: Path, seed: int) -> Path:
+    """A one-conv ONNX model (depthwise 3x3) whose weight lives in weights.bin beside it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True)
+    w = np.random.default_rng(seed).standard_normal((8, 1, 3, 3)).astype(np.float32)
+    init = numpy_helper.from_array(w, "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=8, kernel_shape=[3, 3])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [init])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = folder / "net.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    return path
+
+
+def test_a_model_identity_covers_its_external_data(tmp_path):
+    a = onnx_with_external_data(tmp_path / "a", seed=0)
+    b = onnx_with_external_data(tmp_path / "b", seed=1)
+    assert a.read_bytes() == b.read_bytes()  # the .onnx files are identical; only weights.bin differs
+    report = extract([str(a), str(b)], tmp_path / "corpus", progress=False)
+    assert len(report.added) == 2 and report.skipped == []
+    corpus = Corpus.open(tmp_path / "corpus")
+    rows = np.asarray(corpus.shard_array(corpus.shards(3)[0]))
+    np.testing.assert_array_equal(rows[:8], np.random.default_rng(0).standard_normal((8, 9)).astype(np.float32))
+    np.testing.assert_array_equal(rows[8:], np.random.default_rng(1).standard_normal((8, 9)).astype(np.float32))
+    # the same pair again: both already present
+    again = extract([str(a), str(b)], tmp_path / "corpus", progress=False)
+    assert again.added == [] and len(again.skipped) == 2

@@ -20,10 +20,10 @@ import numpy as np
 
 from kernelatlas._files import sha256_file
 from kernelatlas.corpus import CorpusWriter
-from kernelatlas.loaders import LoaderError, is_checkpoint, load_file
+from kernelatlas.loaders import LoaderError, is_checkpoint, load_file, source_files
 from kernelatlas.loaders.architectures import load_with_architecture
 
-__all__ = ["ExtractReport", "expand_sources", "extract", "extract_module", "sha256_file"]
+__all__ = ["ExtractReport", "expand_sources", "extract", "extract_module", "sha256_file", "source_identity"]
 
 
 @dataclass
@@ -72,6 +72,20 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | N
     return unique
 
 
+def source_identity(path: Path) -> str:
+    """The sha256 a model is keyed by: of the file itself, or -- when loading it reads other files too (ONNX
+    external data, safetensors shards) -- of the file's sha256 and each other file's name and sha256, so the
+    identity covers every byte its kernels come from."""
+    digest = sha256_file(path)
+    others = source_files(path)
+    if not others:
+        return digest
+    h = hashlib.sha256(f"kernelatlas-source:{digest}".encode())
+    for other in others:
+        h.update(f"\n{other.name}:{sha256_file(other)}".encode())
+    return h.hexdigest()
+
+
 def extract(
     sources: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -100,7 +114,7 @@ def extract(
         for path in bar:
             bar.set_postfix_str(path.name[-40:])
             try:
-                digest = sha256_file(path)
+                digest = source_identity(path)
             except OSError as exc:
                 report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
                 continue

@@ -17,7 +17,7 @@ from pathlib import Path
 from kernelatlas.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind, conv_depths
 
 __all__ = ["ConvLayer", "LoadedModel", "LoaderError", "SUFFIXES", "classify_kind", "conv_depths",
-           "is_checkpoint", "load_file"]
+           "is_checkpoint", "load_file", "source_files"]
 
 # suffix -> format family
 SUFFIXES = {
@@ -41,6 +41,27 @@ def is_checkpoint(path: Path) -> bool:
         pattern = "*.safetensors.index.json" if path.suffix.lower() == ".safetensors" else "*.bin.index.json"
         return not any(path.parent.glob(pattern))  # a shard of an indexed set: read once, via the index
     return family is not None
+
+
+def source_files(path: str | Path) -> list[Path]:
+    """Every file besides ``path`` whose bytes loading ``path`` reads: an ONNX model's external-data files, the
+    shards of a sharded safetensors set.  A model's identity must cover them all -- two ONNX files that differ
+    only in their external data are two models."""
+    p = Path(path)
+    family = _family(p)
+    if family == "onnx":
+        from kernelatlas.loaders import onnx_model
+
+        return onnx_model.external_files(p)
+    if family == "safetensors":
+        from kernelatlas.loaders import torch_checkpoint
+
+        try:
+            shards, _ = torch_checkpoint._resolve_shards(p)
+        except LoaderError:
+            return []  # the loader reports it
+        return sorted({s.resolve() for s in shards} - {p.resolve()})
+    return []
 
 
 def load_file(path: str | Path, *, weight_set: str | None = None) -> LoadedModel:

@@ -321,6 +321,42 @@ class _Reader:
                     return
 
 
+def external_files(path: Path) -> list[Path]:
+    """The external-data files an ONNX model's tensors point to (resolved, inside the model's folder, existing),
+    sorted: part of the model's identity, since they hold its weights.  Unreadable models give [] (the loader
+    reports what is wrong with them)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 -- the loader says what is wrong with the file
+        return []
+    folder = path.parent.resolve()
+    found: set[Path] = set()
+    graphs = [model.graph]
+    seen = 0
+    while graphs and seen < 100_000:  # iterative: subgraphs nest without recursion limits
+        graph = graphs.pop()
+        seen += 1
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensors.append(attr.t)
+                tensors.extend(attr.tensors)
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+        for tensor in tensors:
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if not location or Path(location).is_absolute() or "\x00" in location:
+                continue
+            target = (folder / location).resolve()
+            if target.is_relative_to(folder) and target.is_file():
+                found.add(target)
+    return sorted(found)
+
+
 class _ExternalData:
     """Reads external tensor bytes from files inside the model's folder, after checking the byte range."""
 

@@ -124,3 +124,39 @@ def test_a_symlinked_corpus_lock_is_not_followed(tmp_path):
     with pytest.raises(CorpusError, match="symlink"):
         CorpusWriter(c.root)
     assert victim.read_text() == "user data"
+
+
+def test_a_shard_whose_dtype_or_byte_order_differs_from_the_manifest_is_refused(tmp_path):
+    import numpy as np
+
+    c = make_corpus(tmp_path / "c", n_models=1)
+    shard = c.shards(3)[0]
+    rows = np.load(c.root / shard)
+    np.save(c.root / shard, rows.astype(">f4"))  # same values, other byte order
+    with pytest.raises(CorpusError, match=r"holds >f4 kernels, the manifest says <f4"):
+        c.shard_array(shard)
+
+
+def test_a_symlinked_shard_is_refused(tmp_path):
+    c = make_corpus(tmp_path / "c", n_models=1)
+    shard = c.root / c.shards(3)[0]
+    elsewhere = tmp_path / "elsewhere.npy"
+    shard.rename(elsewhere)
+    shard.symlink_to(elsewhere)
+    with pytest.raises(CorpusError, match="symlink"):
+        c.shard_array(c.shards(3)[0])
+
+
+def test_overlapping_layer_spans_are_refused_not_misaligned(tmp_path):
+    import pandas as pd
+
+    from kernelatlas.corpus import Corpus
+
+    c = make_corpus(tmp_path / "c", n_models=1)
+    mdir, _ = make_model(tmp_path)
+    layers = pd.read_parquet(c.root / "layers.parquet")
+    dw = layers.index[(layers["kind"] == "depthwise") & (layers["rows"] > 0)]
+    layers.loc[dw[1], "row_start"] -= 10  # the second depthwise layer now starts inside the first
+    layers.to_parquet(c.root / "layers.parquet")
+    with pytest.raises(CorpusError, match="overlapping rows"):
+        runs_mod.assign_corpus(Corpus.open(c.root), model=mdir, progress=False)

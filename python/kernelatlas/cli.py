@@ -214,7 +214,9 @@ def _add_extract(sub: Any) -> None:
             "layer, stored or not, is recorded in layers.parquet.",
             "Files already in the corpus (same sha256) are skipped, so rerunning an interrupted extract "
             "completes it; work is committed every --commit-rows kernels and at the end.  Checkpoints are read "
-            "without executing code (torch.load with weights_only=True; no pickle elsewhere)."),
+            "without executing code (torch.load with weights_only=True; no pickle elsewhere) -- except with "
+            "--arch python:MODULE:CALLABLE, which imports MODULE and calls CALLABLE, i.e. runs that code: use it "
+            "only with code you trust (the weight files are still read weights-only)."),
         epilog=_text(
             "Exit status 0 when every input was read, even if some held no convs (they are listed); 1 when some "
             "file could not be read (each is named with the reason; the others are still extracted).",
@@ -228,7 +230,8 @@ def _add_extract(sub: Any) -> None:
     p.add_argument("--all-convs", action="store_true", help="store regular and grouped convs too")
     p.add_argument("--arch", metavar="SPEC", default=None,
                    help="read every file as weights of this architecture, built locally: timm:NAME, "
-                   "torchvision:NAME (when installed) or python:MODULE:CALLABLE; gives exact groups")
+                   "torchvision:NAME (when installed) or python:MODULE:CALLABLE (imports MODULE and RUNS its "
+                   "code: trusted code only); gives exact groups")
     p.add_argument("--fold-bn", action="store_true",
                    help="with --arch: fold BatchNorm into the conv before it (as ONNX exports and CNN Filter DB "
                    "hold them)")

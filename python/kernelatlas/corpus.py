@@ -222,10 +222,17 @@ class Corpus:
         entry = next((s for s in self.manifest["shards"] if s["path"] == shard), None)
         if entry is None:
             raise CorpusError(f"{shard} is not a committed shard of {self.root}")
-        arr = np.load(self.root / shard, mmap_mode="r", allow_pickle=False)
+        path = self.root / shard
+        if path.is_symlink() or path.parent.is_symlink():
+            raise CorpusError(f"{path} is a symlink: a corpus's shards are read only from its own folders (a "
+                              "corpus received from someone else could point them at any file)")
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
         if arr.shape != (entry["rows"], entry["k"] ** 2):
-            raise CorpusError(f"{self.root / shard} has shape {arr.shape}, the manifest says "
+            raise CorpusError(f"{path} has shape {arr.shape}, the manifest says "
                               f"({entry['rows']}, {entry['k'] ** 2}): the corpus is damaged")
+        if arr.dtype != self.dtype:  # byte order included: a '>f4' shard would be read as garbage
+            raise CorpusError(f"{path} holds {arr.dtype.str} kernels, the manifest says {self.dtype.str}: the "
+                              "corpus is damaged (or was edited by hand)")
         advise_huge_pages(arr)
         return arr
 

@@ -192,9 +192,22 @@ class _Spans:
     layers: np.ndarray  # [n, 3] layer_id, row_start, rows
 
 
+def _check_disjoint(corpus: Corpus, shard: str, layers: np.ndarray) -> None:
+    """Layers own disjoint row ranges of a shard inside it (DESIGN.md); a damaged layers table would otherwise
+    misalign every output silently.  ``layers``: [n, 3] layer_id, row_start, rows."""
+    arr = layers[np.argsort(layers[:, 1], kind="stable")]
+    bad = np.flatnonzero(arr[1:, 1] < arr[:-1, 1] + arr[:-1, 2]) if len(arr) > 1 else np.zeros(0, np.int64)
+    if len(bad) or (len(arr) and arr[0, 1] < 0):
+        i = int(bad[0]) if len(bad) else 0
+        raise CorpusError(f"{corpus.root / 'layers.parquet'}: layers {arr[i, 0]} and {arr[min(i + 1, len(arr) - 1), 0]} "
+                          f"claim overlapping rows of {shard}: the corpus is damaged; outputs would be misaligned, "
+                          "so nothing is assigned")
+
+
 def _spans(corpus: Corpus, shard: str, kind: str, models: Sequence[int] | None = None) -> _Spans:
     lay = corpus.layers
     sel = lay[(lay["shard"] == shard) & (lay["rows"] > 0)]
+    _check_disjoint(corpus, shard, sel[["layer_id", "row_start", "rows"]].to_numpy(dtype=np.int64))
     if kind != "all":
         sel = sel[sel["kind"] == kind]
     if models is not None:

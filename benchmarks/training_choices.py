@@ -39,6 +39,9 @@ CHOICES: dict[str, dict] = {
     "default + widths 128-64": dict(widths=(128, 64)),
     "default + widths 32-16": dict(widths=(32, 16)),
     "default + 3 restarts": dict(restarts=3),
+    "batch 512 + lr 3e-3": dict(batch_size=512, lr=3e-3),
+    "batch 1024": dict(batch_size=1024),
+    "batch 512 + widths 128-64": dict(batch_size=512, widths=(128, 64)),
 }
 
 
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="models to show beside 'all'")
     ap.add_argument("--exclude", default="", help="a model to leave out of training (its coverage: never seen)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds; cells are means (default: 0)")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     corpus = Corpus.open(args.corpus)
@@ -77,33 +81,41 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"# {k}x{k} depthwise kernels of {args.corpus}; machine: {os.uname().nodename}, "
           f"{ka.build_info().get('isa')}, {len(os.sched_getaffinity(0))} cores", flush=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    print(f"# cells: coverage at 0.85, in-sample / held-out, mean over seeds {seeds}; random: the control at 0.85; "
+          "steps and seconds: means", flush=True)
+    print("| choice | " + " | ".join(shown) + " | random | steps | seconds |", flush=True)
     for name in args.choices.split(","):
         opts = CHOICES[name]
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            model = ka.train(corpus, k, Path(tmp) / "m", progress=False, threads=args.threads,
-                             exclude_models=[args.exclude] if args.exclude else (), **opts)
-            seconds = time.perf_counter() - t0
-        t = model.info["training"]
-        split = Holdout.from_json(model.info["holdout"])
-        cov = coverage(corpus, model, k, split)
-        control = random_control(model, THRESHOLDS)
-        row = {"choice": name, "seconds": round(seconds, 1), "steps": t["steps_run"], "best_step": t["best_step"],
-               "stop": t["stop_reason"].split(":")[0], "val_loss": t["val_loss"],
-               "random_0.85": round(control[0.85], 4)}
-        for m in shown:
-            c = cov.get(m)
-            if c is None:
-                continue
-            for part in ("in", "ho"):
-                n = c[part][0]
-                for j, thr in enumerate(THRESHOLDS):
-                    row[f"{m}:{part}:{thr:.2f}"] = round(c[part][j + 1] / n, 4) if n else float("nan")
-        rows.append(row)
-        cells = " | ".join(f"{row.get(f'{m}:in:0.85', float('nan')):.3f} / {row.get(f'{m}:ho:0.85', float('nan')):.3f}"
-                           for m in shown)
-        print(f"| {name} | {cells} | {control[0.85]:.3f} | {t['steps_run']:,} ({row['stop']}) | {seconds:.0f} s |",
-              flush=True)
+        per_seed = []
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                model = ka.train(corpus, k, Path(tmp) / "m", progress=False, threads=args.threads, seed=seed,
+                                 exclude_models=[args.exclude] if args.exclude else (), **opts)
+                seconds = time.perf_counter() - t0
+            t = model.info["training"]
+            cov = coverage(corpus, model, k, Holdout.from_json(model.info["holdout"]))
+            control = random_control(model, THRESHOLDS)
+            row = {"choice": name, "seed": seed, "seconds": round(seconds, 1), "steps": t["steps_run"],
+                   "best_step": t["best_step"], "stop": t["stop_reason"].split(":")[0], "val_loss": t["val_loss"]}
+            row.update({f"random:{thr:.2f}": round(control[thr], 4) for thr in THRESHOLDS})
+            for m in shown:
+                c = cov.get(m)
+                for part in ("in", "ho"):
+                    n = c[part][0] if c is not None else 0
+                    for j, thr in enumerate(THRESHOLDS):
+                        row[f"{m}:{part}:{thr:.2f}"] = round(c[part][j + 1] / n, 4) if n else float("nan")
+            per_seed.append(row)
+            rows.append(row)
+
+        def mean(key: str) -> float:
+            return float(np.mean([r[key] for r in per_seed]))
+
+        cells = " | ".join(f"{mean(f'{m}:in:0.85'):.3f} / {mean(f'{m}:ho:0.85'):.3f}" for m in shown)
+        stops = sorted({r["stop"] for r in per_seed})
+        print(f"| {name} | {cells} | {mean('random:0.85'):.3f} | {mean('steps'):,.0f} ({', '.join(stops)}) | "
+              f"{mean('seconds'):.0f} s |", flush=True)
     if args.csv:
         import pandas as pd
 

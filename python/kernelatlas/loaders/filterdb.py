@@ -11,6 +11,10 @@ arrays, so ``read_hdf`` on a downloaded file can run arbitrary code.  Here the H
 and the few pickles pandas needs (lists of column names, object arrays of strings) go through
 :class:`RestrictedUnpickler`, which admits plain data only (numpy arrays/dtypes, str, numbers, containers).
 Both ``to_hdf`` formats ("fixed" and "table") are read, and the early release's CSV-bytes ``meta`` too.
+The unpickler never lets numpy rebuild anything itself: arrays, dtypes and scalars are assembled from checked
+parts (see the pickles section), so a crafted dtype cannot make numpy read file bytes as pointers.  Every
+file is walked by ``h5safe.check_file`` when opened and every dataset's size is checked before it is read
+(docs/security-hdf5.md).
 
 Import (:func:`import_filterdb`) validates the whole layout first (shapes, every filter_ids range inside
 ``filters``, no overlaps, the data actually present in the file) and only then opens the corpus, so a bad file
@@ -48,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -60,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from kernelatlas.loaders import h5safe
 from kernelatlas.loaders.base import KINDS, ConvLayer, LoadedModel, LoaderError, classify_kind
 
 __all__ = [
@@ -101,80 +107,299 @@ class FilterDBError(LoaderError):
 
 
 # ---------------------------------------------------------------------------------------------- pickles
+#
+# pandas "fixed" tables and PyTables attributes hold pickles of plain data: lists of column names, tuples,
+# numpy scalars (numpy.core.multiarray.scalar), and numpy arrays -- ``_reconstruct(ndarray, (0,), b"b")``
+# followed by a BUILD of (version, shape, dtype, fortran, data), or ``_frombuffer(data, dtype, shape, order)``
+# (protocol 5) -- whose dtype is itself ``numpy.dtype(descr, align, copy)`` followed by a BUILD of its state.
+# Letting numpy run those BUILDs is not safe: ``dtype.__setstate__`` accepts any fields, offsets, subarrays and
+# flags, and a void dtype rebuilt with an object field and flags 0 makes numpy read file bytes as PyObject
+# pointers (a crafted file crashes the process at an address it chooses).  So no numpy object is ever created
+# by the unpickler: every numpy global resolves to a stand-in below, BUILD only ever reaches a stand-in, and
+# the real arrays, dtypes and scalars are assembled from validated parts (plain number / bool / bytes / str
+# dtypes, object arrays only from a list of plain values) once the pickle is read.
 
-
-def _numpy_attr(module_names: Sequence[str], name: str) -> Any:
-    import importlib
-
-    for module in module_names:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-    return None
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """(module, name) -> object for everything a pickle of plain data may reference.  numpy 1.x pickles name
-    ``numpy.core.*`` and numpy 2.x ``numpy._core.*``: both map to whichever this numpy has, without importing
-    the deprecated alias."""
-    multiarray = ("numpy._core.multiarray", "numpy.core.multiarray")
-    numeric = ("numpy._core.numeric", "numpy.core.numeric")
-    reconstruct = _numpy_attr(multiarray, "_reconstruct")
-    scalar = _numpy_attr(multiarray, "scalar")
-    frombuffer = _numpy_attr(numeric, "_frombuffer")
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): __import__("_codecs").encode,  # protocol-2 pickles of bytes
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
-    }
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        if reconstruct is not None:
-            allowed[(module, "_reconstruct")] = reconstruct
-        if scalar is not None:
-            allowed[(module, "scalar")] = scalar
-    for module in ("numpy.core.numeric", "numpy._core.numeric"):
-        if frombuffer is not None:
-            allowed[(module, "_frombuffer")] = frombuffer
-    with contextlib.suppress(ImportError):
-        import pandas as pd
-
-        allowed[("pandas._libs.missing", "NA")] = pd.NA
-        allowed[("pandas", "NA")] = pd.NA
-    # numpy 2 names each dtype class (numpy.dtypes.Float64DType ...) in some pickles
-    with contextlib.suppress(ImportError):
-        import numpy.dtypes as npdtypes
-
-        for dname in dir(npdtypes):
-            if dname.endswith("DType") and dname not in ("VoidDType",):
-                allowed[("numpy.dtypes", dname)] = getattr(npdtypes, dname)
-    return allowed
+# the dtype descriptors a pickle may name: bool, integers, floats, complex, fixed-width bytes / str, object
+_PICKLE_DESCR = re.compile(r"^(?:b1|[iu][1248]|f(?:2|4|8|16)|c(?:8|16|32)|[SU][1-9]\d{0,8}|O8)$")
+_PICKLE_MAX_NDIM = 32
+_PLAIN_ITEMS = (str, bytes, int, float, complex, bool, type(None))
 
 
 class PickleRefused(FilterDBError):
     """A pickle references something other than plain data: it is never loaded."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain data only: numpy arrays, dtypes and scalars, pd.NA, and what pickle builds without a
-    global (str, bytes, numbers, None, lists, tuples, dicts).  Any other global -- ``os.system``,
-    ``builtins.eval``, a class to instantiate -- raises :class:`PickleRefused` before anything is called."""
+class _Stand:
+    """Base of the stand-ins: pickle's BUILD reaches only ``__setstate__`` here, which refuses by default."""
 
-    _allowed: dict[tuple[str, str], Any] | None = None
+    __slots__ = ("where",)
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __setstate__(self, state: Any) -> None:
+        raise PickleRefused(f"{self.where} holds a pickle that sets the state of a {self._what}; kernelatlas "
+                            "refuses to load it (only numpy's own array and dtype pickles are accepted)")
+
+    _what = "value"
+
+
+class _NDArrayClass(_Stand):
+    """``numpy.ndarray`` as named by ``_reconstruct(numpy.ndarray, ...)``; not callable."""
+
+    __slots__ = ()
+    _what = "numpy.ndarray reference"
+
+
+class _NA(_Stand):
+    """``pandas.NA`` (a process-wide singleton: BUILD must never reach it)."""
+
+    __slots__ = ()
+    _what = "pandas.NA"
+
+
+class _DType(_Stand):
+    """A pickled ``numpy.dtype(descr, align, copy)``: a plain descriptor only.  Its BUILD may set the byte
+    order and nothing else (no fields, offsets, subarray, flags or metadata)."""
+
+    __slots__ = ("built", "dtype")
+    _what = "numpy dtype"
+
+    def __init__(self, where: str, descr: Any, align: Any = False, copy: Any = False) -> None:
+        super().__init__(where)
+        if not isinstance(descr, str) or not _PICKLE_DESCR.match(descr) or not isinstance(align, bool) \
+                or not isinstance(copy, bool):
+            raise PickleRefused(f"{where} holds a pickled numpy dtype {descr!r}; kernelatlas refuses to load it "
+                                "(only plain number, bool, bytes, str and object dtypes are accepted: a crafted "
+                                "dtype makes numpy read file bytes as memory pointers)")
+        self.dtype = np.dtype(descr)
+        self.built = False
+
+    def __setstate__(self, state: Any) -> None:
+        refused = PickleRefused(f"{self.where} holds a pickled numpy dtype {self.dtype.str!r} rebuilt with the "
+                                f"state {str(state)[:200]}; kernelatlas refuses to load it (only a byte order may "
+                                "be set: fields, offsets, subarrays and flags can make numpy read file bytes as "
+                                "memory pointers)")
+        if self.built or not isinstance(state, tuple) or not 7 <= len(state) <= 9:
+            raise refused
+        version, endian, subarray, names, fields, elsize, alignment = state[:7]
+        rest = state[7:]
+        flags = rest[0] if rest else 0
+        metadata = rest[1] if len(rest) > 1 else None
+        if version not in (1, 2, 3, 4) or subarray is not None or names is not None or fields is not None \
+                or metadata is not None or endian not in ("<", ">", "|", "=") \
+                or not all(type(v) is int for v in (elsize, alignment, flags)) \
+                or elsize not in (-1, self.dtype.itemsize):
+            raise refused
+        if endian in "<>" and self.dtype.kind in "iufcU" and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(endian)
+        self.built = True
+
+
+class _Scalar(_Stand):
+    """``numpy.core.multiarray.scalar(dtype, data)``: a numpy scalar read from exactly one item's bytes (or,
+    for the object dtype, the plain value itself)."""
+
+    __slots__ = ("value",)
+    _what = "numpy scalar"
+
+    def __init__(self, where: str, dtype: Any, data: Any = None) -> None:
+        super().__init__(where)
+        if type(dtype) is not _DType:
+            raise PickleRefused(f"{where} holds a pickled numpy scalar without a plain dtype; kernelatlas refuses "
+                                "to load it")
+        dt = dtype.dtype
+        if dt.kind == "O":
+            self.value = _plain_item(where, data)
+            return
+        if isinstance(data, str):
+            data = data.encode("latin1")  # a protocol-0/2 pickle written by Python 2
+        if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
+            held = f"{len(data)} bytes" if isinstance(data, (bytes, bytearray)) else f"a {type(data).__name__}"
+            raise FilterDBError(f"{where}: a pickled numpy {dt} scalar holds {held}, not {dt.itemsize} bytes; the "
+                                "file is damaged")
+        self.value = np.frombuffer(bytes(data), dtype=dt, count=1)[0]
+
+
+class _Array(_Stand):
+    """A pickled numpy array, assembled here from checked parts: ``_reconstruct`` makes an empty one and its
+    BUILD (once) gives (version, shape, dtype, fortran, data); ``_frombuffer`` gives them at once."""
+
+    __slots__ = ("value",)
+    _what = "numpy array"
+
+    def __init__(self, where: str) -> None:
+        super().__init__(where)
+        self.value: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if self.value is not None or not isinstance(state, tuple) or len(state) not in (4, 5) \
+                or (len(state) == 5 and state[0] != 1):
+            super().__setstate__(state)
+        shape, dtype, fortran, data = state[-4:]
+        self.value = _assemble(self.where, shape, dtype, "F" if fortran else "C", data)
+
+
+def _plain_item(where: str, item: Any) -> Any:
+    """An element of a pickled object array: a plain Python value, a checked numpy scalar, or pd.NA."""
+    if type(item) in _PLAIN_ITEMS:
+        return item
+    if type(item) is _Scalar:
+        return item.value
+    if type(item) is _NA:
+        import pandas as pd
+
+        return pd.NA
+    raise PickleRefused(f"{where} holds a pickled object array with an element of type {type(item).__name__}; "
+                        "kernelatlas refuses to load it (only strings, numbers, None and NA are accepted)")
+
+
+def _assemble(where: str, shape: Any, dtype: Any, order: Any, data: Any) -> np.ndarray:
+    if type(dtype) is not _DType:
+        raise PickleRefused(f"{where} holds a pickled numpy array without a plain dtype; kernelatlas refuses to "
+                            "load it")
+    dt = dtype.dtype
+    if not isinstance(shape, tuple) or len(shape) > _PICKLE_MAX_NDIM \
+            or not all(type(s) is int and s >= 0 for s in shape) or order not in ("C", "F"):
+        raise FilterDBError(f"{where}: a pickled numpy array has the shape {str(shape)[:100]} (order "
+                            f"{str(order)[:10]}); the file is damaged")
+    n = math.prod(shape)
+    if dt.kind == "O":
+        if type(data) is not list or len(data) != n:
+            raise PickleRefused(f"{where} holds a pickled object array of shape {shape} whose data is not a list "
+                                f"of {n} values; kernelatlas refuses to load it (numpy would read its bytes as "
+                                "memory pointers)")
+        out = np.empty(n, dtype=object)
+        for i, item in enumerate(data):
+            out[i] = _plain_item(where, item)
+        out = out.reshape(shape)  # numpy lists an object array's items in C order, whatever its memory order
+        return np.asfortranarray(out) if order == "F" else out
+    if isinstance(data, str):
+        data = data.encode("latin1")  # a protocol-0/2 pickle written by Python 2
+    if not isinstance(data, (bytes, bytearray)) or len(data) != n * dt.itemsize:
+        held = f"{len(data):,} bytes" if isinstance(data, (bytes, bytearray)) else f"a {type(data).__name__}"
+        raise FilterDBError(f"{where}: a pickled numpy array declares {shape} of {dt} ({n * dt.itemsize:,} bytes) "
+                            f"but holds {held}; the file is damaged")
+    return np.frombuffer(bytes(data), dtype=dt, count=n).reshape(shape, order=order).copy()
+
+
+def _resolve(value: Any, where: str) -> Any:
+    """The unpickled value with every stand-in replaced by the real numpy array / dtype / scalar / pd.NA."""
+    memo: dict[int, Any] = {}
+
+    def real(obj: Any) -> Any:
+        kind = type(obj)
+        if kind is _Array:
+            if obj.value is None:
+                raise FilterDBError(f"{where}: a pickled numpy array has no data; the file is damaged")
+            return obj.value
+        if kind is _DType:
+            return obj.dtype
+        if kind is _Scalar:
+            return obj.value
+        if kind is _NA:
+            import pandas as pd
+
+            return pd.NA
+        if kind is _NDArrayClass:
+            raise PickleRefused(f"{where} holds a pickle of the numpy.ndarray class itself; kernelatlas refuses "
+                                "to load it")
+        if kind not in (list, dict, tuple, set, frozenset):
+            return obj
+        key = id(obj)
+        if key in memo:
+            return memo[key]
+        if kind is list:
+            memo[key] = obj
+            obj[:] = [real(v) for v in obj]
+            return obj
+        if kind is dict:
+            memo[key] = obj
+            items = list(obj.items())
+            obj.clear()
+            for k, v in items:
+                obj[real(k)] = real(v)
+            return obj
+        out = kind(real(v) for v in obj)
+        memo[key] = out
+        return out
+
+    try:
+        return real(value)
+    except RecursionError:
+        raise FilterDBError(f"{where}: a pickled value is nested too deeply; the file is damaged") from None
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: numpy arrays, dtypes and scalars (rebuilt from checked parts, see above),
+    pd.NA, and what pickle builds without a global (str, bytes, numbers, None, lists, tuples, dicts, sets).
+    Any other global -- ``os.system``, ``builtins.eval``, a class to instantiate -- raises
+    :class:`PickleRefused` before anything is called, and no BUILD ever reaches a numpy or pandas object."""
 
     def __init__(self, file: Any, *, where: str) -> None:
         super().__init__(file, fix_imports=True, encoding="latin1")
         self.where = where
-        if RestrictedUnpickler._allowed is None:
-            RestrictedUnpickler._allowed = _allowed_globals()
+        self._globals = self._make_globals()
+
+    def _make_globals(self) -> dict[tuple[str, str], Any]:
+        where = self.where
+        ndarray = _NDArrayClass(where)
+
+        def reconstruct(cls: Any, shape: Any = None, typecode: Any = None) -> _Array:
+            if cls is not ndarray:
+                raise PickleRefused(f"{where} holds a pickle that rebuilds a {type(cls).__name__} as a numpy "
+                                    "array; kernelatlas refuses to load it (only numpy.ndarray is accepted)")
+            return _Array(where)
+
+        def frombuffer(data: Any, dtype: Any, shape: Any, order: Any) -> _Array:
+            if type(dtype) is _DType and dtype.dtype.kind == "O":
+                raise PickleRefused(f"{where} holds an object array pickled as raw bytes; kernelatlas refuses to "
+                                    "load it")
+            out = _Array(where)
+            out.value = _assemble(where, shape, dtype, order, data)
+            return out
+
+        def dtype(descr: Any, align: Any = False, copy: Any = False) -> _DType:
+            return _DType(where, descr, align, copy)
+
+        def scalar(dt: Any, data: Any = None) -> _Scalar:
+            return _Scalar(where, dt, data)
+
+        na = _NA(where)
+        allowed: dict[tuple[str, str], Any] = {
+            ("numpy", "ndarray"): ndarray,
+            ("numpy", "dtype"): dtype,
+            ("_codecs", "encode"): __import__("_codecs").encode,  # protocol-2 pickles of bytes
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+            ("builtins", "complex"): complex,
+            ("builtins", "bytearray"): bytearray,
+            ("pandas._libs.missing", "NA"): na,
+            ("pandas", "NA"): na,
+        }
+        # numpy 1.x pickles name numpy.core.*, numpy 2.x numpy._core.*: both map to the stand-ins
+        for core in ("numpy.core", "numpy._core"):
+            allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+            allowed[(f"{core}.multiarray", "scalar")] = scalar
+            allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+        # numpy 2 names a dtype's class (numpy.dtypes.Float64DType ...) in some pickles: plain ones only
+        with contextlib.suppress(ImportError):
+            import numpy.dtypes as npdtypes
+
+            for dname in dir(npdtypes):
+                if not dname.endswith("DType"):
+                    continue
+                try:
+                    dt = getattr(npdtypes, dname)()
+                except Exception:  # noqa: BLE001, S112 - parametric dtypes (bytes, str, void, datetime) need arguments
+                    continue
+                descr = f"{dt.kind}{dt.itemsize}"
+                if isinstance(dt, np.dtype) and _PICKLE_DESCR.match(descr):
+                    allowed[("numpy.dtypes", dname)] = (lambda d=descr: _DType(where, d))
+        return allowed
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = RestrictedUnpickler._allowed or {}
-        obj = allowed.get((module, name))
+        obj = self._globals.get((module, name))
         if obj is None:
             raise PickleRefused(
                 f"{self.where} holds a pickle that references {module}.{name}; kernelatlas refuses to load it "
@@ -186,17 +411,21 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         raise PickleRefused(f"{self.where} holds a pickle with persistent ids; kernelatlas refuses to load it")
 
+    def load(self) -> Any:
+        return _resolve(super().load(), self.where)
+
 
 def restricted_loads(data: bytes, *, where: str) -> Any:
     """``pickle.loads`` limited to plain data (see :class:`RestrictedUnpickler`).  Raises
-    :class:`PickleRefused` for a forbidden global and :class:`FilterDBError` for a damaged pickle."""
+    :class:`PickleRefused` for a forbidden global or numpy state and :class:`FilterDBError` for a damaged
+    pickle."""
     try:
         return RestrictedUnpickler(io.BytesIO(data), where=where).load()
-    except PickleRefused:
+    except FilterDBError:
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed pickle raises all sorts of errors
-        raise FilterDBError(f"{where}: cannot decode a pickled value ({type(exc).__name__}: {exc}); the file "
-                            "is damaged or not a pandas table") from None
+        raise FilterDBError(f"{where}: cannot decode a pickled value ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "the file is damaged or not a pandas table") from None
 
 
 # ---------------------------------------------------------------------------------------------- meta reading
@@ -275,6 +504,23 @@ class _MetaReader:
         return str(raw)
 
     # values -------------------------------------------------------------------
+    def read_dataset(self, ds: Any) -> np.ndarray:
+        """A whole dataset, its declared size checked against its storage first (see loaders/h5safe.py)."""
+        return h5safe.read_dataset(ds, label=self.where, error=FilterDBError, hint=_DAMAGED)
+
+    def _empty_shape(self, ds: Any, shape: Any) -> tuple[int, ...]:
+        """pandas writes a ``shape`` attribute on the placeholder of an EMPTY array only; anything else would
+        make the reader allocate what the attribute says."""
+        try:
+            dims = tuple(int(s) for s in np.atleast_1d(shape))
+        except (TypeError, ValueError):
+            dims = ()
+        if not 1 <= len(dims) <= 32 or min(dims) < 0 or math.prod(dims) != 0:
+            raise FilterDBError(f"{self.where}: {ds.name} has a shape attribute {str(shape)[:80]}; pandas writes "
+                                "it only on an empty array (one of its dimensions 0), so the file is damaged or "
+                                "crafted")
+        return dims
+
     def decode_strings(self, values: np.ndarray) -> np.ndarray:
         flat = values.ravel()
         out = np.empty(len(flat), dtype=object)
@@ -290,24 +536,17 @@ class _MetaReader:
         if cls == "VLARRAY":
             if self.text_attr(ds, "PSEUDOATOM", "") != "object":
                 raise FilterDBError(f"{self.where}{ds.name}: unsupported variable-length array")
-            try:
-                rows = ds[...]
-            except (OSError, ValueError) as exc:
-                raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); {_DAMAGED}") from None
-            if len(rows) != 1:
-                raise FilterDBError(f"{self.where}{ds.name}: expected one pickled array, found {len(rows)} rows")
+            if ds.shape != (1,):
+                raise FilterDBError(f"{self.where}{ds.name}: expected one pickled array, found shape {ds.shape}")
+            rows = self.read_dataset(ds)
             value = restricted_loads(np.asarray(rows[0], dtype=np.uint8).tobytes(), where=f"{self.where}{ds.name}")
             values = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
         else:
             shape = self._raw_attr(ds, "shape")
             if shape is not None:  # pandas' placeholder for an empty array
-                values = np.empty(tuple(int(s) for s in np.atleast_1d(shape)), dtype=object)
+                values = np.empty(self._empty_shape(ds, shape), dtype=object)
             else:
-                try:
-                    values = ds[...]
-                except (OSError, ValueError) as exc:
-                    raise FilterDBError(f"{self.where}{ds.name} is unreadable ({exc}); {_DAMAGED}") \
-                        from None
+                values = self.read_dataset(ds)
         if values.dtype.kind == "S":
             values = self.decode_strings(values)
         transposed = self._raw_attr(ds, "transposed")
@@ -384,10 +623,7 @@ class _MetaReader:
     def read_csv_bytes(self, ds: Any) -> Any:
         import pandas as pd
 
-        try:
-            raw = ds[...]
-        except (OSError, ValueError) as exc:
-            raise FilterDBError(f"{self.where}/{META_KEY} is unreadable ({exc}); {_DAMAGED}") from None
+        raw = self.read_dataset(ds)
         data = raw.tobytes() if isinstance(raw, np.ndarray) and raw.dtype.kind in "uiS" else bytes(raw)
         try:
             return pd.read_csv(io.StringIO(data.decode("utf-8")))
@@ -431,11 +667,9 @@ class _MetaReader:
 
         node = self.node
         table = self._child("table")
-        try:
-            rows = table[...]
-        except (OSError, ValueError) as exc:
-            raise FilterDBError(f"{self.where}/{META_KEY}/table is unreadable ({exc}); {_DAMAGED}") \
-                from None
+        if not hasattr(table, "dtype"):
+            raise FilterDBError(f"{self.where}/{META_KEY}/table should be an array, found a group")
+        rows = self.read_dataset(table)
         if rows.dtype.names is None:
             raise FilterDBError(f"{self.where}/{META_KEY}/table is not a PyTables table")
         nan_rep = self.text_attr(node, "nan_rep", None) or "nan"
@@ -473,15 +707,14 @@ class _MetaReader:
 
 
 def _open_h5(path: Path) -> Any:
-    import h5py
-
+    """The file opened read-only, after :func:`h5safe.check_file` walked it: no external / soft links, no
+    hard-link cycles or objects under two names, no dataset stored in another file (external storage,
+    virtual datasets) -- every refusal a FilterDBError naming the file and the HDF5 path."""
     if not path.is_file():
         raise FilterDBError(f"{path}: no such file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise FilterDBError(f"{path}: not a readable HDF5 file ({exc}); is it truncated or still compressed "
-                            "(dataset.h5.xz: run `xz -d` first)?") from None
+    return h5safe.open_checked(path, label=str(path), error=FilterDBError,
+                               open_hint="; is it truncated or still compressed (dataset.h5.xz: run `xz -d` "
+                                         "first)?")
 
 
 def _read_meta_frame(f: Any, path: Path) -> Any:
@@ -567,46 +800,9 @@ def _filters_dataset(f: Any, path: Path) -> tuple[str, Any]:
 
 
 def _check_storage(ds: Any, path: Path) -> None:
-    """The bytes of ``filters`` lie inside the file and every chunk was written (a truncated or partly
-    written file is refused before anything is imported)."""
-    import h5py
-
-    size = path.stat().st_size
-    n_bytes = int(np.prod(ds.shape)) * ds.dtype.itemsize
-    if n_bytes == 0:
-        return
-    dcpl = ds.id.get_create_plist()
-    layout = dcpl.get_layout()
-    if layout == h5py.h5d.CONTIGUOUS:
-        offset = ds.id.get_offset()
-        if offset is None:
-            raise FilterDBError(f"{path}: /{ds.name.lstrip('/')} was created but never written; the file is "
-                                "incomplete")
-        if offset + ds.id.get_storage_size() > size:
-            raise FilterDBError(f"{path}: /{ds.name.lstrip('/')} ends at byte {offset + ds.id.get_storage_size():,}"
-                                f" but the file has {size:,} bytes: the file is truncated; download it again")
-    elif layout == h5py.h5d.CHUNKED:
-        chunk = ds.chunks
-        expected = int(np.prod([-(-s // c) for s, c in zip(ds.shape, chunk)]))
-        end = 0
-        count = 0
-        if hasattr(ds.id, "chunk_iter"):
-            def visit(info: Any) -> None:
-                nonlocal end, count
-                count += 1
-                end = max(end, info.byte_offset + info.size)
-            ds.id.chunk_iter(visit)
-        else:
-            count = ds.id.get_num_chunks()
-            for i in range(count):
-                info = ds.id.get_chunk_info(i)
-                end = max(end, info.byte_offset + info.size)
-        if end > size:
-            raise FilterDBError(f"{path}: chunks of /{ds.name.lstrip('/')} reach byte {end:,} but the file has "
-                                f"{size:,} bytes: the file is truncated; download it again")
-        if count < expected and ds.fillvalue == 0:
-            raise FilterDBError(f"{path}: /{ds.name.lstrip('/')} has {expected - count:,} of {expected:,} chunks "
-                                "never written (they would read as zeros); the file is incomplete")
+    """The bytes of ``filters`` lie inside the file and every chunk was written, whatever the fill value (a
+    truncated, partly written or crafted file is refused before anything is imported)."""
+    h5safe.check_dataset(ds, label=str(path), error=FilterDBError, require_written=True, max_bytes=None)
 
 
 def _int_column(frame: Any, col: str, path: Path) -> np.ndarray:
@@ -724,17 +920,21 @@ def filterdb_identity(h5_path: str | os.PathLike[str], mode: str = "meta") -> st
     with _open_h5(path) as f:
         key, ds = _filters_dataset(f, path)
         h.update(f"{key} {ds.shape} {ds.dtype.str}\0".encode())
+        import h5py
+
         node = f[META_KEY]
         items: list[tuple[str, Any]] = []
-        if hasattr(node, "keys"):
-            node.visititems(lambda name, obj: items.append((name, obj)) if hasattr(obj, "dtype") else None)
+        if isinstance(node, h5py.Group):  # every dataset below meta, each once (h5safe.walk: hard links only)
+            prefix = node.name.rstrip("/") + "/"
+            items.extend((p[len(prefix):], obj) for p, obj in h5safe.walk(node, label=str(path), error=FilterDBError)
+                         if isinstance(obj, h5py.Dataset))
         else:
             items.append(("", node))
         for name, obj in sorted(items, key=lambda kv: kv[0]):
             if name.split("/")[0].startswith("_i_"):
                 continue  # PyTables' column indexes: derived, may be rebuilt
             h.update(name.encode() + b"\0")
-            values = obj[...]
+            values = h5safe.read_dataset(obj, label=str(path), error=FilterDBError, hint=_DAMAGED)
             if values.dtype == object:
                 for v in values.ravel():
                     h.update(np.asarray(v).tobytes() if not isinstance(v, (bytes, str)) else

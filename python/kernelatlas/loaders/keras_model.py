@@ -23,13 +23,17 @@ Where the layer classes come from:
   ``kind_inferred = True``).
 
 ``order`` is the position in the layer list (nested models flattened in place).
+
+Files come from strangers (docs/security-hdf5.md): every HDF5 file is walked by ``h5safe.check_file`` before
+it is read (no external / soft links, no hard-link cycles or objects under two names, no external storage or
+virtual datasets), each kernel's declared size is checked against its storage before it is read, and read
+once; a compressed ``.keras`` member is refused when its declared sizes make it a zip bomb.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import shutil
 import struct
@@ -42,6 +46,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import h5safe
 from .base import ConvLayer, LoadedModel, LoaderError, check_finite, classify_kind
 from .base import unique_name as _unique
 
@@ -62,6 +67,13 @@ _SNAKE_CLASSES = {
 }
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MAX_CONFIG_BYTES = 256 << 20
+# A compressed .keras member is copied out before h5py opens it: refused when it declares more than this, or
+# more than _MAX_MEMBER_RATIO times its compressed size (deflate cannot exceed ~1032x; bzip2 and lzma can
+# reach millions: a zip bomb) once past _MEMBER_RATIO_FLOOR bytes.
+_MAX_MEMBER_BYTES = 64 << 30
+_MAX_MEMBER_RATIO = 1100
+_MEMBER_RATIO_FLOOR = 16 << 20
+_MAX_NESTING = 64  # nested models in a config
 _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the 30-byte local file header of a zip member
 
 
@@ -102,23 +114,12 @@ def _has_hdf5_signature(path: Path, size: int) -> bool:
     return False
 
 
-class _open_h5:
-    """h5py.File with HDF5's errors turned into LoaderErrors naming ``label``."""
-
-    def __init__(self, source: Any, label: Path) -> None:
-        self.source, self.label = source, label
-
-    def __enter__(self) -> h5py.File:
-        try:
-            self.file = h5py.File(self.source, "r")
-        except Exception as exc:
-            raise LoaderError(
-                f"{self.label}: not a readable HDF5 file (truncated or corrupt: {exc})"
-            ) from exc
-        return self.file
-
-    def __exit__(self, *exc_info) -> None:
-        self.file.close()
+def _open_h5(source: Any, label: Path) -> h5safe.open_checked:
+    """h5py.File with HDF5's errors turned into LoaderErrors naming ``label``, walked by h5safe.check_file
+    before anything reads it: external / soft links, hard-link cycles, one object under two names, external
+    storage and virtual datasets are refused (issue 12; see loaders/h5safe.py)."""
+    return h5safe.open_checked(source, label=str(label), error=LoaderError,
+                               open_hint=" -- truncated or corrupt")
 
 
 def _load_keras_zip(path: Path) -> LoadedModel:
@@ -141,27 +142,84 @@ def _load_keras_zip(path: Path) -> LoadedModel:
                 raise LoaderError(
                     f"{path}: config.json declares {info.file_size} bytes; refusing to parse it"
                 )
+            _check_member(path, info)
             try:
                 config = json.loads(archive.read(info).decode("utf-8"))
-            except (ValueError, zipfile.BadZipFile, OSError) as exc:
-                raise LoaderError(f"{path}: config.json is not valid JSON ({exc})") from exc
+            except RecursionError:
+                raise LoaderError(f"{path}: config.json is nested too deeply to be a model config") from None
+            except (ValueError, zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
+                raise LoaderError(f"{path}: config.json cannot be read as JSON ({exc})") from exc
         info = members["model.weights.h5"]
         label = Path(f"{path}!model.weights.h5")
+        _check_member(path, info)
         if info.compress_type == zipfile.ZIP_STORED:
             with open(path, "rb") as handle:
                 window = _MemberWindow(handle, _member_data_offset(path, handle, info), info.file_size, path)
                 with _open_h5(window, label) as h5:
                     return _read_h5(path, h5, config=config)
-        # A compressed member cannot be seeked cheaply: copy it out (bounded by its declared size).
+        # A compressed member cannot be seeked cheaply: copy it out, bounded by its declared size (checked
+        # above against the compressed size and the free space) and counted while it streams.
         with tempfile.TemporaryFile() as copy:
-            try:
-                with archive.open(info) as member:
-                    shutil.copyfileobj(member, copy, 1 << 20)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise LoaderError(f"{path}: model.weights.h5 cannot be extracted ({exc})") from exc
+            _copy_member(path, archive, info, copy)
             copy.seek(0)
             with _open_h5(copy, label) as h5:
                 return _read_h5(path, h5, config=config)
+
+
+def _check_member(path: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse a member whose declared sizes make it a zip bomb, before a byte of it is decompressed."""
+    name = info.filename
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size != info.compress_size:
+            raise LoaderError(
+                f"{path}: {name} is stored uncompressed but declares {info.file_size} bytes in a "
+                f"{info.compress_size}-byte entry; the archive is corrupt"
+            )
+        return
+    if info.file_size > _MAX_MEMBER_BYTES:
+        raise LoaderError(
+            f"{path}: {name} declares {info.file_size:,} bytes uncompressed (more than the "
+            f"{_MAX_MEMBER_BYTES:,}-byte cap on a compressed member); re-save it uncompressed"
+        )
+    if info.file_size > max(_MEMBER_RATIO_FLOOR, max(info.compress_size, 1) * _MAX_MEMBER_RATIO):
+        raise LoaderError(
+            f"{path}: {name} declares {info.file_size:,} bytes compressed into {info.compress_size:,} "
+            f"({info.file_size / max(info.compress_size, 1):,.0f}x, more than the {_MAX_MEMBER_RATIO}x any "
+            "model weights compress): a zip bomb; refused before extracting it"
+        )
+
+
+def _copy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, out) -> None:
+    """Stream a compressed member into ``out``, never past its declared size; a member whose real size
+    differs from the declared one is refused."""
+    name = info.filename
+    try:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+    except OSError:
+        free = None
+    if free is not None and info.file_size > free:
+        raise LoaderError(
+            f"{path}: {name} declares {info.file_size:,} bytes but the temporary folder has {free:,} free"
+        )
+    written = 0
+    try:
+        with archive.open(info) as member:
+            while True:
+                block = member.read(min(1 << 20, info.file_size - written + 1))
+                if not block:
+                    break
+                written += len(block)
+                if written > info.file_size:
+                    raise LoaderError(
+                        f"{path}: {name} holds more than the {info.file_size:,} bytes it declares; refused"
+                    )
+                out.write(block)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise LoaderError(f"{path}: {name} cannot be extracted ({exc})") from exc
+    if written != info.file_size:
+        raise LoaderError(
+            f"{path}: {name} declares {info.file_size:,} bytes but holds {written:,}; the archive is corrupt"
+        )
 
 
 def _member_data_offset(path: Path, handle, info: zipfile.ZipInfo) -> int:
@@ -241,9 +299,11 @@ class _LayerSink:
         self.layers: list[ConvLayer] = []
         self.warnings: list[str] = []
         self.names: set[str] = set()
+        self.read_once = h5safe.ReadOnce()
 
     def array(self, dataset: h5py.Dataset, where: str) -> np.ndarray | None:
-        """A kernel dataset, its declared size checked against what the file stores before reading."""
+        """A kernel dataset, read once per file, its declared size checked against what the file stores
+        before reading (h5safe.check_dataset: inside the file, no decompression bomb, nothing unwritten)."""
         if not isinstance(dataset, h5py.Dataset):
             raise LoaderError(f"{where}: expected a weight array, found an HDF5 {type(dataset).__name__}")
         if dataset.dtype.kind != "f":
@@ -251,15 +311,9 @@ class _LayerSink:
                 f"{where}: kernel of dtype {dataset.dtype} (quantised?) not supported; skipped"
             )
             return None
-        nbytes = math.prod(dataset.shape) * dataset.dtype.itemsize
-        stored = dataset.id.get_storage_size()
-        ratio = 1 if dataset.compression is None else 1100  # deflate cannot expand beyond ~1032x
-        if nbytes > stored * ratio:
-            raise LoaderError(
-                f"{where}: kernel {list(dataset.shape)} declares {nbytes} bytes but the file stores "
-                f"{stored}; the file is truncated or corrupt"
-            )
-        values = dataset[()]
+        who = where.removeprefix(f"{self.path}: ")
+        self.read_once.claim(dataset, label=str(self.path), who=who)
+        values = h5safe.read_dataset(dataset, label=where, hint="the file is truncated or corrupt")
         return values if values.dtype in (np.float16, np.float32) else values.astype(np.float32)
 
     def conv(
@@ -345,7 +399,7 @@ class _Keras3Reader:
         layer_list = _layer_list(self.config) if self.config is not None else None
         if layer_list is not None:
             self.meta["order_from"] = "config"
-            self._walk_config(layer_list, "", "")
+            self._walk_config(layer_list, "", "", 0)
         else:
             if self.config is not None:
                 self.sink.warnings.append(
@@ -362,7 +416,11 @@ class _Keras3Reader:
             warnings=self.sink.warnings,
         )
 
-    def _walk_config(self, layer_list: list, group_path: str, name_prefix: str) -> None:
+    def _walk_config(self, layer_list: list, group_path: str, name_prefix: str, depth: int) -> None:
+        if depth > _MAX_NESTING:
+            raise LoaderError(
+                f"{self.path}: config nests models more than {_MAX_NESTING} deep ({name_prefix[:200]}...)"
+            )
         container = self.h5.get(f"{group_path}/layers" if group_path else "layers")
         by_name = {}  # Keras >= 3.? writes the layer's name on its vars group: the sure way to match
         if isinstance(container, h5py.Group):
@@ -393,7 +451,7 @@ class _Keras3Reader:
                     self.sink.emit(cls, name_prefix + name, kernels, conf, order, inferred=False)
             nested = _layer_list(entry)
             if nested is not None:
-                self._walk_config(nested, child_path, f"{name_prefix}{name}/")
+                self._walk_config(nested, child_path, f"{name_prefix}{name}/", depth + 1)
 
     def _kernels(self, group_path: str, where: str) -> list[np.ndarray] | None:
         group = self.h5.get(f"{group_path}/vars")
@@ -417,7 +475,7 @@ class _Keras3Reader:
 
     def _walk_groups(self) -> None:
         found = []  # (allocation address, class, name, group path)
-        for group_path, group in _groups_with_vars(self.h5):
+        for group_path, group in _groups_with_vars(self.h5, str(self.path)):
             key = group_path.rsplit("/", 1)[-1]
             cls = _SNAKE_CLASSES.get(re.sub(r"_\d+$", "", key))
             vars_group = group["vars"]
@@ -462,6 +520,9 @@ class _Keras2Reader:
                 config = json.loads(_text(self.h5.attrs["model_config"]))
             except ValueError as exc:
                 raise LoaderError(f"{self.path}: model_config attribute is not valid JSON ({exc})") from exc
+            except RecursionError:
+                raise LoaderError(f"{self.path}: model_config is nested too deeply to be a model config") \
+                    from None
         top = {}
         for entry in _layer_list(config) or []:
             if isinstance(entry, dict):
@@ -593,15 +654,16 @@ def _layer_list(entry: Any) -> list | None:
     return None
 
 
-def _find_layer(entry: dict | None, name: str) -> dict | None:
-    """The config of layer ``name``: ``entry`` itself or a layer nested in it (depth first)."""
-    if entry is None:
+def _find_layer(entry: dict | None, name: str, depth: int = 0) -> dict | None:
+    """The config of layer ``name``: ``entry`` itself or a layer nested in it (depth first, at most
+    ``_MAX_NESTING`` models deep)."""
+    if entry is None or depth > _MAX_NESTING:
         return None
     conf = entry.get("config") if isinstance(entry.get("config"), dict) else {}
     if str(conf.get("name") or entry.get("name")) == name:
         return entry
     for child in _layer_list(entry) or []:
-        found = _find_layer(child, name) if isinstance(child, dict) else None
+        found = _find_layer(child, name, depth + 1) if isinstance(child, dict) else None
         if found is not None:
             return found
     return None
@@ -617,17 +679,16 @@ def _by_owner(layer_name: str, weight_names: list[str]) -> Iterator[tuple[str, l
     yield from owners.items()
 
 
-def _groups_with_vars(h5: h5py.File) -> Iterator[tuple[str, h5py.Group]]:
-    stack = [("", h5)]
-    while stack:
-        prefix, group = stack.pop()
-        for key, child in group.items():
-            if key == "vars" or not isinstance(child, h5py.Group):
-                continue
-            path = f"{prefix}/{key}" if prefix else key
-            if isinstance(child.get("vars"), h5py.Group):
-                yield path, child
-            stack.append((path, child))
+def _groups_with_vars(h5: h5py.File, label: str) -> Iterator[tuple[str, h5py.Group]]:
+    """Every group (outside ``vars`` groups) that holds a ``vars`` group, by h5safe.walk: hard links only,
+    each object once (a group linked under its own descendants is an error, not an endless walk), depth
+    capped."""
+    for path, child in h5safe.walk(h5, label=label):
+        parts = path.strip("/").split("/")
+        if not isinstance(child, h5py.Group) or "vars" in parts:
+            continue
+        if isinstance(child.get("vars"), h5py.Group):
+            yield "/".join(parts), child
 
 
 def _nested_prefix(h5: h5py.File, group_path: str) -> str:

@@ -9,16 +9,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
 
+import kernelatlas as ka
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import kernelatlas as ka
 from kernelatlas import Autoencoder
 from kernelatlas.autoencoder import Dense
 from kernelatlas.cli import main as cli_main
@@ -119,22 +119,32 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Corpus, np.n
 
 # The planted check.  Sources: the 8 master-key filters at 7x7; 8 analytic templates at 3x3 and 5x5.  Kernels:
 # planted_kernels() with noise up to NOISE_MAX (noise norm / signal norm), so every planted kernel has a cosine
-# of about 0.96 or more with its source; pure-noise kernels are 1/9 of the corpus.
+# of about 0.96 or more with its source; pure-noise kernels are 1/9 of the corpus.  All kernels are assigned,
+# including the 20% that training holds out (the default holdout).
 # Threshold: 0.85 at 5x5 and 7x7; 0.9 at 3x3, because after centring a 3x3 kernel has only 8 dimensions and about
-# 2% of pure-noise kernels lie within cosine 0.85 of the decoded curve whatever the training (measured 1.5-2.9%
-# over 12 seeds); at 0.9 it is at most 1.1%.
-# Training: the defaults but 3 restarts (a 1-D code sometimes parks two clusters on one stretch of the axis;
-# with 1,500 kernels per source that lost 2 of 8 sources in about 1 run in 5 at 5x5) and batches of 256 (the
-# corpus is small).  Cut: merge_cos 0.8 rather than the default 0.9.  Over 12 seeds (1,500 per source, 3
-# restarts) the check passed 12/12 (3x3), 11/12 (5x5) and 12/12 (7x7) at 0.8, against 10/12, 11/12 and 10/12
-# at 0.9: with the first-pattern rule, an interval that starts on a transition between two clusters can end
-# inside the next cluster's stretch of the axis and split it in two (a cluster's decoded patterns span a
-# 10-25 degree arc; acos(0.9) is 26 degrees), and the wider intervals of 0.8 do that less often.
+# 2-4% of pure-noise kernels lie within cosine 0.85 of the decoded curve whatever the training (measured 2.1-3.9%
+# over the 12 seeds below); at 0.9, 0.5-1.1%.
+# Training and cut: the library defaults of train() and clusters() (the seed, threads=2, progress=False and
+# sample=None aside), so restarts=1; the check used to train with 3 restarts and cut at merge_cos 0.8, and no
+# longer does.  Measured over PLANTED_SEEDS (1,500 kernels per source; training to convergence, plateau schedule,
+# holdout 0.2; each trained model cut both ways), passes out of 12 at 3x3 / 5x5 / 7x7:
+#   density rule (default)          12 / 9 / 11
+#   first-pattern rule, merge 0.9    9 / 9 / 11
+#   first-pattern rule, merge 0.8   10 / 9 / 10
+# The first-pattern rule's failures at 3x3 are cuts: an interval that starts on a transition between two
+# clusters ends inside the next cluster's stretch of the axis and splits it (a cluster's decoded patterns span a
+# 10-25 degree arc; acos(0.9) is 26 degrees).  On every model the density rule passed, at least 99.88% of the
+# planted kernels were in their source's cluster, in 6-8 intervals (the first-pattern rule made 17-27).
+# The density rule's 4 failures (5x5 seeds 3, 7, 10; 7x7 seed 6) are failures of the first-pattern rule too:
+# training parked two or three sources on the same saturated end of the sigmoid code (figures["shared_ends"]),
+# where they decode to one blend that no cut can separate.  At 7x7 seed 6 those are filters 4 and 5 (cosine
+# 0.68), and filters 7 and 8 (cosine 0.90; their anchors 0.904) are merged at merge_cos 0.9 as well, leaving 6
+# of 8.  That is training's to fix: 3 restarts recover the three 5x5 models (at three times the training time),
+# not the 7x7 one.  Until it is, those 4 cases of the slow test fail.
 PLANTED_SOURCES = ("dog_on", "dog_off", "dx+", "dx-", "dy+", "dy-", "dxy+", "cross_on")
 NOISE_MAX = 0.3
 PLANTED_THRESHOLD = {3: 0.9, 5: 0.85, 7: 0.85}
-PLANTED_MERGE_COS = 0.8
-PLANTED_TRAINING = dict(epochs=40, batch_size=256, lr=1e-3, patience=5, seed=0, threads=2, sample=None, restarts=3)
+PLANTED_SEEDS = tuple(range(12))
 
 
 def planted_sources(k: int) -> np.ndarray:
@@ -144,27 +154,34 @@ def planted_sources(k: int) -> np.ndarray:
     return np.array([bank[name] for name in PLANTED_SOURCES])
 
 
-def run_planted_check(tmp_path: Path, k: int, *, n_per: int, data_seed: int, **training) -> dict:
+def run_planted_check(tmp_path: Path, k: int, *, n_per: int, seed: int, **training) -> dict:
+    """Planted kernels drawn with data seed 100 * seed + k, trained with ``seed`` at the library defaults (but
+    ``training``), cut at the defaults of clusters(), every kernel assigned."""
     sources = planted_sources(k)
-    kernels, source = planted_kernels(sources, n_per, n_per, NOISE_MAX, seed=data_seed)
+    kernels, source = planted_kernels(sources, n_per, n_per, NOISE_MAX, seed=100 * seed + k)
     corpus = write_corpus(tmp_path / "corpus", kernels, k)
-    train(corpus, k, tmp_path / "model", progress=False, **(PLANTED_TRAINING | training))
-    intervals = clusters(tmp_path / "model", merge_cos=PLANTED_MERGE_COS, plot=False)
+    train(corpus, k, tmp_path / "model", progress=False, **({"seed": seed, "threads": 2, "sample": None} | training))
+    intervals = clusters(tmp_path / "model", plot=False)
+    assert read_spec(tmp_path / "model")["options"]["rule"] == "density"
     model = Autoencoder.load(tmp_path / "model")
     assert model.cluster_names == [iv["name"] for iv in intervals]
-    labels, scores, _ = ka.assign(kernels, model, threshold=PLANTED_THRESHOLD[k])
+    labels, _, codes = ka.assign(kernels, model, threshold=PLANTED_THRESHOLD[k])
     planted = source >= 0
     # each source's cluster: the label most of its kernels get (-1 if most are unassigned)
     cluster_of = np.array([np.bincount(labels[source == i] + 1).argmax() - 1 for i in range(len(sources))])
     recovered = len({int(c) for c in cluster_of if c >= 0})
+    # a training failure that no cut can undo: sources whose kernels sit on the same saturated end of the code
+    medians = [float(np.median(codes[source == i])) for i in range(len(sources))]
+    ends = {end: [i for i, m in enumerate(medians) if abs(m - end) < 0.01] for end in (0.0, 1.0)}
     figures = {
         "recovered": recovered,
         "assigned": float(np.mean((labels[planted] == cluster_of[source[planted]]) & (labels[planted] >= 0))),
         "noise": float(np.mean(labels[~planted] >= 0)),
         "clusters": [intervals[c]["name"] if c >= 0 else None for c in cluster_of],
         "intervals": len(intervals),
+        "shared_ends": {end: ids for end, ids in ends.items() if len(ids) > 1},
     }
-    print(f"planted {k}x{k}: {figures}")
+    print(f"planted {k}x{k} seed {seed}: {figures}")
     return figures
 
 
@@ -176,18 +193,29 @@ def check_planted(figures: dict) -> None:
 
 @pytest.mark.parametrize("k", (3, 5, 7))
 def test_planted_clusters_are_recovered(tmp_path, k):
-    """1,500 kernels per source and 1,500 of noise; a few seconds of training per size on 2 cores."""
-    figures = run_planted_check(tmp_path, k, n_per=1500, data_seed=10 + k)
+    """1,500 kernels per source and 1,500 of noise, one seed per size (the first of PLANTED_SEEDS); tens of
+    seconds of training per size on 2 cores."""
+    figures = run_planted_check(tmp_path, k, n_per=1500, seed=PLANTED_SEEDS[0])
     check_planted(figures)
     if k == 5:  # names: every source's cluster is named after its own template
         assert figures["clusters"] == list(PLANTED_SOURCES)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", PLANTED_SEEDS)
+@pytest.mark.parametrize("k", (3, 5, 7))
+def test_planted_clusters_are_recovered_for_every_seed(tmp_path, k, seed):
+    """The planted check at the defaults for each of 12 seeds (data and training) per size: the stability the
+    density rule was chosen for (the first-pattern rule split clusters of 3 of the 12 models at 3x3).  Known
+    to fail at 5x5 seeds 3, 7, 10 and 7x7 seed 6, from training (see the comment above PLANTED_SOURCES)."""
+    check_planted(run_planted_check(tmp_path, k, n_per=1500, seed=seed))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("k", (3, 5, 7))
 def test_planted_clusters_are_recovered_at_scale(tmp_path, k):
     """20,000 kernels per source, drawn through a 100,000-kernel sample of the corpus."""
-    check_planted(run_planted_check(tmp_path, k, n_per=20_000, data_seed=100 + k, sample=100_000, batch_size=512))
+    check_planted(run_planted_check(tmp_path, k, n_per=20_000, seed=1, sample=100_000))
 
 
 # ---------------------------------------------------------------------------------------------- clusters
@@ -229,7 +257,7 @@ def test_intervals_follow_the_first_pattern_rule(tmp_path, samples):
     bank = templates(5)
     a, b = bank["dx+"], bank["dy-"]
     line_model(5, a, b).save(tmp_path)
-    intervals = clusters(tmp_path, samples=samples, plot=False)
+    intervals = clusters(tmp_path, samples=samples, rule="first", plot=False)
     grid = np.linspace(0.0, 1.0, samples)
     patterns = line_model(5, a, b).decode(grid.astype(np.float32)).astype(np.float64)
     starts = reference_cut(patterns, 0.9)
@@ -248,7 +276,7 @@ def test_intervals_follow_the_first_pattern_rule(tmp_path, samples):
 def test_intervals_are_named_by_templates(tmp_path):
     bank = templates(7)
     step_model(7, bank["dog_on"], -bank["dxy+"], at=0.4).save(tmp_path)
-    intervals = clusters(tmp_path, plot=False)
+    intervals = clusters(tmp_path, rule="first", plot=False)
     names = [iv["name"] for iv in intervals]
     assert names[0] == "dog_on" and names[-1] == "dxy-", names
     assert intervals[0]["template_cos"] == pytest.approx(1.0, abs=1e-5)
@@ -259,7 +287,7 @@ def test_intervals_are_named_by_templates(tmp_path):
     odd = np.zeros((7, 7))
     odd[0, 0], odd[6, 3] = 1.0, -1.0
     step_model(7, odd, odd * 1.0001).save(tmp_path)
-    only = clusters(tmp_path, plot=False)
+    only = clusters(tmp_path, rule="first", plot=False)
     assert [iv["name"] for iv in only] == ["pattern_1"] and only[0]["template_cos"] < 0.7
 
 
@@ -269,11 +297,15 @@ def test_clusters_spec_round_trip_and_hand_edits(tmp_path):
     intervals = clusters(tmp_path, samples=200)
     spec = read_spec(tmp_path)
     assert spec["thresholds"] == list(THRESHOLDS) == [0.8, 0.85, 0.9]
-    assert spec["options"] == {"samples": 200, "merge_cos": 0.9, "match_cos": 0.7, "min_width": 0.0}
+    # a hand-built model records no code density: the first-pattern rule, and clusters.json says why
+    note = spec["options"].pop("rule_note")
+    assert "no code density" in note
+    assert spec["options"] == {"samples": 200, "rule": "first", "merge_cos": 0.9, "match_cos": 0.7,
+                               "min_width": 0.0}
     assert spec["intervals"] == intervals
     # contiguous cover of [0, 1]
     assert intervals[0]["lo"] == 0.0 and intervals[-1]["hi"] == 1.0
-    assert all(p["hi"] == q["lo"] for p, q in zip(intervals, intervals[1:]))
+    assert all(p["hi"] == q["lo"] for p, q in itertools.pairwise(intervals))
     colours = [iv["colour"] for iv in intervals]
     assert len(set(colours)) == len(colours) and all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in colours)
     for iv in intervals:
@@ -325,7 +357,7 @@ def labels_at(model: Autoencoder, codes: list[float]) -> list[int]:
 def test_merge_intervals_helper(tmp_path):
     bank = templates(5)
     line_model(5, bank["dx+"], bank["dy-"]).save(tmp_path)
-    before = clusters(tmp_path, plot=False)
+    before = clusters(tmp_path, rule="first", plot=False)
     assert len(before) == 4
     names = [iv["name"] for iv in before]
     after = merge_intervals(tmp_path, [names[1], names[2]], name="middle")
@@ -347,11 +379,156 @@ def test_min_width_absorbs_narrow_intervals(tmp_path):
     # becomes an interval of its own, one grid step wide
     steep = 100.0
     step_model(5, bank["dx+"], bank["dy-"], at=100 / 199 - 0.5 / steep, steep=steep).save(tmp_path)
-    plain = clusters(tmp_path, plot=False)
+    plain = clusters(tmp_path, rule="first", plot=False)
     assert len(plain) == 3 and plain[1]["hi"] - plain[1]["lo"] == pytest.approx(1 / 199)
-    wide = clusters(tmp_path, plot=False, min_width=0.05)
+    wide = clusters(tmp_path, rule="first", plot=False, min_width=0.05)
     assert [iv["name"] for iv in wide] == ["dx+", "dy-"]
     assert wide[0]["lo"] == 0.0 and wide[0]["hi"] == wide[1]["lo"] and wide[1]["hi"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- the density rule
+
+
+def path_model(k: int, knots: list[tuple[float, np.ndarray]]) -> Autoencoder:
+    """A decoder that runs along straight lines through the (code, pattern) knots (ReLU units at the knots),
+    constant before the first knot and after the last; its encoder ignores the kernel."""
+    d = k * k
+    codes = np.array([c for c, _ in knots], np.float64)
+    pats = [np.asarray(p, np.float64).ravel() for _, p in knots]
+    slopes = [(pats[i + 1] - pats[i]) / (codes[i + 1] - codes[i]) for i in range(len(knots) - 1)] + [np.zeros(d)]
+    change = np.stack([slopes[0]] + [slopes[i] - slopes[i - 1] for i in range(1, len(knots))], axis=1)
+    encoder = [Dense(np.zeros((1, d), np.float32), np.zeros(1, np.float32), "sigmoid")]
+    hidden = Dense(np.ones((len(knots), 1), np.float32), (-codes).astype(np.float32), "relu")
+    out = Dense(change.astype(np.float32), pats[0].astype(np.float32), "identity")
+    return Autoencoder(encoder, [hidden, out], k)
+
+
+def with_density(model: Autoencoder, bumps: list[tuple[float, float, int]], *, top: int = 0,
+                 bins: int = 400) -> Autoencoder:
+    """The model with a synthetic training-code histogram (model.json training.code_density over [0, 1]):
+    Gaussian bumps (centre, sd, kernels), plus ``top`` kernels piled in the last bin (a saturated sigmoid)."""
+    centres = (np.arange(bins) + 0.5) / bins
+    counts = np.zeros(bins)
+    for mu, sd, n in bumps:
+        counts += n * np.exp(-0.5 * ((centres - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi)) / bins
+    counts[-1] += top
+    model.info = {"training": {"code_density": {"lo": 0.0, "hi": 1.0,
+                                                "counts": [int(c) for c in np.round(counts)]}}}
+    return model
+
+
+def test_density_rule_cuts_between_modes(tmp_path):
+    """One interval per mode, anchored on it; the cut where the decoded pattern becomes closer to the next
+    anchor; prototypes decoded at the anchors; shares of the training codes recorded."""
+    bank = templates(5)
+    a, b = bank["dx+"], bank["dy-"]  # orthogonal unit patterns
+    with_density(step_model(5, a, b, at=0.5, steep=50.0), [(0.25, 0.05, 3000), (0.75, 0.05, 1000)]).save(tmp_path)
+    intervals = clusters(tmp_path, plot=False)
+    options = read_spec(tmp_path)["options"]
+    assert options["rule"] == "density" and "rule_note" not in options
+    assert options["bandwidth"] == 0.01 and options["min_prominence"] == 0.05
+    assert [iv["name"] for iv in intervals] == ["dx+", "dy-"]
+    # on the ramp 0.5 + t/50, the pattern (1 - t) a + t b is closer to b for t > 1/2: from grid point 102 on
+    assert intervals[0]["lo"] == 0.0 and intervals[1]["hi"] == 1.0
+    assert intervals[0]["hi"] == intervals[1]["lo"] == pytest.approx(101.5 / 199, abs=1e-12)
+    assert [iv["anchor"] for iv in intervals] == pytest.approx([0.25, 0.75], abs=0.5 / 199)
+    assert [iv["share"] for iv in intervals] == pytest.approx([0.75, 0.25], abs=0.005)
+    for iv, pattern in zip(intervals, (a, b), strict=True):
+        assert iv["template_cos"] == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(np.array(iv["prototype"]), pattern, atol=1e-5)
+    # a coarse grid: the density is smoothed over at least one grid step, so the modes are still found
+    coarse = clusters(tmp_path, samples=9, plot=False)
+    assert [iv["name"] for iv in coarse] == ["dx+", "dy-"] and coarse[0]["hi"] == pytest.approx(0.5625)
+    # the first-pattern rule on request, on the same model: no anchors, recorded without a note
+    first = clusters(tmp_path, rule="first", plot=False)
+    assert "anchor" not in first[0] and read_spec(tmp_path)["options"]["rule"] == "first"
+    assert "rule_note" not in read_spec(tmp_path)["options"]
+
+
+def test_density_rule_does_not_split_a_cluster_after_a_transition(tmp_path):
+    """The failure the density rule is for: cluster A (dx+, codes near 0.1), a long transition to cluster B,
+    whose patterns turn by 20 degrees along its stretch [0.45, 0.75] (codes near 0.6).  The first-pattern rule
+    starts an interval on a transition pattern 12 degrees short of B and ends it 26 degrees on, inside B's
+    stretch, so B's kernels are split between two intervals; the density rule cuts once, in the transition."""
+    bank = templates(5)
+    a, b1 = bank["dx+"], bank["dy-"]
+    b2 = np.cos(np.radians(20)) * b1 - np.sin(np.radians(20)) * a  # on, in the same plane
+    model = with_density(path_model(5, [(0.2, a), (0.45, b1), (0.75, b2)]), [(0.1, 0.03, 2000), (0.6, 0.05, 2000)])
+    model.save(tmp_path)
+    first = clusters(tmp_path, rule="first", plot=False)
+    inside = [iv["lo"] for iv in first if 0.45 < iv["lo"] < 0.75]
+    assert inside, f"the first-pattern rule was expected to split B's stretch: {first}"
+    intervals = clusters(tmp_path, plot=False)
+    assert len(intervals) == 2 and intervals[0]["name"] == "dx+"
+    assert 0.2 < intervals[0]["hi"] < 0.45  # the cut is in the transition
+    assert intervals[1]["anchor"] == pytest.approx(0.6, abs=0.5 / 199)
+    assert intervals[1]["share"] == pytest.approx(0.5, abs=0.01)
+    # every code in B's stretch gets B's label
+    model = Autoencoder.load(tmp_path)
+    assert labels_at(model, [0.46, 0.55, 0.65, 0.74]) == [1, 1, 1, 1]
+
+
+def test_density_modes_need_prominence():
+    """Modes: local maxima of the smoothed density (0 beyond the ends, so a pile at an end is one) whose
+    prominence is at least min_prominence of the highest; plateaus count once, at their middle."""
+    from kernelatlas.clustering import _modes
+
+    x = np.linspace(0.0, 1.0, 200)
+    big = 100.0 * np.exp(-0.5 * ((x - 0.3) / 0.03) ** 2)
+    small = 3.0 * np.exp(-0.5 * ((x - 0.6) / 0.02) ** 2)  # 3% of the highest mode
+    edge = 40.0 * np.exp(-0.5 * ((x - 1.0) / 0.01) ** 2)
+    density = big + small + edge + 0.5
+    assert _modes(density, 0.05) == [60, 199]
+    assert _modes(density, 0.0) == [60, 119, 199]
+    assert _modes(density, 0.5) == [60]  # the edge mode stands 40% of the highest above its saddle
+    assert _modes(np.array([0.0, 1.0, 1.0, 1.0, 0.0]), 0.05) == [2]
+    assert _modes(np.array([1.0, 2.0, 1.0, 2.0, 1.0]), 0.05) == [1, 3]  # equal modes: both stand
+    assert _modes(np.array([1.0, 2.0, 1.95, 2.0, 1.0]), 0.05) == [1, 3]
+    assert _modes(np.array([1.0, 2.0, 1.95, 1.99, 1.0]), 0.05) == [1]
+
+
+def test_density_rule_ignores_noise_bumps_and_merges_like_anchors(tmp_path):
+    bank = templates(5)
+    a, b, c = bank["dx+"], bank["dog_on"] + 0.2 * bank["dy-"], bank["dy-"]
+    # a over [0, 0.3], b over [0.35, 0.65], c from 0.7 on; few kernels near b, a pile at the top end (c)
+    model = path_model(5, [(0.3, a), (0.35, b), (0.65, b), (0.7, c)])
+    with_density(model, [(0.15, 0.04, 3000), (0.5, 0.02, 20)], top=1500).save(tmp_path)
+    intervals = clusters(tmp_path, plot=False)
+    assert [iv["name"] for iv in intervals] == ["dx+", "dy-"]
+    assert intervals[1]["anchor"] == 1.0 and intervals[1]["share"] == pytest.approx(1500 / 4520, abs=0.01)
+    # b's kernels are a noise bump at the default prominence; with none required, b is a cluster too
+    assert [iv["name"] for iv in clusters(tmp_path, min_prominence=0.0, plot=False)] == ["dx+", "dog_on", "dy-"]
+    # two modes on one pattern (cosine 1 >= merge_cos) are one anchor: the denser mode
+    with_density(step_model(5, a, c, at=0.5), [(0.1, 0.03, 1000), (0.35, 0.03, 3000), (0.8, 0.03, 2000)]
+                 ).save(tmp_path)
+    merged = clusters(tmp_path, plot=False)
+    assert [iv["name"] for iv in merged] == ["dx+", "dy-"]
+    assert merged[0]["anchor"] == pytest.approx(0.35, abs=0.5 / 199)
+    assert merged[0]["share"] == pytest.approx(4 / 6, abs=0.01)
+
+
+def test_density_rule_with_min_width_and_merge_intervals(tmp_path):
+    bank = templates(5)
+    a, c = bank["dx+"], bank["dy-"]
+    b = c + 0.5 * a  # closer to c than to a
+    # b holds only over [0.41, 0.43]: with a mode there, a narrow interval of its own
+    model = path_model(5, [(0.4, a), (0.41, b), (0.43, b), (0.44, c)])
+    with_density(model, [(0.2, 0.04, 2000), (0.42, 0.004, 500), (0.7, 0.04, 2000)]).save(tmp_path)
+    plain = clusters(tmp_path, plot=False)
+    assert len(plain) == 3 and plain[1]["hi"] - plain[1]["lo"] < 0.05
+    wide = clusters(tmp_path, plot=False, min_width=0.05)
+    assert [iv["name"] for iv in wide] == ["dx+", "dy-"]  # absorbed by c, whose anchor stays
+    assert [iv["anchor"] for iv in wide] == [plain[0]["anchor"], plain[2]["anchor"]]
+    assert wide[0]["hi"] == plain[0]["hi"] and wide[1]["lo"] == plain[1]["lo"]
+    # merge_intervals: the prototype of the merged interval is decoded at the anchor holding more kernels
+    line = with_density(line_model(5, a, c), [(0.1, 0.03, 3000), (0.9, 0.03, 1000)])
+    line.save(tmp_path)
+    halves = clusters(tmp_path, plot=False)
+    assert len(halves) == 2 and halves[0]["hi"] == pytest.approx(0.5, abs=1e-12)
+    after = merge_intervals(tmp_path, [iv["name"] for iv in halves], name="all", plot=False)
+    assert len(after) == 1 and after[0]["anchor"] == halves[0]["anchor"]
+    expected = line.decode(np.array([halves[0]["anchor"]], np.float32))[0].reshape(5, 5)
+    np.testing.assert_allclose(np.array(after[0]["prototype"]), expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- (e) determinism
@@ -375,6 +552,10 @@ def test_clusters_input_errors(tmp_path):
         clusters(tmp_path, samples=1)
     with pytest.raises(ValueError, match="cosines in"):
         clusters(tmp_path, merge_cos=1.5)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        clusters(tmp_path, rule="middle")
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        clusters(tmp_path, bandwidth=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

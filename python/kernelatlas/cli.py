@@ -869,7 +869,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu or cuda "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--widths", type=_int_list, default=[64, 32], metavar="W[,W...]",
                    help="hidden widths of the encoder, mirrored by the decoder (default: 64,32)")
     p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
@@ -919,8 +919,13 @@ def _add_clusters(sub: Any) -> None:
         help="name the clusters on a model's code axis -> MODEL/clusters.json",
         description=_text(
             "Decode --samples evenly spaced codes of a trained model (the spectrum) and cut the code axis "
-            "into intervals over which the decoded pattern stays the same: a pattern joins the current interval "
-            "while its cosine with the interval's first pattern is at least --merge-cos.  Each interval is "
+            "into intervals over which the decoded pattern stays the same.  --rule density (the default): the "
+            "modes of the density of the training kernels' codes (recorded in model.json; smoothed with "
+            "--bandwidth, modes below --min-prominence of the highest ignored) are the anchors; neighbouring "
+            "anchors whose patterns have cosine >= --merge-cos are merged; the cut between two anchors lies where "
+            "the decoded pattern turns closer to the next one.  --rule first (the fallback for models without a "
+            "density): a pattern joins the current interval while its cosine with the interval's first pattern "
+            "is at least --merge-cos.  Each interval is "
             "named after the analytic template it matches best (DoG, Gaussian, first and second derivatives, "
             "cross, square; signs count) when their cosine is at least --match-cos, else pattern_N.",
             "Writes MODEL/clusters.json (intervals [lo, hi) with name, prototype, colour and template match; "
@@ -932,8 +937,16 @@ def _add_clusters(sub: Any) -> None:
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="model directory (from `kernelatlas train`)")
     p.add_argument("--samples", type=int, default=200, help="codes decoded along the axis (default: %(default)s)")
+    p.add_argument("--rule", choices=("density", "first"), default="density",
+                   help="how the axis is cut (default: %(default)s)")
     p.add_argument("--merge-cos", type=float, default=0.9,
-                   help="cosine with an interval's first pattern to stay in it (default: %(default)s)")
+                   help="density: anchors this similar are one cluster; first: cosine with an interval's first "
+                   "pattern to stay in it (default: %(default)s)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="density: smoothing width as a share of the code range (default: 0.01)")
+    p.add_argument("--min-prominence", type=float, default=None,
+                   help="density: a mode counts when its prominence is at least this share of the highest "
+                   "(default: 0.05)")
     p.add_argument("--match-cos", type=float, default=0.7,
                    help="cosine with a template to take its name (default: %(default)s)")
     p.add_argument("--min-width", type=float, default=0.0,
@@ -946,8 +959,10 @@ def _add_clusters(sub: Any) -> None:
 def _cmd_clusters(args: argparse.Namespace) -> int:
     from kernelatlas.clustering import clusters
 
-    intervals = clusters(args.model, samples=args.samples, merge_cos=args.merge_cos, match_cos=args.match_cos,
-                         min_width=args.min_width, plot=not args.no_plot)
+    extra = {name: value for name, value in (("bandwidth", args.bandwidth), ("min_prominence", args.min_prominence))
+             if value is not None}
+    intervals = clusters(args.model, samples=args.samples, rule=args.rule, merge_cos=args.merge_cos,
+                         match_cos=args.match_cos, min_width=args.min_width, plot=not args.no_plot, **extra)
     if args.json:
         print(json.dumps(intervals, indent=1))
         return 0

@@ -22,6 +22,14 @@ BatchNormalization (BN was folded by the exporter, or the net never had any; it 
 False otherwise.  Not "no BatchNormalization node at all": PaddleOCR's det model keeps two BN nodes after
 convs (and one after a ConvTranspose) while the other 60 convs have theirs folded.
 ``meta["convs_followed_by_bn"]`` gives the count.
+
+Sizes from the file are never trusted before they are checked against the bytes actually stored: a tensor's
+dims against its data, DequantizeLinear's ``axis`` / ``block_size`` and scale / zero-point shapes against the
+quantised tensor (before anything is expanded), and weight chains are at most ``MAX_CHAIN`` nodes long.
+Every stored tensor is decoded once, however many convs use it (they share the array), a tensor may feed at
+most ``MAX_SHARED_WEIGHT`` convs, and all decoded weights together may take at most 16x the bytes read from
+disk (the model file, each external-data file once) + 64 MiB, so a small file can neither make the loader
+allocate far more than it holds nor hand the corpus the same tensor 10^5 times (docs/security-fuzz.md).
 """
 
 from __future__ import annotations
@@ -35,16 +43,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .base import ConvLayer, LoadedModel, LoaderError, classify_kind, graph_depths
 from .base import check_finite as _check_finite
-from .base import unique_name as _unique
 
-__all__ = ["load"]
+__all__ = ["MAX_CHAIN", "MAX_SHARED_WEIGHT", "load"]
+
+MAX_CHAIN = 64  # Constant/Identity/Cast/DequantizeLinear nodes between a conv and its stored weight
+MAX_SHARED_WEIGHT = 256  # convs that may share one weight tensor (tied weights); more is a hostile fan-out
+# Decoded weights may take this many times the bytes read from disk (int4 -> float32 is 8x), plus a floor.
+_BUDGET_FACTOR = 16
+_BUDGET_FLOOR = 64 << 20
 
 # Weight producers followed back to stored tensors.  Everything else is "computed at run time".
 _PASS_THROUGH = ("Identity", "Cast", "DequantizeLinear", "Constant")
 # Packed sub-byte types (onnx >= 1.16 / 1.18 / newer): bits per element, for the declared-size check.
 _SUB_BYTE_BITS = {
     getattr(TensorProto, name): bits
-    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                       ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
     if hasattr(TensorProto, name)
 }
 
@@ -70,7 +84,7 @@ def load(path: str | Path) -> LoadedModel:
         return _Reader(path, model).read()
     except LoaderError:
         raise
-    except (KeyError, IndexError, ValueError, TypeError) as exc:  # a malformed node (missing attribute ...)
+    except (KeyError, IndexError, ValueError, TypeError, OverflowError) as exc:  # a malformed node
         raise LoaderError(f"{path}: malformed ONNX graph ({type(exc).__name__}: {exc})") from exc
 
 
@@ -90,6 +104,11 @@ class _Reader:
                 if out:
                     self.producers[out] = node
         self.graph_inputs = {i.name for i in self.graph.input} - set(self.initializers)
+        self.decoded: dict[str, np.ndarray] = {}  # tensor name -> its value, decoded once
+        self.weights: dict[tuple[str, ...], np.ndarray] = {}  # a conv's weight inputs -> its float weight
+        self.users: dict[int, list[str]] = {}  # id(weight array) -> convs using it
+        self.budget = _BUDGET_FACTOR * path.stat().st_size + _BUDGET_FLOOR
+        self.charged: dict[int, np.ndarray] = {}
 
     def read(self) -> LoadedModel:
         nodes = list(self.graph.node)
@@ -108,6 +127,7 @@ class _Reader:
 
         layers: list[ConvLayer] = []
         names: set[str] = set()
+        next_suffix: dict[str, int] = {}
         convs_followed_by_bn = 0
         for index, node in enumerate(nodes):
             if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "QLinearConv"):
@@ -118,7 +138,7 @@ class _Reader:
             bn_follows = any(c.op_type == "BatchNormalization" for c in consumers.get(node.output[0], ()))
             convs_followed_by_bn += bn_follows
             layer.extra["bn_follows"] = bn_follows
-            layer.name = _unique(layer.name, names)
+            layer.name = _unique(layer.name, names, next_suffix)
             layers.append(layer)
         self._warn_about_subgraphs()
         meta = {
@@ -140,11 +160,18 @@ class _Reader:
         if node.op_type == "QLinearConv":
             if len(node.input) < 6:
                 raise LoaderError(f"{where}: QLinearConv needs 6+ inputs, got {len(node.input)}")
-            weight = self._quantized_weight(node.input[3], node.input[4], node.input[5], axis=0, where=where)
+            key = ("QLinearConv", *node.input[3:6])
         else:
             if len(node.input) < 2 or not node.input[1]:
                 raise LoaderError(f"{where}: Conv node without a weight input; the graph is broken")
-            weight = self._constant(node.input[1], where)
+            key = ("Conv", node.input[1])
+        weight = self.weights.get(key)
+        first_use = weight is None
+        if first_use:
+            if node.op_type == "QLinearConv":
+                weight = self._quantized_weight(node.input[3], node.input[4], node.input[5], axis=0, where=where)
+            else:
+                weight = self._constant(node.input[1], where)
         if weight is None:
             return None
         if weight.ndim != 4:
@@ -153,6 +180,8 @@ class _Reader:
                 "only 2-D convs are kept"
             )
             return None
+        if 0 in weight.shape:
+            raise LoaderError(f"{where}: weight of shape {list(weight.shape)} holds no kernel; the model is invalid")
         groups = int(attrs.get("group", 1))
         c_out = int(weight.shape[0])
         if groups < 1 or c_out % groups:
@@ -160,7 +189,17 @@ class _Reader:
                 f"{where}: group={groups} does not divide the {c_out} output channels of weight "
                 f"{list(weight.shape)}; the model is invalid"
             )
-        weight = _float_weight(weight)
+        if first_use:
+            weight = _float_weight(weight)
+            self._account(weight, where)
+            self.weights[key] = weight
+        users = self.users.setdefault(id(weight), [])
+        users.append(name)
+        if len(users) > MAX_SHARED_WEIGHT:
+            raise LoaderError(
+                f"{where}: one weight tensor feeds more than {MAX_SHARED_WEIGHT} convs ({users[0]!r}, "
+                f"{users[1]!r}, ...); a model does not tie that many layers: the file is hostile or corrupt"
+            )
         _check_finite(weight, where, self.warnings)
         extra = {"op_type": node.op_type, "node_index": index}
         for key in ("strides", "dilations", "pads", "auto_pad"):
@@ -181,10 +220,38 @@ class _Reader:
     # ------------------------------------------------------------------------ stored tensors and chains
 
     def _constant(self, name: str, where: str, seen: frozenset[str] = frozenset()) -> np.ndarray | None:
-        """The stored value of tensor ``name``; None (with a warning) when it is computed at run time."""
+        """The stored value of tensor ``name``; None (with a warning) when it is computed at run time.
+        Decoded once per name (``self.decoded``): convs and chains sharing a tensor share the array."""
         if name in seen:
             raise LoaderError(f"{where}: weight chain through {name!r} is cyclic; the graph is broken")
-        seen = seen | {name}
+        if len(seen) >= MAX_CHAIN:
+            raise LoaderError(
+                f"{where}: weight chain through {name!r} is longer than {MAX_CHAIN} nodes; "
+                "no exporter writes that, the file is hostile or corrupt"
+            )
+        cached = self.decoded.get(name)
+        if cached is not None:
+            return cached
+        value = self._compute(name, where, seen | {name})
+        if value is not None:
+            self._account(value, where)
+            self.decoded[name] = value
+        return value
+
+    def _account(self, value: np.ndarray, where: str) -> None:
+        """Charge a newly decoded array to the model's budget (see the module docstring); an array handed on
+        unchanged (Identity, a float32 weight) is charged once."""
+        if id(value) in self.charged:
+            return
+        self.charged[id(value)] = value  # kept alive, so that its id is not reused
+        self.budget -= value.nbytes
+        if self.budget < 0:
+            raise LoaderError(
+                f"{where}: the decoded weights would take more than {_BUDGET_FACTOR}x the file's size; "
+                "the file reuses tensors or declares sizes to make the reader allocate, refusing it"
+            )
+
+    def _compute(self, name: str, where: str, seen: frozenset[str]) -> np.ndarray | None:
         if name in self.initializers:
             return self._tensor(self.initializers[name], where)
         node = self.producers.get(name)
@@ -213,13 +280,15 @@ class _Reader:
             value = self._constant(node.input[0], where, seen)
             if value is None:
                 return None
-            target = helper.tensor_dtype_to_np_dtype(helper.get_attribute_value(attrs["to"]))
+            target = np.dtype(helper.tensor_dtype_to_np_dtype(helper.get_attribute_value(attrs["to"])))
             if value.dtype == np.float16 and target in (np.float32, np.float64):
                 return value  # an exact widening: keep the weights as stored
+            if target.kind in "OSUaMmc" or target.itemsize > 8:
+                raise LoaderError(f"{where}: Cast of weight {name!r} to {target} (not a real number type)")
             return value.astype(target)
         # DequantizeLinear
-        axis = helper.get_attribute_value(attrs["axis"]) if "axis" in attrs else 1
-        block = helper.get_attribute_value(attrs["block_size"]) if "block_size" in attrs else 0
+        axis = int(helper.get_attribute_value(attrs["axis"])) if "axis" in attrs else 1
+        block = int(helper.get_attribute_value(attrs["block_size"])) if "block_size" in attrs else 0
         zero = node.input[2] if len(node.input) > 2 else ""
         return self._quantized_weight(
             node.input[0], node.input[1], zero, axis=axis, block_size=block, where=where, seen=seen
@@ -250,32 +319,47 @@ class _Reader:
         block_size: int = 0,
         seen: frozenset[str] = frozenset(),
     ) -> np.ndarray | None:
-        """(q - zero_point) * scale, per tensor, per axis or per block (DequantizeLinear's three modes)."""
+        """(q - zero_point) * scale, per tensor, per axis or per block (DequantizeLinear's three modes).  Every
+        size involved (axis, block_size, scale and zero-point shapes) is checked against the quantised tensor
+        before anything is expanded, so the result never holds more than ``q.size`` values."""
         q = self._constant(q_name, where, seen)
         scale = self._constant(scale_name, where, seen)
         zero = self._constant(zero_name, where, seen) if zero_name else None
         if q is None or scale is None or (zero_name and zero is None):
             return None
-        scale = scale.astype(np.float32)
-        zero = np.zeros_like(scale) if zero is None else zero.astype(np.float32)
-        if zero.shape != scale.shape:
+        if zero is not None and zero.shape != scale.shape:
             raise LoaderError(
                 f"{where}: zero point shape {list(zero.shape)} differs from scale shape {list(scale.shape)}"
             )
         if q.ndim == 0:
             raise LoaderError(f"{where}: quantised weight {q_name!r} is a scalar")
+        if scale.size > q.size:
+            raise LoaderError(
+                f"{where}: {scale.size} scales for the {q.size} values of quantised weight {q_name!r}"
+            )
+        scale = scale.astype(np.float32)
+        zero = np.zeros_like(scale) if zero is None else zero.astype(np.float32)
+        if not -q.ndim <= axis < q.ndim:
+            raise LoaderError(f"{where}: axis {axis} is outside quantised weight {q_name!r} of shape {list(q.shape)}")
         axis = axis + q.ndim if axis < 0 else axis
+        if block_size < 0:
+            raise LoaderError(f"{where}: negative block_size {block_size}")
         if scale.size == 1:
             scale, zero = scale.reshape(()), zero.reshape(())
-        elif block_size > 0 and scale.ndim == q.ndim:
-            scale = np.repeat(scale, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
-            zero = np.repeat(zero, block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
-            if scale.shape != q.shape:
+        elif block_size > 0:
+            # Blocked: scale has q's shape except along axis, where it holds ceil(n / block_size) entries.
+            # Checked first, then expanded by indexing (never by np.repeat of a size from the file).
+            n = q.shape[axis]
+            want = list(q.shape)
+            want[axis] = -(-n // block_size)
+            if scale.ndim != q.ndim or list(scale.shape) != want:
                 raise LoaderError(
-                    f"{where}: block scales (block_size {block_size}) do not cover weight "
-                    f"{q_name!r} of shape {list(q.shape)}"
+                    f"{where}: block scales of shape {list(scale.shape)} (block_size {block_size}) do not "
+                    f"cover weight {q_name!r} of shape {list(q.shape)} on axis {axis} (need {want})"
                 )
-        elif scale.ndim == 1 and 0 <= axis < q.ndim and scale.shape[0] == q.shape[axis]:
+            index = np.arange(n) // block_size
+            scale, zero = scale.take(index, axis=axis), zero.take(index, axis=axis)
+        elif scale.ndim == 1 and scale.shape[0] == q.shape[axis]:
             shape = [1] * q.ndim
             shape[axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
@@ -296,6 +380,7 @@ class _Reader:
             stored = TensorProto()
             stored.CopyFrom(tensor)
             stored.raw_data = self.external.read(tensor, declared, label)
+            self.budget += _BUDGET_FACTOR * self.external.new_bytes  # an external file's size counts once
             del stored.external_data[:]
             stored.data_location = TensorProto.DEFAULT
             tensor = stored
@@ -349,11 +434,16 @@ def external_files(path: Path) -> list[Path]:
             if tensor.data_location != TensorProto.EXTERNAL:
                 continue
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            if not location or Path(location).is_absolute() or "\x00" in location:
+            # a location that is not text (protobuf hands back bytes for invalid UTF-8), too long for the
+            # filesystem, or a symlink loop is not a file of this model: the loader reports it
+            if not isinstance(location, str) or not location or Path(location).is_absolute() or "\x00" in location:
                 continue
-            target = (folder / location).resolve()
-            if target.is_relative_to(folder) and target.is_file():
-                found.add(target)
+            try:
+                target = (folder / location).resolve()
+                if target.is_relative_to(folder) and target.is_file():
+                    found.add(target)
+            except (OSError, RuntimeError, ValueError):
+                continue
     return sorted(found)
 
 
@@ -363,24 +453,32 @@ class _ExternalData:
     def __init__(self, model_path: Path) -> None:
         self.model_path = model_path
         self.folder = model_path.parent.resolve()
+        self.files: set[Path] = set()
+        self.new_bytes = 0  # size of the file the last read opened, when no read before had opened it
 
     def read(self, tensor: onnx.TensorProto, declared: int | None, label: str) -> bytes:
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         if not location:
             raise LoaderError(f"{label}: external data without a location")
+        if not isinstance(location, str):
+            raise LoaderError(f"{label}: external data location {location!r} is not text")
         if Path(location).is_absolute() or "\x00" in location:
             raise LoaderError(
                 f"{label}: external data path {location!r} is absolute; only files inside "
                 f"{self.folder} are read"
             )
-        target = (self.folder / location).resolve()
+        try:
+            target = (self.folder / location).resolve()
+            is_file = target.is_file()
+        except (OSError, RuntimeError) as exc:  # a name too long for the filesystem, a symlink loop
+            raise LoaderError(f"{label}: external data path {location!r} cannot be resolved ({exc})") from None
         if not target.is_relative_to(self.folder):
             raise LoaderError(
                 f"{label}: external data path {location!r} escapes the model's folder "
                 f"{self.folder}; refusing to read it"
             )
-        if not target.is_file():
+        if not is_file:
             raise LoaderError(
                 f"{label}: external data file {location!r} is missing next to the model; copy it "
                 "into the model's folder"
@@ -398,6 +496,8 @@ class _ExternalData:
                 f"{list(tensor.dims)} declare"
             )
         size = target.stat().st_size
+        self.new_bytes = 0 if target in self.files else size
+        self.files.add(target)
         if offset < 0 or length < 0 or offset + length > size:
             raise LoaderError(
                 f"{label}: declares {length} bytes at offset {offset} of {location!r}, which holds "
@@ -420,6 +520,23 @@ def _declared_nbytes(tensor: onnx.TensorProto, label: str) -> int | None:
     except (KeyError, TypeError, ValueError):  # a type this onnx release does not map to numpy
         return None
     return count * itemsize
+
+
+def _unique(name: str, taken: set[str], next_suffix: dict[str, int]) -> str:
+    """``name``, or ``name#2``, ``name#3``... (as base.unique_name) without rescanning the suffixes taken
+    before: a file naming 10^5 convs alike must not cost 10^10 steps."""
+    if name not in taken:
+        taken.add(name)
+        return name
+    n = next_suffix.get(name, 1)
+    while True:
+        n += 1
+        candidate = f"{name}#{n}"
+        if candidate not in taken:
+            break
+    next_suffix[name] = n
+    taken.add(candidate)
+    return candidate
 
 
 def _float_weight(weight: np.ndarray) -> np.ndarray:

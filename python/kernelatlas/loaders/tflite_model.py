@@ -14,12 +14,16 @@ constants add nothing).
 
 The file is read into memory once and parsed with the ``tflite`` flatbuffer bindings, which do not validate
 anything; every vector and buffer this loader touches is bounds-checked against the file first, so a
-corrupt or lying file gives a LoaderError that names it, never a huge allocation.
+corrupt or lying file gives a LoaderError that names it, never a huge allocation.  Flatbuffer offsets can
+point many entries at one table or vector, so counts are bounded too: at most ``MAX_OPERATORS`` operators, no
+more operator inputs / outputs in all than the file has bytes, each stored filter decoded once however many
+ops use it (at most ``MAX_SHARED_WEIGHT``), and the decoded filters together at most 16x the file's size.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +35,17 @@ from tflite.TensorType import TensorType
 
 from .base import ConvLayer, LoadedModel, LoaderError, classify_kind, graph_depths
 from .base import check_finite as _check_finite
-from .base import unique_name as _unique
 
-__all__ = ["load"]
+__all__ = ["MAX_OPERATORS", "MAX_SHARED_WEIGHT", "load"]
+
+MAX_OPERATORS = 1_000_000  # per subgraph; real models have up to ~10^5
+MAX_SHARED_WEIGHT = 256  # ops that may share one stored filter (tied weights); more is a hostile fan-out
+_BUDGET_FACTOR = 16  # decoded filters may take this many times the file's bytes (int4 -> float32 is 8x) ...
+_BUDGET_FLOOR = 64 << 20  # ... plus this
 
 _IDENTIFIER = b"TFL3"
+_U16, _U32, _I32 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<i")
+_NO_INDICES = np.zeros(0, np.int32)
 _DTYPES = {
     TensorType.FLOAT32: np.dtype("<f4"),
     TensorType.FLOAT16: np.dtype("<f2"),
@@ -84,15 +94,90 @@ class _Reader:
         self.data = data
         self.model = tflite.Model.GetRootAs(data, 0)
         self.warnings: list[str] = []
+        self.stored: dict[int, np.ndarray] = {}  # stored tensor -> its decoded filter (TFLite layout), decoded once
+        self.filters: dict[tuple[int, bool], np.ndarray] = {}  # (stored tensor, depthwise) -> weight, built once
+        self.users: dict[int, list[str]] = {}  # stored tensor -> ops using it as their filter
+        self.sources: dict[int, int | None] = {}  # tensor -> the stored tensor behind its DEQUANTIZE chain
+        self.budget = _BUDGET_FACTOR * len(data) + _BUDGET_FLOOR
+        self.indices_left = len(data)  # operator input / output indices that may still be read (see above)
 
-    def _count(self, n: int, what: str) -> int:
-        """A vector length bounded by the file (each element takes at least 4 bytes)."""
+    def _count(self, n: int, what: str, cap: int | None = None) -> int:
+        """A vector length bounded by the file (each element takes at least 4 bytes) and by ``cap``."""
         if n < 0 or 4 * n > len(self.data):
             raise LoaderError(
                 f"{self.path}: {what} claims {n} entries, more than the {len(self.data)}-byte file "
                 "can hold; the file is corrupt"
             )
+        if cap is not None and n > cap:
+            raise LoaderError(f"{self.path}: {what} claims {n} entries; kernelatlas reads at most {cap}")
         return n
+
+    def _charge(self, value: np.ndarray, where: str) -> None:
+        """Charge a decoded filter to the budget (see the module docstring)."""
+        self.budget -= value.nbytes
+        if self.budget < 0:
+            raise LoaderError(
+                f"{where}: the decoded filters would take more than {_BUDGET_FACTOR}x the file's size; "
+                "the file reuses buffers or declares sizes to make the reader allocate, refusing it"
+            )
+
+    def _get(self, fmt: struct.Struct, at: int) -> int:
+        """One scalar of the file, bounds-checked (struct would count a negative offset from the end)."""
+        if not 0 <= at <= len(self.data) - fmt.size:
+            raise LoaderError(f"{self.path}: offset {at} points outside the {len(self.data)}-byte file; corrupt file")
+        return fmt.unpack_from(self.data, at)[0]
+
+    def _op_positions(self, graph, n_ops: int) -> list[int]:
+        """Where each operator table of ``graph`` lies, read straight from its operators vector (the
+        generated accessors cost ~40 us per op).  Listing one table twice is refused: no writer does it,
+        and it would multiply the reader's work and output at 4 bytes an entry."""
+        o = graph._tab.Offset(10)  # SubGraph.operators
+        if n_ops == 0 or o == 0:
+            return []
+        start = graph._tab.Vector(o)
+        if not 0 <= start <= len(self.data) - 4 * n_ops:
+            raise LoaderError(f"{self.path}: the operator list runs past the end of the file; corrupt file")
+        rel = np.frombuffer(self.data, "<u4", count=n_ops, offset=start).astype(np.int64)
+        positions = start + 4 * np.arange(n_ops, dtype=np.int64) + rel
+        if np.unique(positions).size != n_ops:
+            raise LoaderError(
+                f"{self.path}: the operator list names one operator table several times; no converter writes "
+                "that, the file is corrupt or hostile"
+            )
+        return positions.tolist()
+
+    def _op_fields(self, pos: int, *, indices: bool = True) -> tuple[int, np.ndarray, np.ndarray]:
+        """(opcode index, input tensor indices, output tensor indices) of the operator table at ``pos``,
+        read with bounds checks; the indices are charged to ``indices_left`` (many operators may point at
+        one vector, which must not make the reader hold ops x length indices)."""
+        vt = pos - self._get(_I32, pos)
+        vt_len = self._get(_U16, vt)
+
+        def slot(voffset: int) -> int:
+            return self._get(_U16, vt + voffset) if voffset < vt_len else 0
+
+        o = slot(4)
+        opcode = self._get(_U32, pos + o) if o else 0
+        if not indices:
+            return opcode, _NO_INDICES, _NO_INDICES
+        vectors = []
+        for voffset in (6, 8):  # Operator.inputs, Operator.outputs
+            o = slot(voffset)
+            if not o:
+                vectors.append(_NO_INDICES)
+                continue
+            vec = pos + o + self._get(_U32, pos + o)
+            n = self._get(_U32, vec)
+            self.indices_left -= n
+            if self.indices_left < 0:
+                raise LoaderError(
+                    f"{self.path}: the operators list more tensor indices than the {len(self.data)}-byte file "
+                    "holds (operators share index vectors); the file is corrupt or hostile"
+                )
+            if vec + 4 + 4 * n > len(self.data):
+                raise LoaderError(f"{self.path}: an operator's tensor list runs past the end of the file; corrupt")
+            vectors.append(np.frombuffer(self.data, "<i4", count=n, offset=vec + 4))
+        return opcode, vectors[0], vectors[1]
 
     def read(self) -> LoadedModel:
         model = self.model
@@ -107,11 +192,14 @@ class _Reader:
         graph = model.Subgraphs(0)
         self.graph = graph
         self.n_tensors = self._count(graph.TensorsLength(), "tensor list")
-        ops = [graph.Operators(i) for i in range(self._count(graph.OperatorsLength(), "operator list"))]
-        op_inputs = [self._tensor_indices(op.InputsAsNumpy() if op.InputsLength() else []) for op in ops]
-        op_outputs = [self._tensor_indices(op.OutputsAsNumpy() if op.OutputsLength() else []) for op in ops]
+        n_ops = self._count(graph.OperatorsLength(), "operator list", MAX_OPERATORS)
+        positions = self._op_positions(graph, n_ops)
+        fields = [self._op_fields(pos) for pos in positions]
+        op_inputs = [self._tensor_indices(f[1]) for f in fields]
+        op_outputs = [self._tensor_indices(f[2]) for f in fields]
+        self.op_codes = [self._op_code(f[0], i) for i, f in enumerate(fields)]
         self.producer = {t: i for i, outs in enumerate(op_outputs) for t in outs}
-        self.ops, self.op_inputs = ops, op_inputs
+        self.op_inputs = op_inputs
         graph_inputs = set(self._tensor_indices(graph.InputsAsNumpy() if graph.InputsLength() else []))
         try:
             depths = graph_depths(op_inputs, op_outputs, graph_inputs)
@@ -120,23 +208,34 @@ class _Reader:
 
         layers: list[ConvLayer] = []
         names: set[str] = set()
-        for index, op in enumerate(ops):
-            code = self._op_code(op, index)
-            if code == BuiltinOperator.CONV_2D:
-                layer = self._conv(op, index, depthwise=False)
-            elif code == BuiltinOperator.DEPTHWISE_CONV_2D:
-                layer = self._conv(op, index, depthwise=True)
-            else:
+        next_suffix: dict[str, int] = {}
+        for index, code in enumerate(self.op_codes):
+            if code not in (BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D):
                 continue
+            op = tflite.Operator()
+            op.Init(self.data, positions[index])
+            layer = self._conv(op, index, depthwise=code == BuiltinOperator.DEPTHWISE_CONV_2D)
             if layer is None:
                 continue
             layer.order = float(depths[index] if depths[index] is not None else 0)
-            layer.name = _unique(layer.name, names)
+            layer.name = _unique(layer.name, names, next_suffix)
             layers.append(layer)
+        seen_subgraphs = {graph._tab.Pos}
+        ops_left = len(self.data) // 4  # every op entry takes 4 bytes: shared lists must not multiply work
         for s in range(1, n_subgraphs):
             sub = model.Subgraphs(s)
-            for i in range(self._count(sub.OperatorsLength(), "operator list")):
-                if self._op_code(sub.Operators(i), i) in (
+            if sub._tab.Pos in seen_subgraphs:
+                continue
+            seen_subgraphs.add(sub._tab.Pos)
+            n_sub = self._count(sub.OperatorsLength(), "operator list", MAX_OPERATORS)
+            ops_left -= n_sub
+            if ops_left < 0:
+                raise LoaderError(
+                    f"{self.path}: the subgraphs list more operators than the {len(self.data)}-byte file "
+                    "holds (they share operator lists); the file is corrupt or hostile"
+                )
+            for i, pos in enumerate(self._op_positions(sub, n_sub)):
+                if self._op_code(self._op_fields(pos, indices=False)[0], i) in (
                     BuiltinOperator.CONV_2D,
                     BuiltinOperator.DEPTHWISE_CONV_2D,
                 ):
@@ -156,8 +255,8 @@ class _Reader:
         # Schema v3a moved codes >= 127 to builtin_code; the deprecated int8 field is kept for old readers.
         return max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode()))
 
-    def _op_code(self, op, index: int) -> int:
-        i = op.OpcodeIndex()
+    def _op_code(self, i: int, index: int) -> int:
+        """The builtin code of opcode index ``i`` (operator ``index``)."""
         if not 0 <= i < len(self.codes):
             raise LoaderError(
                 f"{self.path}: operator {index} uses opcode {i} of {len(self.codes)}; corrupt file"
@@ -193,11 +292,24 @@ class _Reader:
                 f"{where}: filter is computed at run time (not a constant behind DEQUANTIZE); skipped"
             )
             return None
-        filt = self._constant(stored_index, where)
+        users = self.users.setdefault(stored_index, [])
+        users.append(name)
+        if len(users) > MAX_SHARED_WEIGHT:
+            raise LoaderError(
+                f"{where}: one stored filter feeds more than {MAX_SHARED_WEIGHT} convolutions; a model does "
+                "not tie that many layers: the file is hostile or corrupt"
+            )
+        filt = self.stored.get(stored_index)
         if filt is None:
-            return None
+            filt = self._constant(stored_index, where)
+            if filt is None:
+                return None
+            self._charge(filt, where)
+            self.stored[stored_index] = filt
         if filt.ndim != 4:
             raise LoaderError(f"{where}: filter of shape {list(filt.shape)} is not 4-D; corrupt file")
+        if 0 in filt.shape:
+            raise LoaderError(f"{where}: filter of shape {list(filt.shape)} holds no kernel; corrupt file")
         in_shape = self._shape(x_index)
         in_channels = int(in_shape[-1]) if len(in_shape) == 4 and in_shape[-1] > 0 else None
         options = op.BuiltinOptions()
@@ -257,7 +369,12 @@ class _Reader:
                 )
             # [c_out, kh, kw, c_in/groups] -> [c_out, c_in/groups, kh, kw]
             weight = filt.transpose(0, 3, 1, 2)
-        weight = np.ascontiguousarray(weight)
+        cached = self.filters.get((stored_index, depthwise))
+        if cached is None:
+            cached = np.ascontiguousarray(weight)
+            self._charge(cached, where)
+            self.filters[stored_index, depthwise] = cached
+        weight = cached
         _check_finite(weight, where, self.warnings)
         return ConvLayer(
             name=name,
@@ -272,20 +389,33 @@ class _Reader:
     # --------------------------------------------------------------------------------------- tensors
 
     def _stored_source(self, tensor_index: int) -> int | None:
-        """The tensor holding the stored filter: itself, or the input of the DEQUANTIZE chain producing it."""
-        seen = set()
-        while tensor_index in self.producer:
+        """The tensor holding the stored filter: itself, or the input of the DEQUANTIZE chain producing it.
+        Remembered for every tensor on the chain, so that many convs on one long chain cost one walk."""
+        memo = self.sources
+        seen: dict[int, None] = {}  # ordered set
+        result: int | None
+        while True:
+            if tensor_index in memo:
+                result = memo[tensor_index]
+                break
+            if tensor_index not in self.producer:
+                result = tensor_index
+                break
             if tensor_index in seen:
                 raise LoaderError(f"{self.path}: tensor {tensor_index} is produced in a cycle; corrupt file")
-            seen.add(tensor_index)
+            seen[tensor_index] = None
             op_index = self.producer[tensor_index]
-            if self._op_code(self.ops[op_index], op_index) != BuiltinOperator.DEQUANTIZE:
-                return None
+            if self.op_codes[op_index] != BuiltinOperator.DEQUANTIZE:
+                result = None
+                break
             inputs = self.op_inputs[op_index]
             if not inputs:
-                return None
+                result = None
+                break
             tensor_index = inputs[0]
-        return tensor_index
+        for t in seen:
+            memo[t] = result
+        return result
 
     def _tensor_name(self, index: int) -> str:
         raw = self.graph.Tensors(index).Name()
@@ -402,7 +532,18 @@ class _Reader:
         return (values.astype(np.float32) - zero) * scale
 
 
-
-
-
-
+def _unique(name: str, taken: set[str], next_suffix: dict[str, int]) -> str:
+    """``name``, or ``name#2``, ``name#3``... (as base.unique_name) without rescanning the suffixes taken
+    before: a file naming 10^5 convs alike must not cost 10^10 steps."""
+    if name not in taken:
+        taken.add(name)
+        return name
+    n = next_suffix.get(name, 1)
+    while True:
+        n += 1
+        candidate = f"{name}#{n}"
+        if candidate not in taken:
+            break
+    next_suffix[name] = n
+    taken.add(candidate)
+    return candidate

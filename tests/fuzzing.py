@@ -1874,15 +1874,7 @@ def save_finding(out: Path, result: Result, long: bool = False) -> Path:
 # on anything else.  Remove an entry once its finding is fixed.
 _LOAD = ("uncaught", "uncaught-in-extract")
 KNOWN: list[tuple[str, str, tuple[str, ...], str, str]] = [
-    ("F1", "safetensors", _LOAD, "TypeError", "unhashable type"),
-    ("F2", "safetensors", _LOAD, "RecursionError", "maximum recursion depth"),
-    ("F3", "torch", _LOAD, "UnicodeDecodeError", "decode"),
-    ("F3", "torch", _LOAD, "NotImplementedError", "zip file version"),
-    ("F4", "keras", _LOAD, "error", "decompressing data"),
-    ("F4", "keras", _LOAD, "EOFError", "EOFError"),
     ("F5", "torch", ("memory",), "MemoryError", "not a readable torch checkpoint"),
-    ("F6", "safetensors", _LOAD, "OSError", "File name too long"),
-    ("F7", "keras", _LOAD, "ValueError", "cannot reshape array of size 0"),
 ]
 
 

@@ -286,9 +286,6 @@ def test_enospc_during_extract_keeps_the_committed_corpus(tmp_path):
     assert len(failed) >= 2, outcomes  # the disk did fill, at more than one point
 
 
-@pytest.mark.xfail(strict=True, reason="finding F8 (docs/security-fuzz.md), for the lead in extract.py: a full "
-                   "disk while a model is appended is reported as the checkpoint being unreadable, and every "
-                   "later file fails the same way, instead of stopping with an error about the corpus's disk")
 def test_enospc_while_appending_is_not_blamed_on_the_checkpoint(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -307,10 +304,6 @@ def test_enospc_while_appending_is_not_blamed_on_the_checkpoint(tmp_path):
         assert not any("cannot be read" in reason for _, reason in report.failed), report.failed
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.PytestUnraisableExceptionWarning, reason="finding F9 "
-                   "(docs/security-fuzz.md), for the lead in corpus.py: when CorpusWriter.commit fails (here on "
-                   "ENOSPC) __exit__ skips close(), so the pending shard's file and the corpus lock stay open "
-                   "until garbage collection (an unclosed-file ResourceWarning)")
 def test_a_failed_commit_closes_the_writer(tmp_path):
     import gc
 

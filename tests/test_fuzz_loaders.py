@@ -434,7 +434,6 @@ F1 = "finding F1 (docs/security-fuzz.md), for the lead in torch_checkpoint.py: a
 F1 += "dtype is a list or an object raises TypeError (unhashable) in _read_st_header"
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=F1)
 def test_f1_safetensors_dtype_of_the_wrong_type(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(_safetensors(json.dumps({"w": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}).encode()))
@@ -445,7 +444,6 @@ F2 = "finding F2 (docs/security-fuzz.md), for the lead in torch_checkpoint.py: d
 F2 += "safetensors header or a *.safetensors.index.json raises RecursionError from json.loads"
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=F2)
 @pytest.mark.parametrize("where", ["header", "index"])
 def test_f2_deeply_nested_json(where, tmp_path):
     if where == "header":
@@ -470,7 +468,6 @@ F3 += "zipfile and catches only BadZipFile / OSError; a name flagged UTF-8 that 
 F3 += "above 6.3, raise UnicodeDecodeError / NotImplementedError"
 
 
-@pytest.mark.xfail(strict=True, raises=(UnicodeDecodeError, NotImplementedError), reason=F3)
 @pytest.mark.parametrize("lie", ["utf8-name", "version"])
 def test_f3_torch_zip_directory_lies(lie, tmp_path):
     data = bytearray(_torch_zip())
@@ -482,7 +479,15 @@ def test_f3_torch_zip_directory_lies(lie, tmp_path):
         data[cd + 6:cd + 8] = (127).to_bytes(2, "little")  # version needed to extract: 12.7
     path = tmp_path / "model.pth"
     path.write_bytes(bytes(data))
-    _expect_loader_error(path)
+    if lie == "utf8-name":
+        _expect_loader_error(path)
+        return
+    # torch's own zip reader ignores "version needed": a clean load or a clean error, never an escape
+    try:
+        model = load_file(path)
+    except LoaderError:
+        return
+    assert [layer.kernels().shape for layer in model.layers] == [(4, 9)]
 
 
 F4 = "finding F4 (docs/security-fuzz.md), for the lead in keras_model.py: reading a .keras member raises what "
@@ -490,7 +495,6 @@ F4 += "zipfile raises on a damaged archive -- zlib.error for a corrupt deflate s
 F4 += "whose size runs past the end -- out of _load_keras_zip / _copy_member"
 
 
-@pytest.mark.xfail(strict=True, raises=__import__("zlib").error, reason=F4)
 def test_f4_keras_corrupt_deflate_stream(tmp_path):
     weights = fuzzing._h5_bytes(fuzzing._keras3_writer(np.random.default_rng(0)))
     data = bytearray(fuzzing._keras_zip(weights, compression=zipfile.ZIP_DEFLATED))
@@ -506,7 +510,6 @@ def test_f4_keras_corrupt_deflate_stream(tmp_path):
     _expect_loader_error(path)
 
 
-@pytest.mark.xfail(strict=True, raises=EOFError, reason=F4)
 def test_f4_keras_member_size_past_the_end(tmp_path):
     weights = fuzzing._h5_bytes(fuzzing._keras3_writer(np.random.default_rng(0)))
     buf = io.BytesIO()
@@ -527,7 +530,6 @@ F6 += "shard whose name is too long for the filesystem raises OSError (ENAMETOOL
 F6 += "_resolve_shards"
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=F6)
 def test_f6_index_naming_an_impossible_shard(tmp_path):
     path = tmp_path / "model.safetensors.index.json"
     path.write_text(json.dumps({"weight_map": {"w": "x" * 300 + ".safetensors"}}))
@@ -538,7 +540,6 @@ F7 = "finding F7 (docs/security-fuzz.md), for the lead in keras_model.py (or Con
 F7 += "with a zero-sized dimension becomes a layer whose kernels() raises ValueError (kh * kw == 0)"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=F7)
 def test_f7_keras_kernel_with_a_zero_dimension(tmp_path):
     import h5py
 
@@ -597,7 +598,6 @@ F10 += "OSError there: any other exception from a loader's source_files stops th
 F10 += "JSON does, with RecursionError)"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=F10)
 def test_f10_source_identity_is_inside_the_per_file_boundary(tmp_path, monkeypatch):
     import kernelatlas.extract as extract_mod
 

@@ -428,9 +428,11 @@ class CorpusWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.commit()
-        self.close()
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:  # a failed commit (a full disk) still releases the files and the lock
+            self.close()
 
     def close(self) -> None:
         """Release the lock; uncommitted work is discarded."""

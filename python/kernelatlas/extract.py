@@ -8,6 +8,7 @@ read is reported (naming it and the reason) and the others are still extracted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -22,6 +23,8 @@ from kernelatlas._files import sha256_file
 from kernelatlas.corpus import CorpusWriter
 from kernelatlas.loaders import LoaderError, is_checkpoint, load_file, source_files
 from kernelatlas.loaders.architectures import load_with_architecture
+
+_CORPUS_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # errors of the corpus's filesystem, not of a file
 
 __all__ = ["ExtractReport", "expand_sources", "extract", "extract_module", "sha256_file", "source_identity"]
 
@@ -118,6 +121,10 @@ def extract(
             except OSError as exc:
                 report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
                 continue
+            except Exception as exc:  # noqa: BLE001 -- the per-file boundary below covers identity too
+                report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
+                                      f"{str(exc)[:300] or 'no detail'})"))
+                continue
             if arch is not None:  # the same file read through an architecture is another corpus model
                 digest = hashlib.sha256(f"{digest}:arch={arch}:fold_bn={fold_bn}".encode()).hexdigest()
             if writer.has_model(digest):
@@ -135,6 +142,11 @@ def extract(
                                            on_layer=inner.update)
             except LoaderError as exc:
                 report.failed.append((str(path), str(exc)))
+                continue
+            except OSError as exc:
+                if exc.errno in _CORPUS_FULL:  # the corpus's disk, not the checkpoint: stop, nothing committed
+                    raise
+                report.failed.append((str(path), f"{path}: cannot be read ({exc})"))
                 continue
             except Exception as exc:  # noqa: BLE001 -- see above
                 report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "

@@ -39,6 +39,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,8 @@ def _load_keras_zip(path: Path) -> LoadedModel:
                 config = json.loads(archive.read(info).decode("utf-8"))
             except RecursionError:
                 raise LoaderError(f"{path}: config.json is nested too deeply to be a model config") from None
-            except (ValueError, zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
+            except (ValueError, zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError, EOFError,
+                    zlib.error) as exc:
                 raise LoaderError(f"{path}: config.json cannot be read as JSON ({exc})") from exc
         info = members["model.weights.h5"]
         label = Path(f"{path}!model.weights.h5")
@@ -214,8 +216,8 @@ def _copy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, ou
                         f"{path}: {name} holds more than the {info.file_size:,} bytes it declares; refused"
                     )
                 out.write(block)
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise LoaderError(f"{path}: {name} cannot be extracted ({exc})") from exc
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
+        raise LoaderError(f"{path}: {name} cannot be extracted ({type(exc).__name__}: {exc})") from exc
     if written != info.file_size:
         raise LoaderError(
             f"{path}: {name} declares {info.file_size:,} bytes but holds {written:,}; the archive is corrupt"
@@ -351,6 +353,9 @@ class _LayerSink:
         weight = np.ascontiguousarray(weight)
         name = _unique(name, self.names)
         where = f"{self.path}: layer {name}"
+        if 0 in weight.shape:
+            self.warnings.append(f"{where}: empty kernel {list(weight.shape)}; skipped")
+            return
         check_finite(weight, where, self.warnings)
         self.layers.append(
             ConvLayer(

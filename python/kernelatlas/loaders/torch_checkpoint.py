@@ -250,7 +250,7 @@ def _is_torchscript(p: Path) -> bool:
     try:
         with zipfile.ZipFile(p) as z:
             return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, NotImplementedError, ValueError):
         return False  # torch.load will say what is wrong with it
 
 
@@ -345,17 +345,20 @@ def _resolve_shards(p: Path) -> tuple[list[Path], Path]:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError("weight_map must map tensor names to shard file names")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise LoaderError(f"{p}: not a shard index ({type(e).__name__}: {e}); expected JSON with a "
-                              f"'weight_map' object") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise LoaderError(f"{p}: not a shard index ({type(e).__name__}: {str(e)[:200]}); expected JSON with "
+                              f"a 'weight_map' object") from None
         names = list(dict.fromkeys(weight_map.values()))
         shards = [p.parent / n for n in names]
         for s in shards:
             if Path(s.name).name != s.name or s.parent != p.parent:  # no paths out of the directory
                 raise LoaderError(f"{p}: shard name {s.name!r} is not a plain file name")
-        missing = [s.name for s in shards if not s.is_file()]
+        try:
+            missing = [s.name for s in shards if not s.is_file()]
+        except OSError as e:  # e.g. a shard name too long for the filesystem
+            raise LoaderError(f"{p}: a shard name of the index cannot be a file here ({e.strerror})") from None
         if missing:
-            raise LoaderError(f"{p}: shard file(s) missing next to the index: {', '.join(missing)}")
+            raise LoaderError(f"{p}: shard file(s) missing next to the index: {', '.join(m[:80] for m in missing)}")
         return shards, p
     m = _SHARD.match(p.name)
     if m and p.suffix.lower() == ".safetensors":
@@ -394,8 +397,8 @@ def _read_st_header(p: Path) -> tuple[dict[str, dict], int, dict[str, str]]:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LoaderError(f"{p}: unreadable safetensors header ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise LoaderError(f"{p}: unreadable safetensors header ({type(e).__name__}: {str(e)[:200]})") from None
     meta = header.pop("__metadata__", None) or {}
     data_size = size - 8 - n
     for name, entry in header.items():
@@ -403,8 +406,8 @@ def _read_st_header(p: Path) -> tuple[dict[str, dict], int, dict[str, str]]:
         if not isinstance(entry, dict):
             raise LoaderError(f"{where}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _ST_DTYPES:
-            raise LoaderError(f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise LoaderError(f"{where}: unknown dtype {str(dtype)[:80]!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise LoaderError(f"{where}: bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):

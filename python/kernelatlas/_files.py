@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import fcntl
 import os
 import queue
 import threading
@@ -97,6 +98,27 @@ def open_lock_file(path: Path) -> Any:
     except BaseException:
         os.close(fd)
         raise
+
+
+def acquire_lock(path: Path) -> Any:
+    """Open ``path`` (:func:`open_lock_file`) and take an exclusive, non-blocking ``flock`` on it, recording
+    this process as the holder; the kernel releases it when the process dies.  Raises BlockingIOError whose
+    ``holder`` attribute says who holds it ("pid N"), or OSError when the path is a symlink."""
+    fh = open_lock_file(path)
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        exc.holder = fh.read().strip() or "another process"  # type: ignore[attr-defined]
+        fh.close()
+        raise
+    except BaseException:
+        fh.close()
+        raise
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return fh
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas._files import advise_huge_pages, atomic_write_bytes, fsync_dir, npy_header, open_lock_file
+from kernelatlas._files import acquire_lock, advise_huge_pages, atomic_write_bytes, fsync_dir, npy_header
 from kernelatlas.loaders.base import LoadedModel, conv_depths
 
 __all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
@@ -390,23 +390,14 @@ class CorpusWriter:
         if not (self.root / MANIFEST).is_file():
             Corpus.create(self.root, dtype=dtype or "float32")
         try:
-            self._lock_fh = open_lock_file(self.root / LOCK)
+            self._lock_fh = acquire_lock(self.root / LOCK)
+        except BlockingIOError as exc:
+            raise CorpusError(f"{self.root} is being written by {exc.holder} (lock {self.root / LOCK}); wait for "
+                              "it to finish -- two writers would corrupt the corpus") from None
         except OSError as exc:
             raise CorpusError(f"cannot open the corpus lock {self.root / LOCK} ({exc}): remove it if it is a "
                               "symlink (a corpus received from someone else may hold one pointing at your files)"
                               ) from None
-        try:
-            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_fh.seek(0)
-            holder = self._lock_fh.read().strip() or "another process"
-            self._lock_fh.close()
-            raise CorpusError(f"{self.root} is being written by {holder} (lock {self.root / LOCK}); wait for it "
-                              "to finish -- two writers would corrupt the corpus") from None
-        self._lock_fh.seek(0)
-        self._lock_fh.truncate()
-        self._lock_fh.write(f"pid {os.getpid()}")
-        self._lock_fh.flush()
         self.corpus = Corpus.open(self.root)
         self.manifest = self.corpus.manifest
         if dtype is not None and np.dtype(dtype).name != self.manifest["dtype"]:

@@ -21,7 +21,6 @@ native pass.  BENCHMARKS.md has the speed against the in-memory engine.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -42,7 +41,7 @@ from kernelatlas._files import (
     atomic_write_bytes,
     fsync_dir,
     npy_header,
-    open_lock_file,
+    acquire_lock,
 )
 from kernelatlas.corpus import Corpus, CorpusError
 
@@ -120,20 +119,12 @@ class _RunLock:
     def __init__(self, root: Path) -> None:
         path = root / LOCK
         try:
-            self.fh = open_lock_file(path)
+            self.fh = acquire_lock(path)
+        except BlockingIOError as exc:
+            raise CorpusError(f"run {root.name} is being written by {exc.holder} (lock {path}): wait for it to "
+                              "finish, or give this one another --run") from None
         except OSError as exc:
             raise CorpusError(f"cannot open the run lock {path} ({exc}): remove it if it is a symlink") from None
-        try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.fh.read().strip() or "another process"
-            self.fh.close()
-            raise CorpusError(f"run {root.name} is being written by {holder} (lock {path}): wait for it to finish, "
-                              "or give this one another --run") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"pid {os.getpid()}")
-        self.fh.flush()
 
     def __enter__(self) -> _RunLock:
         return self

@@ -139,12 +139,21 @@ def check_finite(weight: np.ndarray, where: str, warnings: list[str]) -> None:
         warnings.append(f"{where}: {bad} of {len(kernels)} kernels hold NaN/Inf (kept; the engine labels them -1)")
 
 
-def unique_name(name: str, taken: set[str]) -> str:
-    """``name``, or ``name#2``, ``name#3``... when a layer of that name exists already (records ``taken``)."""
-    candidate, n = name, 1
-    while candidate in taken:
+def unique_name(name: str, taken: set[str], next_suffix: dict[str, int] | None = None) -> str:
+    """``name``, or ``name#2``, ``name#3``... when a layer of that name exists already (records ``taken``).
+    ``next_suffix`` (a dict kept across calls) remembers the last suffix per name, so a file naming 10^5 convs
+    alike costs 10^5 steps, not 10^10."""
+    if name not in taken:
+        taken.add(name)
+        return name
+    n = 1 if next_suffix is None else next_suffix.get(name, 1)
+    while True:
         n += 1
         candidate = f"{name}#{n}"
+        if candidate not in taken:
+            break
+    if next_suffix is not None:
+        next_suffix[name] = n
     taken.add(candidate)
     return candidate
 

@@ -301,6 +301,7 @@ class _LayerSink:
         self.layers: list[ConvLayer] = []
         self.warnings: list[str] = []
         self.names: set[str] = set()
+        self._next_suffix: dict[str, int] = {}
         self.read_once = h5safe.ReadOnce()
 
     def array(self, dataset: h5py.Dataset, where: str) -> np.ndarray | None:
@@ -351,7 +352,7 @@ class _LayerSink:
         self, name: str, weight: np.ndarray, groups: int, order: float, inferred: bool, extra: dict | None
     ) -> None:
         weight = np.ascontiguousarray(weight)
-        name = _unique(name, self.names)
+        name = _unique(name, self.names, self._next_suffix)
         where = f"{self.path}: layer {name}"
         if 0 in weight.shape:
             self.warnings.append(f"{where}: empty kernel {list(weight.shape)}; skipped")

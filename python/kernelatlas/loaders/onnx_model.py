@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .base import ConvLayer, LoadedModel, LoaderError, classify_kind, graph_depths
+from .base import ConvLayer, LoadedModel, LoaderError, classify_kind, graph_depths, unique_name
 from .base import check_finite as _check_finite
 
 __all__ = ["MAX_CHAIN", "MAX_SHARED_WEIGHT", "load"]
@@ -138,7 +138,7 @@ class _Reader:
             bn_follows = any(c.op_type == "BatchNormalization" for c in consumers.get(node.output[0], ()))
             convs_followed_by_bn += bn_follows
             layer.extra["bn_follows"] = bn_follows
-            layer.name = _unique(layer.name, names, next_suffix)
+            layer.name = unique_name(layer.name, names, next_suffix)
             layers.append(layer)
         self._warn_about_subgraphs()
         meta = {
@@ -520,23 +520,6 @@ def _declared_nbytes(tensor: onnx.TensorProto, label: str) -> int | None:
     except (KeyError, TypeError, ValueError):  # a type this onnx release does not map to numpy
         return None
     return count * itemsize
-
-
-def _unique(name: str, taken: set[str], next_suffix: dict[str, int]) -> str:
-    """``name``, or ``name#2``, ``name#3``... (as base.unique_name) without rescanning the suffixes taken
-    before: a file naming 10^5 convs alike must not cost 10^10 steps."""
-    if name not in taken:
-        taken.add(name)
-        return name
-    n = next_suffix.get(name, 1)
-    while True:
-        n += 1
-        candidate = f"{name}#{n}"
-        if candidate not in taken:
-            break
-    next_suffix[name] = n
-    taken.add(candidate)
-    return candidate
 
 
 def _float_weight(weight: np.ndarray) -> np.ndarray:

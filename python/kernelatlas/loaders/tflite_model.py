@@ -33,7 +33,7 @@ from tflite.Conv2DOptions import Conv2DOptions
 from tflite.DepthwiseConv2DOptions import DepthwiseConv2DOptions
 from tflite.TensorType import TensorType
 
-from .base import ConvLayer, LoadedModel, LoaderError, classify_kind, graph_depths
+from .base import ConvLayer, LoadedModel, LoaderError, classify_kind, graph_depths, unique_name
 from .base import check_finite as _check_finite
 
 __all__ = ["MAX_OPERATORS", "MAX_SHARED_WEIGHT", "load"]
@@ -218,7 +218,7 @@ class _Reader:
             if layer is None:
                 continue
             layer.order = float(depths[index] if depths[index] is not None else 0)
-            layer.name = _unique(layer.name, names, next_suffix)
+            layer.name = unique_name(layer.name, names, next_suffix)
             layers.append(layer)
         seen_subgraphs = {graph._tab.Pos}
         ops_left = len(self.data) // 4  # every op entry takes 4 bytes: shared lists must not multiply work
@@ -532,18 +532,3 @@ class _Reader:
         return (values.astype(np.float32) - zero) * scale
 
 
-def _unique(name: str, taken: set[str], next_suffix: dict[str, int]) -> str:
-    """``name``, or ``name#2``, ``name#3``... (as base.unique_name) without rescanning the suffixes taken
-    before: a file naming 10^5 convs alike must not cost 10^10 steps."""
-    if name not in taken:
-        taken.add(name)
-        return name
-    n = next_suffix.get(name, 1)
-    while True:
-        n += 1
-        candidate = f"{name}#{n}"
-        if candidate not in taken:
-            break
-    next_suffix[name] = n
-    taken.add(candidate)
-    return candidate

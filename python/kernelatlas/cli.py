@@ -869,7 +869,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu or cuda "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--widths", type=_int_list, default=[64, 32], metavar="W[,W...]",
                    help="hidden widths of the encoder, mirrored by the decoder (default: 64,32)")
     p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,

@@ -74,7 +74,7 @@ def train(
     epochs: int | None = None,
     sample: int | None = 2_000_000,
     batch_size: int = 256,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     schedule: str = "plateau",
     seed: int = 0,
     device: str = "auto",

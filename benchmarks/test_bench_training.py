@@ -30,7 +30,7 @@ from kernelatlas.templates import templates  # noqa: E402
 STEPS = int(os.environ.get("KERNELATLAS_BENCH_TRAIN_STEPS", "4000"))
 ROWS = int(os.environ.get("KERNELATLAS_BENCH_TRAIN_ROWS", "15706"))
 THREADS = int(os.environ.get("KERNELATLAS_BENCH_THREADS", "0")) or len(os.sched_getaffinity(0))
-ROUNDS = 3
+ROUNDS = 6
 
 
 def plain_torch_loop(kernels: np.ndarray, steps: int, threads: int) -> float:
@@ -76,13 +76,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
 def test_training_steps_per_second_vs_plain_torch(corpus, tmp_path):
     corpus, kernels = corpus
     ours, peer = [], []
-    for r in range(ROUNDS):  # alternating, so a slow phase of the machine hits both
-        t0 = time.perf_counter()
-        model = ka.train(corpus, 3, tmp_path / f"m{r}", max_steps=STEPS, schedule="constant", patience=10**9,
-                         holdout=0.0, threads=THREADS, progress=False, sample=None)
-        ours.append(time.perf_counter() - t0)
-        assert model.info["training"]["steps_run"] == STEPS
-        peer.append(plain_torch_loop(kernels, STEPS, THREADS))
+    for r in range(ROUNDS):  # alternating, and which goes first alternates too (the machine warms up)
+        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+        for who in order:
+            if who == "peer":
+                peer.append(plain_torch_loop(kernels, STEPS, THREADS))
+                continue
+            t0 = time.perf_counter()
+            model = ka.train(corpus, 3, tmp_path / f"m{r}", max_steps=STEPS, schedule="constant", patience=10**9,
+                             holdout=0.0, threads=THREADS, progress=False, sample=None)
+            ours.append(time.perf_counter() - t0)
+            assert model.info["training"]["steps_run"] == STEPS
     o, p = float(np.median(ours)), float(np.median(peer))
     fit = model.info["training"]["fit_seconds"]
     print(f"\ntraining, {len(kernels):,} 3x3 kernels, {STEPS:,} steps of 256, {THREADS} threads, "

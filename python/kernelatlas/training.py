@@ -395,8 +395,8 @@ def _fit(torch: Any, encoder: Any, decoder: Any, train_x: Any, val_x: Any, *, ma
     hist: dict[str, list[float]] = {"step": [], "train_loss": [], "val_loss": [], "lr": []}
     stop_reason = ""
     current_lr = lr
-    window = torch.zeros((), dtype=torch.float64, device=device)
-    window_rows = 0
+    window = torch.zeros((), dtype=torch.float32, device=device)  # sum of the batch losses since the last eval
+    window_steps = 0
     step = 0
     started = time.perf_counter()
     bar = _bar(progress, total=max_steps, desc=desc, unit="step")
@@ -414,15 +414,15 @@ def _fit(torch: Any, encoder: Any, decoder: Any, train_x: Any, val_x: Any, *, ma
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            window += loss.detach().double() * len(batch)
-            window_rows += len(batch)
+            window += loss.detach()  # one in-place add per step: the loop stays as cheap as a plain torch loop
+            window_steps += 1
             step += 1
             bar.update(1)
             if step % eval_every and step != max_steps:
                 continue
-            train_loss = float(window.item() / window_rows)
+            train_loss = float(window.item()) / window_steps  # mean of the batch losses since the last eval
             window.zero_()
-            window_rows = 0
+            window_steps = 0
             val_loss = _evaluate(torch, encoder, decoder, val_x) if has_val else train_loss
             encoder.train()
             decoder.train()

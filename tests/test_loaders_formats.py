@@ -40,7 +40,6 @@ from kernelatlas.loaders import keras_model, onnx_model, tflite_model
 from kernelatlas.loaders.base import LoadedModel, LoaderError
 from onnx import TensorProto, helper, numpy_helper
 from tflite.BuiltinOperator import BuiltinOperator
-from tflite.BuiltinOptions import BuiltinOptions
 from tflite.TensorType import TensorType
 
 WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
@@ -485,108 +484,19 @@ def _tfl(module: str):
 
 
 def build_tflite(tensors, operators, buffers, opcodes, *, inputs=(0,), outputs=None) -> bytes:
-    """A TFLite flatbuffer written with the generated builder functions.
+    """A TFLite flatbuffer written with the generated builder functions (the fuzzing harness's builder, which
+    this file's tests share).
 
     tensors: (name, shape, TensorType, buffer index, quant) with quant None or (scales, zero_points, axis);
     operators: (opcode index, inputs, outputs, options) with options None, ("conv",) or ("depthwise", m);
     buffers: bytes, None (empty) or (offset, size) for data outside the flatbuffer; opcodes: BuiltinOperator.
     """
-    b = flatbuffers.Builder(1024)
-    Model, SubGraph, Tensor, Operator = (_tfl(n) for n in ("Model", "SubGraph", "Tensor", "Operator"))
-    OperatorCode, Buffer, Quant = (_tfl(n) for n in ("OperatorCode", "Buffer", "QuantizationParameters"))
+    from fuzzing import TFLiteSpec
+    from fuzzing import build_tflite as build
 
-    def table_vector(start, items):
-        start(b, len(items))
-        for item in reversed(items):
-            b.PrependUOffsetTRelative(item)
-        return b.EndVector()
-
-    buffer_offsets = []
-    for data in buffers:
-        vec = b.CreateNumpyVector(np.frombuffer(data, np.uint8)) if isinstance(data, bytes) else None
-        Buffer.Start(b)
-        if vec is not None:
-            Buffer.AddData(b, vec)
-        if isinstance(data, tuple):
-            Buffer.AddOffset(b, data[0])
-            Buffer.AddSize(b, data[1])
-        buffer_offsets.append(Buffer.End(b))
-    tensor_offsets = []
-    for name, shape, ttype, buffer, quant in tensors:
-        name_off = b.CreateString(name)
-        shape_off = b.CreateNumpyVector(np.asarray(shape, np.int32))
-        quant_off = None
-        if quant is not None:
-            scales = b.CreateNumpyVector(np.asarray(quant[0], np.float32))
-            zeros = b.CreateNumpyVector(np.asarray(quant[1], np.int64))
-            Quant.Start(b)
-            Quant.AddScale(b, scales)
-            Quant.AddZeroPoint(b, zeros)
-            Quant.AddQuantizedDimension(b, quant[2])
-            quant_off = Quant.End(b)
-        Tensor.Start(b)
-        Tensor.AddShape(b, shape_off)
-        Tensor.AddType(b, ttype)
-        Tensor.AddBuffer(b, buffer)
-        Tensor.AddName(b, name_off)
-        if quant_off is not None:
-            Tensor.AddQuantization(b, quant_off)
-        tensor_offsets.append(Tensor.End(b))
-    op_offsets = []
-    for opcode, ins, outs, options in operators:
-        ins_off = b.CreateNumpyVector(np.asarray(ins, np.int32))
-        outs_off = b.CreateNumpyVector(np.asarray(outs, np.int32))
-        opt_off = opt_type = None
-        if options is not None:
-            if options[0] == "depthwise":
-                Opt = _tfl("DepthwiseConv2DOptions")
-                Opt.Start(b)
-                Opt.AddDepthMultiplier(b, options[1])
-                opt_type = BuiltinOptions.DepthwiseConv2DOptions
-            else:
-                Opt = _tfl("Conv2DOptions")
-                Opt.Start(b)
-                opt_type = BuiltinOptions.Conv2DOptions
-            Opt.AddStrideH(b, 1)
-            Opt.AddStrideW(b, 1)
-            opt_off = Opt.End(b)
-        Operator.Start(b)
-        Operator.AddOpcodeIndex(b, opcode)
-        Operator.AddInputs(b, ins_off)
-        Operator.AddOutputs(b, outs_off)
-        if opt_off is not None:
-            Operator.AddBuiltinOptionsType(b, opt_type)
-            Operator.AddBuiltinOptions(b, opt_off)
-        op_offsets.append(Operator.End(b))
-    tensors_vec = table_vector(SubGraph.StartTensorsVector, tensor_offsets)
-    ops_vec = table_vector(SubGraph.StartOperatorsVector, op_offsets)
-    inputs_vec = b.CreateNumpyVector(np.asarray(inputs, np.int32))
-    outputs_vec = b.CreateNumpyVector(
-        np.asarray(outputs if outputs is not None else [len(tensors) - 1], np.int32)
-    )
-    SubGraph.Start(b)
-    SubGraph.AddTensors(b, tensors_vec)
-    SubGraph.AddInputs(b, inputs_vec)
-    SubGraph.AddOutputs(b, outputs_vec)
-    SubGraph.AddOperators(b, ops_vec)
-    subgraph = SubGraph.End(b)
-    code_offsets = []
-    for code in opcodes:
-        OperatorCode.Start(b)
-        OperatorCode.AddDeprecatedBuiltinCode(b, min(code, 127))
-        OperatorCode.AddBuiltinCode(b, code)
-        OperatorCode.AddVersion(b, 1)
-        code_offsets.append(OperatorCode.End(b))
-    codes_vec = table_vector(Model.StartOperatorCodesVector, code_offsets)
-    subgraphs_vec = table_vector(Model.StartSubgraphsVector, [subgraph])
-    buffers_vec = table_vector(Model.StartBuffersVector, buffer_offsets)
-    Model.Start(b)
-    Model.AddVersion(b, 3)
-    Model.AddOperatorCodes(b, codes_vec)
-    Model.AddSubgraphs(b, subgraphs_vec)
-    Model.AddBuffers(b, buffers_vec)
-    b.Finish(Model.End(b), file_identifier=b"TFL3")
-    return bytes(b.Output())
+    return build(TFLiteSpec(tensors=list(tensors), operators=list(operators), buffers=list(buffers),
+                            opcodes=list(opcodes), inputs=list(inputs),
+                            outputs=list(outputs) if outputs is not None else [len(tensors) - 1]))
 
 
 F32, F16, I8 = TensorType.FLOAT32, TensorType.FLOAT16, TensorType.INT8

@@ -366,7 +366,7 @@ def assign_corpus(
                              "prototype": iv.get("prototype")})
         options = {"mode": "autoencoder", "model": _model_digest(mdir), "threshold": threshold, "kind": kind,
                    "min_abs": min_abs, "decoder": decoder}
-        extra = {"holdout": ae.info.get("holdout"), "control": control_curve(ae, threads=threads)}
+        extra = {"holdout": ae.info.get("holdout")}  # + the control, computed when the run is committed
     else:
         protos, pnames = load_prototypes(prototypes)  # type: ignore[arg-type]
         k = protos.shape[1]
@@ -476,6 +476,8 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
             "clusters": clusters, "shards": shards, "command": command, "options": options,
             "corpus_generation": c.manifest.get("generation", 0), "rows_assigned": total,
             "models": model_ids, **extra}
+    if model is not None:  # only for a run being written: a completed one returns before this
+        info["control"] = control_curve(runner, threads=threads)
     fsync_dir(outdir)
     fsync_dir(root)  # assign_layers.parquet's rename is durable before run.json marks the run complete
     atomic_write_bytes(root / "run.json", json.dumps(info, indent=1).encode())

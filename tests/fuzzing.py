@@ -506,10 +506,15 @@ def _keras3_writer(rng: np.random.Generator, make: Callable | None = None) -> Ca
 
 def _keras_zip(weights: bytes, config: Any = None, compression: int = zipfile.ZIP_STORED) -> bytes:
     buf = io.BytesIO()
+    members = (("config.json", _dumps(config if config is not None else _keras3_config())),
+               ("metadata.json", json.dumps({"keras_version": "3.6.0"})), ("model.weights.h5", weights))
     with zipfile.ZipFile(buf, "w", compression) as archive:
-        archive.writestr("config.json", _dumps(config if config is not None else _keras3_config()))
-        archive.writestr("metadata.json", json.dumps({"keras_version": "3.6.0"}))
-        archive.writestr("model.weights.h5", weights)
+        for name, data in members:
+            # A fixed member time: writestr(name) stamps the wall clock, and a recipe must give the same bytes
+            # whenever it is materialised (two calls a second apart once differed in CI).
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = compression
+            archive.writestr(info, data)
     return buf.getvalue()
 
 

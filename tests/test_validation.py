@@ -61,8 +61,83 @@ def test_wrong_shape(call, shape, model9):
 
 @pytest.mark.parametrize("d", [0, 65, 81])
 def test_too_many_or_no_entries_per_kernel(d):
-    with pytest.raises(ValueError, match=rf"x has {d} entries per kernel; the engine takes 1\.\.64"):
+    with pytest.raises(ValueError, match=rf"x has {d} entries per kernel \(shape \(3, {d}\)\); the engine takes 1\.\.64"):
         ka.normalize(np.zeros((3, d), np.float32))
+
+
+def test_column_count_is_checked_before_narrowing():
+    """2**32 + 9 columns used to be cast to int (9) and read as 3x3 kernels.  The view claims far more memory
+    than its buffer: only a check made before any read keeps this safe (the buffer holds one real 3x3 row)."""
+    buf = np.zeros(16, np.float32)
+    cols = 2**32 + 9
+    x = np.lib.stride_tricks.as_strided(buf, shape=(1, cols), strides=(4 * cols, 4))
+    assert x.flags.c_contiguous
+    with pytest.raises(ValueError, match=rf"x has {cols} entries per kernel"):
+        ka.normalize(x)
+    with pytest.raises(ValueError, match=rf"x has {cols} entries per kernel"):
+        _core.normalize(x)
+    side = 2**16 + 1  # [n, k, k] with k*k past 2**32
+    x3 = np.lib.stride_tricks.as_strided(buf, shape=(1, side, side), strides=(4 * side * side, 4 * side, 4))
+    with pytest.raises(ValueError, match=rf"x has {side} entries per kernel"):
+        _core.normalize(x3)
+
+
+def test_prototype_and_layer_extents_are_checked_before_narrowing():
+    buf = np.ones(64, np.float32)
+    wide = np.lib.stride_tricks.as_strided(buf, shape=(4, 2**32 + 9), strides=(4 * (2**32 + 9), 4))
+    with pytest.raises(ValueError, match=r"the prototype size \(entries per row\) is 4294967305; the engine takes at most 64"):
+        _core.PrototypeEngine(wide)
+    tall = np.lib.stride_tricks.as_strided(buf, shape=(2**32 + 4, 9), strides=(36, 4))
+    with pytest.raises(ValueError, match=r"need 1\.\.256 prototypes, got 4294967300"):
+        _core.PrototypeEngine(tall)
+
+
+# ---------------------------------------------------------------------------------------------- byte order
+# A '>f4' array holds its numbers byte-swapped: read as native floats it is garbage, so every array the engine
+# reads raw must be refused (issue 12, item 10) -- the kernels, the segment bounds, labels and groups.
+
+FOREIGN = ">" if np.little_endian else "<"
+
+
+@pytest.mark.parametrize("call", list(KERNEL_CALLS))
+@pytest.mark.parametrize("dtype", ["f4", "f2"])
+def test_non_native_byte_order_is_refused(call, dtype, model9, x9):
+    x = x9.astype(FOREIGN + dtype)
+    assert x.dtype.byteorder == FOREIGN and x.flags.c_contiguous
+    astype = "np.float32" if dtype == "f4" else "np.float16"
+    with pytest.raises(TypeError, match=rf"x is stored in the non-native byte order \(dtype {FOREIGN}{dtype}\).*"
+                                        rf"convert it with x\.astype\({astype}\)"):
+        KERNEL_CALLS[call](model9, x)
+    # the same values in native order are accepted (the check is on the order, not the values)
+    KERNEL_CALLS[call](model9, x.astype(x.dtype.newbyteorder("=")))
+
+
+def test_non_native_byte_order_of_codes_and_outputs(model9, x9):
+    codes = model9.encode(x9)
+    with pytest.raises(TypeError, match=r"codes must be float32"):
+        model9.decode(codes.astype(FOREIGN + "f4"))
+    with pytest.raises(TypeError, match=r"scores must be float32"):
+        model9._engine.assign(x9, scores=np.zeros(len(x9), FOREIGN + "f4"))
+
+
+def test_non_native_segments_labels_and_groups():
+    x = np.zeros((4, 9), np.float32)
+    starts, stops = np.array([0, 2], np.int64), np.array([2, 4], np.int64)
+    with pytest.raises(TypeError, match=r"starts must be a C-contiguous 1-D int64 array"):
+        _core.layer_stats(x, starts.astype(FOREIGN + "i8"), stops)
+    with pytest.raises(TypeError, match=r"stops must be a C-contiguous 1-D int64 array"):
+        _core.label_counts(np.zeros(4, np.int16), np.zeros(4, np.float32), starts, stops.astype(FOREIGN + "i8"), 2, True)
+    with pytest.raises(TypeError, match=r"labels must be a C-contiguous 1-D int16 array"):
+        _core.label_counts(np.zeros(4, FOREIGN + "i2"), np.zeros(4, np.float32), starts, stops, 2, True)
+    with pytest.raises(TypeError, match=r"values must be a C-contiguous 1-D float32 array"):
+        _core.label_counts(np.zeros(4, np.int16), np.zeros(4, FOREIGN + "f4"), starts, stops, 2, True)
+    mean, basis = np.zeros(9), np.eye(2, 9)
+    lo, hi = np.full(2, -1.0), np.full(2, 1.0)
+    with pytest.raises(TypeError, match=r"groups must be a C-contiguous 1-D int32 array"):
+        _core.coef_histograms(x, starts, stops, np.zeros(2, FOREIGN + "i4"), 1, mean, basis, lo, hi, bins=4)
+    # native twins of every array are accepted
+    _core.coef_histograms(x, starts, stops, np.zeros(2, np.int32), 1, mean, basis, lo, hi, bins=4)
+    _core.label_counts(np.zeros(4, np.int16), np.zeros(4, np.float32), starts, stops, 2, True)
 
 
 @pytest.mark.parametrize("call", list(KERNEL_CALLS))

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -63,8 +64,10 @@ std::vector<DenseSpec> layers_arg(const py::list& layers, const char* side) {
     if (!w || w.ndim() != 2) throw py::value_error(std::string(side) + " layer " + std::to_string(i) + ": weight must be 2-D [out, in]");
     if (!b || b.ndim() != 1) throw py::value_error(std::string(side) + " layer " + std::to_string(i) + ": bias must be 1-D [out]");
     DenseSpec s;
-    s.out = static_cast<int>(w.shape(0));
-    s.in = static_cast<int>(w.shape(1));
+    const std::string where = std::string(side) + " layer " + std::to_string(i);
+    // a bound only against narrowing: the model checks widths against kMaxWidth with its own message
+    s.out = int_extent(w.shape(0), std::numeric_limits<int>::max(), where + "'s output width");
+    s.in = int_extent(w.shape(1), std::numeric_limits<int>::max(), where + "'s input width");
     s.act = parse_activation(t[2].cast<std::string>());
     s.weight.assign(w.data(), w.data() + w.size());
     s.bias.assign(b.data(), b.data() + b.size());
@@ -221,7 +224,11 @@ PYBIND11_MODULE(_core, m) {
              if (prototypes.ndim() != 2 || !prototypes.dtype().is(py::dtype::of<float>()) || !is_c_contiguous(prototypes))
                throw py::value_error("prototypes must be a C-contiguous float32 array [n_prototypes, k*k], got " +
                                      dtype_str(prototypes) + " " + shape_str(prototypes));
-             return new PrototypeSet(static_cast<int>(prototypes.shape(1)), static_cast<int>(prototypes.shape(0)),
+             if (prototypes.shape(0) > kMaxPrototypes)  // before the cast to int; PrototypeSet checks the rest
+               throw py::value_error("need 1.." + std::to_string(kMaxPrototypes) + " prototypes, got " +
+                                     std::to_string(prototypes.shape(0)));
+             return new PrototypeSet(int_extent(prototypes.shape(1), kMaxDim, "the prototype size (entries per row)"),
+                                     static_cast<int>(prototypes.shape(0)),
                                      static_cast<const float*>(prototypes.data()));
            }),
            py::arg("prototypes"))
@@ -254,7 +261,8 @@ PYBIND11_MODULE(_core, m) {
         [](const py::array& labels, const py::array& values, const py::array& starts, const py::array& stops,
            int n_labels, bool nan_is_dead, int threads) {
           auto need = [](const py::array& a, char kind, py::ssize_t itemsize, const char* name, const char* dt) {
-            if (a.dtype().kind() != kind || a.itemsize() != itemsize || a.ndim() != 1 || !is_c_contiguous(a))
+            if (a.dtype().kind() != kind || a.itemsize() != itemsize || a.ndim() != 1 || !is_c_contiguous(a) ||
+                !is_native_byte_order(a))
               throw py::type_error(std::string(name) + " must be a C-contiguous 1-D " + dt + " array, got " +
                                    dtype_str(a) + " " + shape_str(a));
           };

@@ -28,6 +28,32 @@ inline std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cas
 
 inline bool is_c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
 
+// Whether a's elements are in this machine's byte order ('=' native, '|' single bytes, or the explicit order
+// that equals the native one).  A '>f4' array (from a big-endian file or np.dtype('>f4')) holds the same values
+// as '<f4' in swapped bytes: read as native it gives garbage, so every array the engine reads raw is checked.
+inline bool is_native_byte_order(const py::array& a) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  constexpr char kForeign = '<';
+#else
+  constexpr char kForeign = '>';
+#endif
+  return a.dtype().byteorder() != kForeign;
+}
+
+inline void require_native_byte_order(const py::array& a, const std::string& name, const std::string& astype) {
+  if (!is_native_byte_order(a))
+    throw py::type_error(name + " is stored in the non-native byte order (dtype " + dtype_str(a) +
+                         "); the engine reads native numbers: convert it with " + name + ".astype(" + astype + ")");
+}
+
+// An extent of an array that the engine takes as an int: checked on the 64-bit value before any cast, so that
+// 2**32 + 9 columns is refused rather than read as 9.
+inline int int_extent(py::ssize_t v, py::ssize_t max, const std::string& what) {
+  if (v < 0 || v > max)
+    throw py::value_error(what + " is " + std::to_string(v) + "; the engine takes at most " + std::to_string(max));
+  return static_cast<int>(v);
+}
+
 // Throws "NAME must have shape (a, b)DETAIL, got (c, d)" unless a's shape is exactly ``shape``.
 inline void require_shape(const py::array& a, const std::vector<py::ssize_t>& shape, const std::string& name,
                           const std::string& detail = "") {
@@ -60,18 +86,22 @@ inline KernelsIn kernels_arg(const py::array& x, int expected_d, const char* nam
     throw py::type_error(std::string(name) + " must be float32 or float16, got " + dtype_str(x) + ": convert it with " +
                          name + ".astype(np.float32)");
   }
-  int d = 0;
+  require_native_byte_order(x, name, in.dtype == DType::float32 ? "np.float32" : "np.float16");
+  // entries per kernel, computed and range-checked in 64 bits (a column count past 2**31 must not wrap)
+  py::ssize_t d64 = 0;
   if (x.ndim() == 2) {
-    d = static_cast<int>(x.shape(1));
+    d64 = x.shape(1);
   } else if (x.ndim() == 3 && x.shape(1) == x.shape(2)) {
-    d = static_cast<int>(x.shape(1) * x.shape(2));
+    d64 = x.shape(1) <= kMaxDim ? x.shape(1) * x.shape(2) : x.shape(1);  // k > kMaxDim is refused below either way
   } else {
     throw py::value_error(std::string(name) + " must have shape [n, k*k] or [n, k, k], got " + shape_str(x) +
                           ": reshape it with " + name + ".reshape(len(" + name + "), -1)");
   }
-  if (d < 1 || d > kMaxDim)
-    throw py::value_error(std::string(name) + " has " + std::to_string(d) + " entries per kernel; the engine takes 1.." +
-                          std::to_string(kMaxDim) + " (3x3, 5x5, 7x7 kernels are 9, 25, 49)");
+  if (d64 < 1 || d64 > kMaxDim)
+    throw py::value_error(std::string(name) + " has " + std::to_string(d64) + " entries per kernel (shape " +
+                          shape_str(x) + "); the engine takes 1.." + std::to_string(kMaxDim) +
+                          " (3x3, 5x5, 7x7 kernels are 9, 25, 49)");
+  const int d = static_cast<int>(d64);
   if (expected_d >= 0 && d != expected_d)
     throw py::value_error(std::string(name) + " holds " + kernel_size_name(d) + " kernels but the model is for " +
                           kernel_size_name(expected_d) + " kernels: use the model trained for this kernel size");
@@ -87,7 +117,8 @@ inline KernelsIn kernels_arg(const py::array& x, int expected_d, const char* nam
 // starts/stops: C-contiguous int64 [L], 0 <= start <= stop <= n.  Returns L.
 inline py::ssize_t segments_arg(const py::array& starts, const py::array& stops, idx_t n) {
   const auto need_int64 = [](const py::array& a, const char* name) {
-    if (a.dtype().kind() != 'i' || a.itemsize() != 8 || a.ndim() != 1 || !is_c_contiguous(a))
+    if (a.dtype().kind() != 'i' || a.itemsize() != 8 || a.ndim() != 1 || !is_c_contiguous(a) ||
+        !is_native_byte_order(a))
       throw py::type_error(std::string(name) + " must be a C-contiguous 1-D int64 array, got " + dtype_str(a) + " " +
                            shape_str(a) + ": use np.ascontiguousarray(" + name + ", dtype=np.int64)");
   };

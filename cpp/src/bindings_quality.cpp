@@ -135,7 +135,8 @@ void bind_quality(py::module_& m) {
           const KernelsIn in = kernels_arg(x, -1, "x");
           const py::ssize_t segs = segments_arg(starts, stops, in.rows);
           threads = threads_arg(threads);
-          if (groups.dtype().kind() != 'i' || groups.itemsize() != 4 || groups.ndim() != 1 || !is_c_contiguous(groups))
+          if (groups.dtype().kind() != 'i' || groups.itemsize() != 4 || groups.ndim() != 1 || !is_c_contiguous(groups) ||
+              !is_native_byte_order(groups))
             throw py::type_error("groups must be a C-contiguous 1-D int32 array, got " + dtype_str(groups) + " " +
                                  shape_str(groups) + ": use np.ascontiguousarray(groups, dtype=np.int32)");
           if (groups.shape(0) != segs)

@@ -89,6 +89,8 @@ def train(
     min_abs: float = DEFAULT_MIN_ABS,
     threads: int | None = None,
     restarts: int = 1,
+    code_penalty: float = 0.0,
+    code_margin: float = 0.0,
     progress: bool = True,
 ) -> Autoencoder:
     """Train the autoencoder for ``kernel_size`` x ``kernel_size`` kernels of layers of ``kind`` and write the
@@ -144,7 +146,8 @@ def train(
         max_steps = min(max_steps, epochs * math.ceil(len(train_idx) / batch_size))
     fit_options = dict(max_steps=max_steps, epochs_cap=epochs is not None, batch_size=batch_size, lr=lr,
                        schedule=schedule, patience=patience, min_rel_delta=min_rel_delta, eval_every=eval_every,
-                       lr_drops=lr_drops, progress=progress, device=dev)
+                       lr_drops=lr_drops, progress=progress, device=dev, code_penalty=code_penalty,
+                       code_margin=code_margin)
 
     with _torch_settings(torch, n_threads, deterministic=dev.type == "cpu"):
         train_x = torch.from_numpy(kernels[train_idx]).to(dev)
@@ -181,6 +184,8 @@ def train(
             "restarts": restarts,
             "restart_chosen": chosen,
             "restart_val_losses": [round(float(r), 7) for r in all_val],
+            "code_penalty": code_penalty,
+            "code_margin": code_margin,
             "stop_reason": history["stop_reason"],
             "steps_run": history["steps_run"],
             "best_step": history["best_step"],
@@ -380,11 +385,14 @@ def _cosine_loss(torch: Any, x: Any, recon: Any) -> Any:
 
 def _fit(torch: Any, encoder: Any, decoder: Any, train_x: Any, val_x: Any, *, max_steps: int, epochs_cap: bool,
          batch_size: int, lr: float, schedule: str, patience: int, min_rel_delta: float, eval_every: int,
-         lr_drops: int, seed: int, progress: bool, device: Any, desc: str = "training") -> dict[str, Any]:
+         lr_drops: int, seed: int, progress: bool, device: Any, code_penalty: float = 0.0,
+         code_margin: float = 0.0, desc: str = "training") -> dict[str, Any]:
     """Adam on the cosine loss, step by step, until convergence (module docstring) or ``max_steps``; keeps the
     weights of the best validation loss.  Returns the history (one entry per evaluation) and why it stopped."""
     params = list(encoder.parameters()) + list(decoder.parameters())
     opt = torch.optim.Adam(params, lr=lr)
+    penalised = code_penalty > 0 and not isinstance(encoder[-1], torch.nn.Linear)
+    pre_code, code_act = encoder[:-1], encoder[-1]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = len(train_x)
     has_val = len(val_x) > 0
@@ -410,9 +418,15 @@ def _fit(torch: Any, encoder: Any, decoder: Any, train_x: Any, val_x: Any, *, ma
                 for group in opt.param_groups:
                     group["lr"] = current_lr
             batch = train_x[perm[a:a + batch_size]]
-            loss = _cosine_loss(torch, batch, decoder(encoder(batch)))
+            if penalised:
+                pre = pre_code(batch)
+                loss = _cosine_loss(torch, batch, decoder(code_act(pre)))
+                excess = pre.abs() - code_margin if code_margin > 0 else pre
+                objective = loss + code_penalty * (excess.clamp_min(0.0) if code_margin > 0 else excess).square().mean()
+            else:
+                loss = objective = _cosine_loss(torch, batch, decoder(encoder(batch)))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             opt.step()
             window += loss.detach()  # one in-place add per step: the loop stays as cheap as a plain torch loop
             window_steps += 1

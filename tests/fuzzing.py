@@ -1878,9 +1878,7 @@ def save_finding(out: Path, result: Result, long: bool = False) -> Path:
 # one of these -- (finding, family, kinds, type substring, text substring of detail + traceback) -- and fails
 # on anything else.  Remove an entry once its finding is fixed.
 _LOAD = ("uncaught", "uncaught-in-extract")
-KNOWN: list[tuple[str, str, tuple[str, ...], str, str]] = [
-    ("F5", "torch", ("memory",), "MemoryError", "not a readable torch checkpoint"),
-]
+KNOWN: list[tuple[str, str, tuple[str, ...], str, str]] = []
 
 
 def known_finding(result: Result) -> str | None:

@@ -579,17 +579,55 @@ def _legacy_torch_with_string_length(length: int) -> bytes:
     raise AssertionError("no BINUNICODE string found")
 
 
-F5 = "finding F5 (docs/security-fuzz.md), for the lead in torch_checkpoint.py: a legacy (non-zip) torch file is "
-F5 += "unpickled by torch from the file object, so a string length or storage size in it is allocated before "
-F5 += "anything checks it against the file: 4 GiB here, a MemoryError under a 2 GiB address-space limit"
+def _legacy_torch_with_storage_numel(numel: int) -> bytes:
+    """A legacy torch file whose one storage's persistent id claims ``numel`` float32 elements (it holds 36)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"conv.weight": torch.ones(4, 1, 3, 3)}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    old = b"K\x24N\x74"  # BININT1 36, NONE, TUPLE: the end of ('storage', FloatStorage, key, 'cpu', 36, None)
+    assert data.count(old) == 1
+    return data.replace(old, b"\x8a\x08" + numel.to_bytes(8, "little") + b"N\x74")
 
 
-@pytest.mark.xfail(strict=True, reason=F5)
-def test_f5_legacy_torch_length_lie(pool, tmp_path):
+# F5 (docs/security-fuzz.md), fixed: torch unpickles a legacy (non-zip) file straight from the file object, so a
+# string length or a storage size in it used to be allocated before anything compared it with the file (4 GiB
+# for the string here, a MemoryError under the pool's 2 GiB address-space limit).  torch_checkpoint now walks
+# the legacy pickles with pickletools first and refuses both.
+@pytest.mark.parametrize("lie", ["string length", "storage numel"])
+def test_f5_legacy_torch_length_lie(pool, tmp_path, lie):
     path = tmp_path / "model.pth"
-    path.write_bytes(_legacy_torch_with_string_length(0xFFFFFFF0))
+    data = (_legacy_torch_with_string_length(0xFFFFFFF0) if lie == "string length"
+            else _legacy_torch_with_storage_numel(2**30))
+    path.write_bytes(data)
     (answer,) = pool.run_paths([(path, "load")])
     assert answer["outcome"] == "error", answer
+    expected = "expected 4294967280 bytes" if lie == "string length" else "a storage claims 1073741824 elements"
+    assert expected in answer["detail"], answer
+
+
+def test_legacy_torch_prescan_keeps_good_files(tmp_path):
+    """The pre-scan refuses sizes only where they declare storages: a legacy file with a large plain integer
+    (a step counter), a float16 storage, a float64 view with an offset and a scalar tensor loads as before."""
+    import torch
+
+    from kernelatlas.loaders import torch_checkpoint
+    from kernelatlas.loaders.base import LoaderError
+
+    weight = torch.arange(36, dtype=torch.float32).reshape(4, 1, 3, 3)
+    state = {"dw.weight": weight, "half": torch.ones(3, dtype=torch.float16), "step": 10**12,
+             "view": torch.zeros(5, dtype=torch.float64)[2:], "bn.num_batches_tracked": torch.tensor(7)}
+    path = tmp_path / "legacy.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    model = torch_checkpoint.load(path)
+    assert [layer.name for layer in model.layers] == ["dw.weight"]
+    np.testing.assert_array_equal(model.layers[0].kernels(), weight.numpy().reshape(4, 9))
+    # and the numel check is live: the same file with the storage's count raised past the file fails
+    big = tmp_path / "big.pth"
+    big.write_bytes(_legacy_torch_with_storage_numel(10**6))  # 4 MB of float32 claimed in a file of a few hundred bytes
+    with pytest.raises(LoaderError, match=r"legacy format\): a storage claims \d+ elements of 4 byte\(s\)"):
+        torch_checkpoint.load(big)
 
 
 F10 = "finding F10 (docs/security-fuzz.md), for the lead in extract.py: source_identity (sha256 + source_files: "

@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import pickletools
 import struct
 import warnings
 import zipfile
@@ -225,6 +226,8 @@ def _torch_tensors(p: Path) -> tuple[list[_Tensor], dict[str, Any]]:
             f"load it with torch.jit.load and pass the module to "
             f"kernelatlas.loaders.torch_module.load_module, or save its state_dict() with torch.save"
         )
+    if kind == "pickle":
+        _prescan_legacy(p)
     try:
         # torch warns about pickle protocols, TypedStorage ...: noise for our users, not their problem
         with warnings.catch_warnings():
@@ -244,6 +247,88 @@ def _torch_tensors(p: Path) -> tuple[list[_Tensor], dict[str, Any]]:
         for i, (parts, t) in enumerate(_walk(obj, (), torch.Tensor))
     ]
     return tensors, info
+
+
+# Torch's legacy (non-zip) format is five pickles in a row -- the magic number, the protocol version, sys_info,
+# the object (whose tensors name their storages by persistent ids), the storage keys -- then the storages' raw
+# bytes.  torch unpickles them straight from the file object, so a length in the file is allocated before
+# anything compares it with the file: a string that claims 4 GiB is read(4 GiB) (BufferedReader allocates the
+# whole request up front), and a persistent id's element count becomes torch.UntypedStorage(numel * itemsize)
+# before the storage's bytes are read (finding F5, docs/security-fuzz.md).  _prescan_legacy walks the pickles
+# with pickletools (it builds nothing) through a reader that never hands out more than the file holds, and
+# refuses storages larger than the file.
+_LEGACY_PICKLES = ("the magic number", "the protocol version", "sys_info", "the object", "the storage keys")
+_STORAGE_ITEMSIZE = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1,
+                     "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "QInt8": 1, "QUInt8": 1,
+                     "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1}
+_INT_OPS = {"INT", "LONG", "BININT", "BININT1", "BININT2", "LONG1", "LONG4"}
+_STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "BINSTRING", "SHORT_BINSTRING",
+               "STRING", "GLOBAL"}
+
+
+class _FileBound:
+    """A binary file whose read(n) returns at most what is left of it, without allocating n first."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self._f, self._size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._f.tell()
+        return self._f.read(left if n < 0 else max(0, min(n, left)))
+
+    def readline(self) -> bytes:
+        return self._f.readline()
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def _prescan_legacy(p: Path) -> None:
+    """Raise LoaderError unless the first five pickles of a legacy torch file are whole (no length runs past
+    the end) and every storage they declare fits in the file.  Reads only the pickles, never the storages."""
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        reader = _FileBound(f, size)
+        for which in _LEGACY_PICKLES:
+            # MARK frames: the ints and names pushed since each open MARK; a persistent id is the tuple the last
+            # TUPLE closed (('storage', torch.FloatStorage, key, location, numel, view_metadata))
+            frames: list[tuple[list[int], list[str]]] = []
+            closed: tuple[list[int], list[str]] = ([], [])
+            try:
+                for op, arg, _ in pickletools.genops(reader):
+                    if op.name == "MARK":
+                        frames.append(([], []))
+                    elif frames and op.name in _INT_OPS and isinstance(arg, int):
+                        frames[-1][0].append(arg)
+                    elif frames and op.name in _STRING_OPS and isinstance(arg, (str, bytes)):
+                        frames[-1][1].append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+                    elif op.name == "TUPLE" and frames:
+                        closed = frames.pop()
+                        if frames:  # a nested tuple (view_metadata) belongs to the outer one too
+                            frames[-1][0].extend(closed[0])
+                            frames[-1][1].extend(closed[1])
+                    elif op.name in ("BINPERSID", "PERSID"):
+                        _check_storage_id(p, closed, size)
+            except LoaderError:  # from _check_storage_id (a LoaderError is a ValueError)
+                raise
+            except ValueError as e:
+                # pickletools: a length past the end (refused here), or an unknown opcode / no STOP, where torch
+                # stops too and says better what the file is (e.g. a plain pickle that names os.system)
+                if re.match(r"expected \d+ bytes", str(e)):
+                    raise LoaderError(f"{p}: not a readable torch checkpoint (legacy format, {which}: {e}); the "
+                                      f"file is damaged or crafted") from None
+                return
+
+
+def _check_storage_id(p: Path, persistent_id: tuple[list[int], list[str]], size: int) -> None:
+    ints, names = persistent_id
+    itemsize = max((n for name in names for key, n in _STORAGE_ITEMSIZE.items()
+                    if name.rsplit(" ", 1)[-1].rsplit(".", 1)[-1] == f"{key}Storage"), default=1)
+    for value in ints:
+        if value < 0 or value * itemsize > size:
+            raise LoaderError(f"{p}: not a readable torch checkpoint (legacy format): a storage claims {value} "
+                              f"elements of {itemsize} byte(s), more than the file's {size} bytes hold; the file is "
+                              f"damaged or crafted")
 
 
 def _is_torchscript(p: Path) -> bool:

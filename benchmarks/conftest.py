@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kernelatlas import bench  # numpy and the engine only: torch is imported by the fixtures
+from kernelatlas.jobs import bench  # numpy and the engine only: torch is imported by the fixtures
 
 N = int(os.environ.get("KERNELATLAS_BENCH_N", "2000000"))
 WORKDIR = os.environ.get("KERNELATLAS_BENCH_DIR", os.path.join(tempfile.gettempdir(), "kernelatlas-bench"))
@@ -120,7 +120,7 @@ def medians() -> dict[tuple[str, int], dict[str, float]]:
 def setups() -> Any:
     """Setup per kernel size, built on first use and kept for the session."""
     from kernelatlas.engine import prototype_engine
-    from kernelatlas.peer import TorchPeer
+    from kernelatlas.bench.peer import TorchPeer
 
     cache: dict[int, Setup] = {}
 

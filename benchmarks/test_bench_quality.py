@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from kernelatlas import _core, bench
+from kernelatlas import _core
+from kernelatlas.jobs import bench
 
 N = int(os.environ.get("KERNELATLAS_BENCH_QUALITY_N", str(100_000_000)))
 PEER_N = int(os.environ.get("KERNELATLAS_BENCH_QUALITY_PEER_N", str(20_000_000)))

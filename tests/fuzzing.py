@@ -1,7 +1,7 @@
 """Fuzzing harness for every checkpoint loader (docs/security-fuzz.md).
 
 Threat model: checkpoints come from strangers.  Reading one must end in a model or in a per-file error
-(:class:`~kernelatlas.loaders.LoaderError`, :class:`~kernelatlas.loaders.filterdb.FilterDBError`, an entry in
+(:class:`~kernelatlas.corpus.loaders.LoaderError`, :class:`~kernelatlas.corpus.loaders.filterdb.FilterDBError`, an entry in
 ``ExtractReport.failed`` that a loader raised) -- never a signal, a hang, a MemoryError / unbounded
 allocation, or an uncaught exception.
 
@@ -30,7 +30,7 @@ Pieces:
   that dies (``signal``); it then reruns the culprit alone in a fresh worker to confirm it, and, if that
   does not reproduce, the inputs before it one at a time.
 
-Modes: ``load`` (``load_file`` then every layer's ``kernels()``), ``extract`` (``kernelatlas.extract.extract``
+Modes: ``load`` (``load_file`` then every layer's ``kernels()``), ``extract`` (``kernelatlas.jobs.extract.extract``
 into a scratch corpus, which is then reopened and read), ``filterdb`` (``inspect_filterdb`` +
 ``layer_arrays``) and ``filterdb-import`` (``import_filterdb``).
 """
@@ -1498,7 +1498,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
     """Run one input through the real entry point; classify the outcome."""
     if mode.startswith("selftest-"):
         return _selftest(mode)
-    from kernelatlas.loaders import LoaderError, load_file
+    from kernelatlas.corpus.loaders import LoaderError, load_file
 
     result: dict[str, Any] = {"outcome": "ok"}
     try:
@@ -1512,7 +1512,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
             result["detail"] = f"{len(model.layers)} layers, {rows} kernels"
         elif mode == "extract":
             from kernelatlas.corpus import Corpus
-            from kernelatlas.extract import extract
+            from kernelatlas.jobs.extract import extract
 
             corpus = scratch / "corpus"
             report = extract([path], corpus, progress=False)
@@ -1530,7 +1530,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
                     np.asarray(c.shard_array(shard)).sum()
             result.setdefault("detail", f"added {len(report.added)}")
         elif mode == "filterdb":
-            from kernelatlas.loaders.filterdb import inspect_filterdb, layer_arrays
+            from kernelatlas.corpus.loaders.filterdb import inspect_filterdb, layer_arrays
 
             layout = inspect_filterdb(path)
             n = 0
@@ -1538,7 +1538,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
                 n += len(arr)
             result["detail"] = f"{n} filters"
         elif mode == "filterdb-import":
-            from kernelatlas.loaders.filterdb import import_filterdb
+            from kernelatlas.jobs.filterdb import import_filterdb
 
             report = import_filterdb(path, scratch / "corpus", progress=False)
             result["detail"] = f"added {len(report.added)}"
@@ -1601,12 +1601,12 @@ def worker_main(limit_mb: int, light: bool = False) -> None:
     warnings.simplefilter("ignore")
     if not light:
         import h5py  # noqa: F401 -- everything imported before the limit is set
-        import kernelatlas.extract  # noqa: F401
+        import kernelatlas.jobs.extract  # noqa: F401
         import onnx  # noqa: F401
         import pandas  # noqa: F401
         import tflite  # noqa: F401
         import torch
-        from kernelatlas.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
+        from kernelatlas.corpus.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
 
         torch.set_num_threads(1)
     if limit_mb:
@@ -1959,8 +1959,8 @@ def atheris_family(family: str, seconds: float, out: Path, limit_mb: int) -> Non
         if seed.family == family and len(seed.files) == 1:
             (start / seed.name).write_bytes(seed.files[seed.entry])
     mode = "filterdb" if family == "filterdb" else "load"
-    import kernelatlas.extract  # noqa: F401
-    from kernelatlas.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
+    import kernelatlas.jobs.extract  # noqa: F401
+    from kernelatlas.corpus.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
 
     _instrument(atheris, ("kernelatlas", "onnx.numpy_helper", "onnx.helper", "flatbuffers", "tflite", "zipfile",
                           "json", "h5py._hl", "torch._weights_only_unpickler", "safetensors"))

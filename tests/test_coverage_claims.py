@@ -25,7 +25,7 @@ DEFAULT_CORPUS = ("mobilenet_v2_torchvision", "efficientnet_lite0", "ppocr_v4_ra
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    from kernelatlas.pipeline import run_pipeline
+    from kernelatlas.jobs.run import run_pipeline
 
     out = tmp_path_factory.mktemp("claims") / "run"
     summary = run_pipeline(out, zoo=(), sources=[str(WEIGHTS / d) for d in DEFAULT_CORPUS], progress=False)

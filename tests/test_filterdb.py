@@ -1,4 +1,4 @@
-"""CNN Filter DB dataset.h5 import / export (kernelatlas.loaders.filterdb).
+"""CNN Filter DB dataset.h5 import / export (kernelatlas.corpus.loaders.filterdb).
 
 Every test builds its dataset.h5 in tmp_path in the exact format of reference/README.md section B (``filters``
 (N, 3, 3) float64; ``meta`` written by pandas ``to_hdf`` with the MultiIndex [model_id, conv_depth,
@@ -22,18 +22,9 @@ import pytest
 
 from kernelatlas import cli
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
-from kernelatlas.loaders.filterdb import (
-    FilterDBError,
-    PickleRefused,
-    export_filterdb,
-    filterdb_identity,
-    import_filterdb,
-    inspect_filterdb,
-    layer_arrays,
-    read_meta,
-    restricted_loads,
-)
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.filterdb import FilterDBError, PickleRefused, filterdb_identity, inspect_filterdb, layer_arrays, read_meta, restricted_loads
+from kernelatlas.jobs.filterdb import export_filterdb, import_filterdb
 
 FORMATS = ("table", "fixed")
 
@@ -245,7 +236,7 @@ def test_small_chunks_give_the_same_corpus(tmp_path: Path) -> None:
 
 
 def test_rerun_skips_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernelatlas.loaders import filterdb
+    from kernelatlas.corpus.loaders import filterdb
 
     path = tmp_path / "dataset.h5"
     build_dataset(path)

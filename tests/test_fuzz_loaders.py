@@ -34,7 +34,7 @@ pytest.importorskip("h5py")
 import fuzzing
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from kernelatlas.loaders import LoaderError, load_file, onnx_model, tflite_model
+from kernelatlas.corpus.loaders import LoaderError, load_file, onnx_model, tflite_model
 from onnx import TensorProto, helper, numpy_helper
 
 EXAMPLES = int(os.environ.get("KERNELATLAS_FUZZ_EXAMPLES", "5"))  # hypothesis examples per family ...
@@ -288,7 +288,7 @@ def test_onnx_external_location_that_is_no_file(case, tmp_path):
     ``external_files`` -- which extract calls outside its per-file boundary -- raise TypeError and stop the
     whole extract.  Such a location, a symlink loop or a name too long for the filesystem is now a per-file
     LoaderError, in load_file and in extract."""
-    from kernelatlas.extract import extract
+    from kernelatlas.jobs.extract import extract
 
     location = {"not-utf8": "weights.bin", "symlink-loop": "loop", "too-long": "x" * 300}[case]
     t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 1, 1, 1])
@@ -612,8 +612,8 @@ def test_legacy_torch_prescan_keeps_good_files(tmp_path):
     (a step counter), a float16 storage, a float64 view with an offset and a scalar tensor loads as before."""
     import torch
 
-    from kernelatlas.loaders import torch_checkpoint
-    from kernelatlas.loaders.base import LoaderError
+    from kernelatlas.corpus.loaders import torch_checkpoint
+    from kernelatlas.corpus.loaders.base import LoaderError
 
     weight = torch.arange(36, dtype=torch.float32).reshape(4, 1, 3, 3)
     state = {"dw.weight": weight, "half": torch.ones(3, dtype=torch.float16), "step": 10**12,
@@ -637,7 +637,7 @@ F10 += "JSON does, with RecursionError)"
 
 
 def test_f10_source_identity_is_inside_the_per_file_boundary(tmp_path, monkeypatch):
-    import kernelatlas.extract as extract_mod
+    import kernelatlas.jobs.extract as extract_mod
 
     rng = np.random.default_rng(0)
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"

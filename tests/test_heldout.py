@@ -13,8 +13,8 @@ import torch
 
 import kernelatlas as ka
 from kernelatlas.holdout import CONTROL_GRID, Holdout, random_control, random_kernels
-from kernelatlas.report import report
-from kernelatlas.runs import assign_corpus
+from kernelatlas.jobs.report import report
+from kernelatlas.jobs.assign import assign_corpus
 from kernelatlas.templates import templates
 from planted import planted_kernels
 
@@ -25,7 +25,7 @@ THRESHOLDS = (0.8, 0.85, 0.9)
 def trained(tmp_path_factory):
     """Two models of planted 3x3 kernels, an autoencoder trained briefly on both (20% held out), a pooled run."""
     from kernelatlas.corpus import Corpus, CorpusWriter
-    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+    from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
     root = tmp_path_factory.mktemp("heldout")
     bank = templates(3)

@@ -36,8 +36,8 @@ tflite = pytest.importorskip("tflite")
 flatbuffers = pytest.importorskip("flatbuffers")
 h5py = pytest.importorskip("h5py")
 
-from kernelatlas.loaders import keras_model, onnx_model, tflite_model
-from kernelatlas.loaders.base import LoadedModel, LoaderError
+from kernelatlas.corpus.loaders import keras_model, onnx_model, tflite_model
+from kernelatlas.corpus.loaders.base import LoadedModel, LoaderError
 from onnx import TensorProto, helper, numpy_helper
 from tflite.BuiltinOperator import BuiltinOperator
 from tflite.TensorType import TensorType

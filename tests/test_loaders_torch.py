@@ -25,9 +25,9 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 from torch import nn
 
-from kernelatlas.loaders.base import LoadedModel, LoaderError
-from kernelatlas.loaders.torch_checkpoint import load, load_safetensors
-from kernelatlas.loaders.torch_module import load_module
+from kernelatlas.corpus.loaders.base import LoadedModel, LoaderError
+from kernelatlas.corpus.loaders.torch_checkpoint import load, load_safetensors
+from kernelatlas.corpus.loaders.torch_module import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / ".." / "shared" / "weights"

@@ -1,4 +1,4 @@
-"""Per-layer kernel quality and the global PCA (kernelatlas.layer_quality) against plain numpy references
+"""Per-layer kernel quality and the global PCA (kernelatlas.jobs.quality) against plain numpy references
 written from the definitions of reference/README.md section B (and torchconvquality's published code for the
 edge cases: an all-zero layer is all sparse, an all-zero filter stays zero in the orthogonality): SVD entropy,
 1%-rule sparsity, TH(n), orthogonality, PCA, on every kernel size, through the native streaming statistics;
@@ -19,9 +19,9 @@ import pytest
 
 import kernelatlas
 from kernelatlas import cli
-from kernelatlas import layer_quality as lq
+from kernelatlas.jobs import quality as lq
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 TOL = 1e-6
@@ -408,7 +408,7 @@ def trained_corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
              WEIGHTS / "ppocr_v4_rapidocr" / "ch_PP-OCRv4_det_infer.onnx"]
     if not all(f.is_file() for f in files):
         pytest.skip(f"trained checkpoints not found under {WEIGHTS}")
-    from kernelatlas.extract import extract
+    from kernelatlas.jobs.extract import extract
 
     root = tmp_path_factory.mktemp("trained") / "c"
     report = extract(files, root, all_convs=True, progress=False)
@@ -479,7 +479,7 @@ def build_filterdb(path: Path, seed: int = 0) -> list[tuple[int, int, np.ndarray
 
 
 def test_imported_filterdb_gives_the_metrics_of_the_original_arrays(tmp_path: Path) -> None:
-    from kernelatlas.loaders.filterdb import import_filterdb
+    from kernelatlas.jobs.filterdb import import_filterdb
 
     originals = build_filterdb(tmp_path / "dataset.h5")
     import_filterdb(tmp_path / "dataset.h5", tmp_path / "c", progress=False)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kernelatlas import runs as runs_mod
+from kernelatlas.jobs import assign as runs_mod
 from kernelatlas.corpus import CorpusError
 from test_runs import make_corpus, make_model, outputs
 
@@ -51,7 +51,7 @@ def test_a_second_writer_on_the_same_run_is_refused(tmp_path):
     run = c.root / "runs" / "busy"
     run.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kernelatlas.runs import _RunLock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kernelatlas.jobs.assign import _RunLock; "
          "lock = _RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,4 @@
-"""Corpus-scale assignment (kernelatlas.runs): outputs per shard equal the in-memory engine, rows of other kinds
+"""Corpus-scale assignment (kernelatlas.jobs.assign): outputs per shard equal the in-memory engine, rows of other kinds
 get -2, per-layer shares, resumption after an interruption gives identical files, 1 and 2 threads agree
 bit for bit, prototype mode, and Corpus.run joins results to layers and models."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import kernelatlas as ka
-from kernelatlas import runs as runs_mod
+from kernelatlas.jobs import assign as runs_mod
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
 torch = pytest.importorskip("torch")
 MASTER_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "master_key_filters_7x7.txt"

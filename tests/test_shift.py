@@ -1,4 +1,4 @@
-"""Distribution shift (kernelatlas.distribution_shift) against plain numpy references written from
+"""Distribution shift (kernelatlas.jobs.shift) against plain numpy references written from
 reference/README.md section B: PCA coefficients of max-abs-scaled kernels, 70-bin histograms over one shared
 range, float32-eps floor and renormalisation, the explained-variance-weighted symmetric KL; groups from
 models.parquet and depth deciles; thread-count and chunk-size invariance; a CNN Filter DB import grouped by
@@ -15,8 +15,8 @@ import pytest
 
 import kernelatlas
 from kernelatlas import cli
-from kernelatlas import distribution_shift as ds
-from kernelatlas import layer_quality as lq
+from kernelatlas.jobs import shift as ds
+from kernelatlas.jobs import quality as lq
 from kernelatlas.corpus import Corpus
 from test_quality import build_filterdb, make_corpus, structured
 
@@ -268,7 +268,7 @@ def test_identical_kernels_everywhere_give_no_shift(tmp_path: Path) -> None:
 
 
 def test_filterdb_import_shift_by_category(tmp_path: Path) -> None:
-    from kernelatlas.loaders.filterdb import import_filterdb
+    from kernelatlas.jobs.filterdb import import_filterdb
 
     originals = build_filterdb(tmp_path / "dataset.h5")
     import_filterdb(tmp_path / "dataset.h5", tmp_path / "c", progress=False)

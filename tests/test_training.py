@@ -13,7 +13,7 @@ import torch
 import kernelatlas as ka
 from kernelatlas import Autoencoder
 from kernelatlas.corpus import Corpus
-from kernelatlas.training import sample_kernels, train
+from kernelatlas.jobs.train import sample_kernels, train
 from planted import make_small_corpus
 
 
@@ -171,7 +171,7 @@ def test_training_records_its_split_and_converges(small_corpus, tmp_path):
 def two_model_corpus(root):
     """Two models of 3x3 depthwise kernels: 'left' (600 kernels) and 'right' (400 kernels of all 7s but noise)."""
     from kernelatlas.corpus import CorpusWriter
-    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+    from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
     rng = np.random.default_rng(0)
     left = rng.standard_normal((600, 9)).astype(np.float32)

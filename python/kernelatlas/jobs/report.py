@@ -1222,7 +1222,7 @@ def report(corpus: Corpus | str | os.PathLike[str], out: str | os.PathLike[str],
         notes: list[str] = []
         selection = "the runs named on the command line"
     else:
-        from kernelatlas.layer_quality import latest_quality_run
+        from kernelatlas.jobs.quality import latest_quality_run
 
         # a corpus with only a quality run still gets a report (its quality section)
         selected, notes = find_runs(corpus.root, allow_none=latest_quality_run(corpus) is not None)
@@ -1250,7 +1250,7 @@ def report(corpus: Corpus | str | os.PathLike[str], out: str | os.PathLike[str],
     if pooled:
         _curves_section(doc, corpus, pooled, out_dir)
     compared = _comparison_section(doc, corpus, pooled, thresholds, out_dir)
-    from kernelatlas.distribution_shift import quality_section
+    from kernelatlas.jobs.shift import quality_section
 
     doc.raw(*quality_section(corpus, out_dir))
     doc.h(2, "Files")

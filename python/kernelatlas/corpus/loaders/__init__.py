@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernelatlas.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind, conv_depths
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind, conv_depths
 
 __all__ = ["ConvLayer", "LoadedModel", "LoaderError", "SUFFIXES", "classify_kind", "conv_depths",
            "is_checkpoint", "load_file", "source_files"]
@@ -50,11 +50,11 @@ def source_files(path: str | Path) -> list[Path]:
     p = Path(path)
     family = _family(p)
     if family == "onnx":
-        from kernelatlas.loaders import onnx_model
+        from kernelatlas.corpus.loaders import onnx_model
 
         return onnx_model.external_files(p)
     if family == "safetensors":
-        from kernelatlas.loaders import torch_checkpoint
+        from kernelatlas.corpus.loaders import torch_checkpoint
 
         try:
             shards, _ = torch_checkpoint._resolve_shards(p)
@@ -77,21 +77,21 @@ def load_file(path: str | Path, *, weight_set: str | None = None) -> LoadedModel
     if p.stat().st_size == 0:
         raise LoaderError(f"{p}: the file is empty")
     if family == "torch":
-        from kernelatlas.loaders import torch_checkpoint
+        from kernelatlas.corpus.loaders import torch_checkpoint
 
         return torch_checkpoint.load(p, weight_set=weight_set)
     if family == "safetensors":
-        from kernelatlas.loaders import torch_checkpoint
+        from kernelatlas.corpus.loaders import torch_checkpoint
 
         return torch_checkpoint.load_safetensors(p, weight_set=weight_set)
     if family == "onnx":
-        from kernelatlas.loaders import onnx_model
+        from kernelatlas.corpus.loaders import onnx_model
 
         return onnx_model.load(p)
     if family == "tflite":
-        from kernelatlas.loaders import tflite_model
+        from kernelatlas.corpus.loaders import tflite_model
 
         return tflite_model.load(p)
-    from kernelatlas.loaders import keras_model
+    from kernelatlas.corpus.loaders import keras_model
 
     return keras_model.load(p)

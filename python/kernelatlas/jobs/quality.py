@@ -650,7 +650,7 @@ def quality_run(corpus: Corpus | str | os.PathLike[str], *, kind: str = "all", s
             files.append(pca_figure(pca, k, root / f"pca-k{k}.png"))
             files.append(quality_figure(table[table["k"] == k], k, root / f"quality-k{k}.png"))
     notes = [f"no TH(n) for {k}x{k} kernels (d = {k * k}): th, entropy_ratio and random are NaN/False; fit "
-             "one with kernelatlas.layer_quality.fit_threshold" for k in pcas if k * k not in TH_PARAMS]
+             "one with kernelatlas.jobs.quality.fit_threshold" for k in pcas if k * k not in TH_PARAMS]
     info = {"format": QUALITY_FORMAT, "run_id": rid, "command": command or "quality", "completed": True,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "options": options,
             "corpus_generation": c.manifest.get("generation", 0), "kernel_sizes": sorted(pcas),

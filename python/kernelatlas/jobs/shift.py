@@ -40,7 +40,7 @@ import numpy as np
 
 from kernelatlas._files import atomic_write, atomic_write_bytes
 from kernelatlas.corpus import Corpus, CorpusError
-from kernelatlas.layer_quality import (
+from kernelatlas.jobs.quality import (
     CHUNK_ROWS,
     PCA,
     QualityRun,

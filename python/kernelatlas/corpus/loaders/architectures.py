@@ -15,7 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from kernelatlas.loaders.base import LoadedModel, LoaderError, safe_torch_load
+from kernelatlas.corpus.loaders.base import LoadedModel, LoaderError, safe_torch_load
 
 __all__ = ["build_architecture", "load_with_architecture"]
 
@@ -69,7 +69,7 @@ def _state_dict(path: Path) -> dict[str, Any]:
 def load_with_architecture(path: str | Path, spec: str, *, fold_bn: bool = False) -> LoadedModel:
     """Build ``spec``, load the weights of ``path`` into it (strictly: every tensor must fit), and read its
     convs as a live module."""
-    from kernelatlas.loaders.torch_module import load_module
+    from kernelatlas.corpus.loaders.torch_module import load_module
 
     p = Path(path)
     module = build_architecture(spec)

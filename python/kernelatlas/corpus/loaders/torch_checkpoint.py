@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind, safe_torch_load
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind, safe_torch_load
 
 __all__ = ["load", "load_safetensors"]
 
@@ -224,7 +224,7 @@ def _torch_tensors(p: Path) -> tuple[list[_Tensor], dict[str, Any]]:
         raise LoaderError(
             f"{p}: a TorchScript archive; kernelatlas does not run TorchScript code.  If you trust the file, "
             f"load it with torch.jit.load and pass the module to "
-            f"kernelatlas.loaders.torch_module.load_module, or save its state_dict() with torch.save"
+            f"kernelatlas.corpus.loaders.torch_module.load_module, or save its state_dict() with torch.save"
         )
     if kind == "pickle":
         _prescan_legacy(p)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind
 
 __all__ = ["load_module"]
 

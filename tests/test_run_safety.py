@@ -51,8 +51,8 @@ def test_a_second_writer_on_the_same_run_is_refused(tmp_path):
     run = c.root / "runs" / "busy"
     run.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kernelatlas.jobs.assign import _RunLock; "
-         "lock = _RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kernelatlas.corpus.rundir import RunLock; "
+         "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

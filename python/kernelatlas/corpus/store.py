@@ -27,12 +27,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kernelatlas._files import acquire_lock, advise_huge_pages, atomic_write_bytes, fsync_dir, npy_header
+from kernelatlas.corpus.errors import CorpusError
 from kernelatlas.corpus.loaders.base import LoadedModel, conv_depths
+
+if TYPE_CHECKING:
+    from kernelatlas.corpus.rundir import AssignRun
 
 __all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
 
@@ -58,10 +62,6 @@ LAYER_COLUMNS = {
 # layer columns only the writer sets (add_model's layer_columns may not)
 _WRITER_LAYER_COLUMNS = frozenset({"layer_id", "model_id", "shard", "row_start", "rows", "n_kernels", "n_zero",
                                    "n_nonfinite"})
-
-
-class CorpusError(RuntimeError):
-    """A corpus that cannot be opened or written; the message names the path and the fix."""
 
 
 def _now() -> str:
@@ -263,19 +263,13 @@ class Corpus:
                                                 int(spans[j, 1] + spans[j, 2]), rows)
                     i = j + 1
 
-    def run(self, run_id: str | None = None, *, kernel_size: int | None = None) -> Any:
-        """A completed assign run joined to layers and models (kernelatlas.jobs.assign.RunResult); default: the latest
-        run (of ``kernel_size`` when given)."""
-        from kernelatlas.jobs.assign import RunResult, latest_runs
+    def run(self, run_id: str | None = None, *, kernel_size: int | None = None) -> AssignRun:
+        """A completed assign run joined to layers and models (:class:`kernelatlas.corpus.rundir.AssignRun`);
+        default: the latest run (of ``kernel_size`` when given).  A run id of another verb (a quality run) or of
+        an unfinished run raises :class:`kernelatlas.corpus.rundir.RunError` (a CorpusError) saying so."""
+        from kernelatlas.corpus.rundir import AssignRun
 
-        if run_id is None:
-            latest = latest_runs(self)
-            if not latest:
-                raise CorpusError(f"{self.root} has no completed run: run `kernelatlas assign` first")
-            if kernel_size is not None and kernel_size not in latest:
-                raise CorpusError(f"{self.root} has no completed run for {kernel_size}x{kernel_size} kernels")
-            run_id = latest[kernel_size] if kernel_size is not None else latest[max(latest)]
-        return RunResult(self, run_id)
+        return AssignRun.latest(self, kernel_size) if run_id is None else AssignRun(self, run_id)
 
     def summary(self) -> dict[str, Any]:
         """Counts for `kernelatlas info`: models, layers, kernels by size and kind, zero/non-finite, disk."""

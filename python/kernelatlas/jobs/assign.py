@@ -41,17 +41,14 @@ from kernelatlas._files import (
     atomic_write_bytes,
     fsync_dir,
     npy_header,
-    acquire_lock,
 )
 from kernelatlas.corpus import Corpus, CorpusError
+from kernelatlas.corpus.rundir import ASSIGN_FORMAT, RunLock, output_path, writable_run_dir
 
-__all__ = ["RunResult", "assign_corpus", "check_run_id", "latest_runs", "load_prototypes", "run_id_for"]
+__all__ = ["assign_corpus", "load_prototypes", "run_id_for"]
 
-RUN_FORMAT = "kernelatlas-run"
 LABEL_OTHER_KIND = -2
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 OPTIONS = "options.json"  # what the run was started with: a resume with other options is refused
-LOCK = ".lock"
 
 
 def load_prototypes(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
@@ -91,46 +88,6 @@ def _model_digest(model_dir: Path) -> str:
             h.update(name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def check_run_id(run_id: str) -> str:
-    """A run id is a folder name inside CORPUS/runs: letters, digits, '_', '-', '.' (not first), no '..'."""
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
-        raise ValueError(f"run id {run_id!r} is not allowed: use 1-128 letters, digits, '_', '-' or '.' (not "
-                         "first, no '..'), so the run stays a folder inside CORPUS/runs")
-    return run_id
-
-
-def _run_dir(corpus: Corpus, run_id: str) -> Path:
-    """CORPUS/runs/RUN_ID, refusing symlinked runs/ or run folders (they would send writes elsewhere)."""
-    runs = corpus.root / "runs"
-    root = runs / check_run_id(run_id)
-    for path in (runs, root):
-        if path.is_symlink():
-            raise CorpusError(f"{path} is a symlink: kernelatlas writes runs only into real folders inside the "
-                              "corpus; replace it with a folder")
-    return root
-
-
-class _RunLock:
-    """An exclusive flock on CORPUS/runs/RUN_ID/.lock for as long as a run is written (released by the kernel
-    if the process dies): a second `assign` on the same run id is refused instead of interleaving."""
-
-    def __init__(self, root: Path) -> None:
-        path = root / LOCK
-        try:
-            self.fh = acquire_lock(path)
-        except BlockingIOError as exc:
-            raise CorpusError(f"run {root.name} is being written by {exc.holder} (lock {path}): wait for it to "
-                              "finish, or give this one another --run") from None
-        except OSError as exc:
-            raise CorpusError(f"cannot open the run lock {path} ({exc}): remove it if it is a symlink") from None
-
-    def __enter__(self) -> _RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.fh.close()
 
 
 def _check_options(root: Path, rid: str, options: dict[str, Any]) -> None:
@@ -388,11 +345,11 @@ def assign_corpus(
         if not shards:
             raise CorpusError(f"{c.root}: models {model_ids} hold no stored {kind} {k}x{k} kernels")
     rid = run_id if run_id is not None else run_id_for(c, options)
-    root = _run_dir(c, rid)
+    root = writable_run_dir(c.root, rid)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     root.mkdir(parents=True, exist_ok=True)
-    with _RunLock(root):
+    with RunLock(root, verb="assign"):
         _check_options(root, rid, options)
         info_path = root / "run.json"
         if info_path.is_file() and json.loads(info_path.read_text()).get("completed"):
@@ -426,13 +383,11 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
     layer_rows: list[np.ndarray] = []
     n_labels = len(clusters)
     for shard in shards:
-        num = re.search(r"(\d+)\.npy$", shard)
-        tag = num.group(1) if num else Path(shard).stem
         arr = c.shard_array(shard)
         rows_per_call = chunk_rows or default_chunk_rows(arr.strides[0])
         sp = spans[shard]
         names = ("labels", "scores", "codes") if model is not None else ("labels", "scores")
-        final = {n: outdir / f"{n}-{tag}.npy" for n in names}
+        final = {n: output_path(root, k, shard, n) for n in names}
         pieces = [(a0, min(a0 + rows_per_call, b)) for a, b in sp.runs for a0 in range(a, b, rows_per_call)]
         counts: dict[int, np.ndarray] = {}
         if not final["labels"].is_file():
@@ -469,7 +424,7 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
             layer_rows.append(np.concatenate([[layer_id, n, n - acc[-1]], acc[:-1]]).astype(np.int64))
     bar.close()
     _write_layers(root, layer_rows, [cl["name"] for cl in clusters])
-    info = {"format": RUN_FORMAT, "run_id": rid, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "completed": True,
+    info = {"format": ASSIGN_FORMAT, "run_id": rid, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "completed": True,
             "mode": options["mode"], "kernel_size": k, "kind": kind, "threshold": threshold,
             "model_dir": str(Path(model).resolve()) if model is not None else None,
             "prototypes": str(Path(prototypes).resolve()) if prototypes is not None else None,
@@ -507,59 +462,3 @@ def _write_layers(root: Path, rows: list[np.ndarray], names: Sequence[str]) -> N
             frame[f"share_{name}"] = data[:, 4 + i] / live
     atomic_write(root / "assign_layers.parquet",
                  lambda tmp: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp))
-
-
-def latest_runs(corpus: Corpus) -> dict[int, str]:
-    """The latest completed run per kernel size: {k: run_id}."""
-    best: dict[int, tuple[str, str]] = {}
-    for info_path in sorted((corpus.root / "runs").glob("*/run.json")):
-        info = json.loads(info_path.read_text())
-        if not info.get("completed") or info.get("format", RUN_FORMAT) != RUN_FORMAT:  # e.g. quality runs
-            continue
-        k = int(info["kernel_size"])
-        if k not in best or info["created"] > best[k][0]:
-            best[k] = (info["created"], info["run_id"])
-    return {k: rid for k, (_, rid) in best.items()}
-
-
-class RunResult:
-    """A completed run joined to the corpus: ``layers`` is assign_layers.parquet joined with the corpus's
-    layers and models tables; ``labels(shard)``, ``scores(shard)``, ``codes(shard)`` are memmaps in the
-    shard's row order."""
-
-    def __init__(self, corpus: Corpus, run_id: str) -> None:
-        self.corpus = corpus
-        self.root = corpus.root / "runs" / run_id
-        path = self.root / "run.json"
-        if not path.is_file():
-            raise CorpusError(f"{path} not found: run `kernelatlas assign` (or it has not completed yet)")
-        self.info = json.loads(path.read_text())
-        self.run_id = run_id
-        self.kernel_size = int(self.info["kernel_size"])
-
-    @property
-    def clusters(self) -> list[str]:
-        return [c["name"] for c in self.info["clusters"]]
-
-    @property
-    def layers(self) -> Any:
-        import pandas as pd
-
-        per = pd.read_parquet(self.root / "assign_layers.parquet")
-        lay = self.corpus.layers.merge(per, on="layer_id", how="inner")
-        models = self.corpus.models.add_prefix("model_").rename(columns={"model_model_id": "model_id"})
-        return lay.merge(models, on="model_id", how="left")
-
-    def _array(self, what: str, shard: str) -> np.ndarray:
-        num = re.search(r"(\d+)\.npy$", shard)
-        return np.load(self.root / f"k{self.kernel_size}" / f"{what}-{num.group(1) if num else shard}.npy",
-                       mmap_mode="r")
-
-    def labels(self, shard: str) -> np.ndarray:
-        return self._array("labels", shard)
-
-    def scores(self, shard: str) -> np.ndarray:
-        return self._array("scores", shard)
-
-    def codes(self, shard: str) -> np.ndarray:
-        return self._array("codes", shard)

@@ -3,7 +3,7 @@ measured in the same process, alternately, over one synthetic corpus memmap per 
 
 What is measured, per kernel size k and per stage (normalise only; normalise + encode; the whole assignment;
 prototype assignment): kernels/s of the engine (one call over the whole memmap, writing into preallocated
-outputs) and of the peer (:class:`kernelatlas.jobs.bench.peer.TorchPeer`, chunk by chunk, writing into preallocated
+outputs) and of the peer (:class:`kernelatlas.bench.peer.TorchPeer`, chunk by chunk, writing into preallocated
 outputs), the ratio engine/peer per round (the median over rounds is the figure to quote), the FLOP rates
 against this CPU's measured FP32 FMA peak, the input bandwidth against the measured read bandwidth, and the
 label agreement of the two.
@@ -592,7 +592,7 @@ class _SizeBench:
 
     def __init__(self, k: int, n: int, dtype: str, seed: int, threads: int, workdir: Path,
                  stages: Sequence[str], verbose: bool) -> None:
-        from kernelatlas.jobs.bench.peer import TorchPeer
+        from kernelatlas.bench.peer import TorchPeer
 
         self.k, self.d, self.n, self.threads, self.stages = k, k * k, n, threads, list(stages)
         self.corpus = make_corpus(workdir, n, k, dtype=dtype, seed=seed, progress=verbose)
@@ -793,7 +793,7 @@ def run_bench(
                       chunk_sizes=chunk_sizes, stages=stages, seed=seed, wait_idle=wait_idle)
         return _run_in_child(params, json_path, verbose)
 
-    from kernelatlas.jobs.bench.peer import require_torch
+    from kernelatlas.bench.peer import require_torch
 
     torch = require_torch()
     threads = threads or int(_core.build_info()["threads"])

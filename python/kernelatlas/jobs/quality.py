@@ -48,6 +48,7 @@ import numpy as np
 
 from kernelatlas._files import atomic_write, atomic_write_bytes
 from kernelatlas.corpus import Corpus, CorpusError
+from kernelatlas.corpus import rundir
 
 __all__ = [
     "DEGENERATE_LOW_ENTROPY",
@@ -70,7 +71,7 @@ __all__ = [
     "threshold_entropy",
 ]
 
-QUALITY_FORMAT = "kernelatlas-quality-run"
+QUALITY_FORMAT = rundir.QUALITY_FORMAT
 KINDS = ("all", "depthwise", "regular", "grouped")
 SCALES = ("maxabs", "none")
 
@@ -548,38 +549,19 @@ class QualityRun:
         return table.merge(models, on="model_id", how="left")
 
 
-def _read_info(path: Path) -> dict[str, Any] | None:
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
 def load_quality_run(corpus: Corpus | str | os.PathLike[str], run_id: str) -> QualityRun:
+    """The completed quality run CORPUS/runs/RUN_ID, or :class:`kernelatlas.corpus.rundir.RunError` (a
+    CorpusError) naming the file and the fix."""
     c = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
-    root = c.root / "runs" / run_id
-    info = _read_info(root / "run.json")
-    if info is None:
-        raise CorpusError(f"{root / 'run.json'} not found or unreadable: run `kernelatlas quality {c.root}` "
-                          "(an interrupted run is recomputed by rerunning it)")
-    if info.get("format") != QUALITY_FORMAT or info.get("completed") is not True:
-        raise CorpusError(f"{root / 'run.json'} is not a completed quality run: run "
-                          f"`kernelatlas quality {c.root}`")
-    return QualityRun(c, run_id, root, info)
+    run = rundir.require(c.root, run_id, rundir.QUALITY_FORMAT)
+    return QualityRun(c, run_id, run.path, run.info or {})
 
 
 def latest_quality_run(corpus: Corpus | str | os.PathLike[str]) -> QualityRun | None:
-    """The most recently created completed quality run of the corpus, or None."""
+    """The latest completed quality run of the corpus (:func:`kernelatlas.corpus.rundir.latest`), or None."""
     c = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
-    best: tuple[str, str] | None = None
-    for path in sorted((c.root / "runs").glob("*/run.json")):
-        info = _read_info(path)
-        if info and info.get("format") == QUALITY_FORMAT and info.get("completed") is True:
-            key = (str(info.get("created", "")), path.parent.name)
-            if best is None or key > best:
-                best = key
-    return None if best is None else load_quality_run(c, best[1])
+    best = rundir.latest(rundir.scan(c.root), format=rundir.QUALITY_FORMAT).get(None)
+    return None if best is None else QualityRun(c, best.run_id, best.path, best.info or {})
 
 
 def quality_options(*, kind: str = "all", scale: str = "maxabs", degenerate_margin: float = DEGENERATE_MARGIN,
@@ -618,21 +600,33 @@ def quality_run(corpus: Corpus | str | os.PathLike[str], *, kind: str = "all", s
                               degenerate_low_entropy=degenerate_low_entropy,
                               degenerate_sparsity=degenerate_sparsity, with_orthogonality=with_orthogonality)
     rid = run_id or quality_run_id(c, options)
-    root = c.root / "runs" / rid
+    root = rundir.writable_run_dir(c.root, rid)
     info_path = root / "run.json"
-    done = _read_info(info_path)
-    if done is not None and not recompute:
-        if done.get("format") != QUALITY_FORMAT:
-            raise CorpusError(f"{info_path} belongs to another kind of run ({done.get('format')!r}): choose "
-                              "another --run id")
-        if done.get("completed") is True and done.get("options") == options \
-                and done.get("corpus_generation") == c.manifest.get("generation", 0):
-            return QualityRun(c, rid, root, done)
+    done = rundir.read(c.root, rid)
+    if done.info is not None and not recompute:
+        if done.format != rundir.QUALITY_FORMAT:
+            raise CorpusError(f"{info_path} belongs to a {done.verb} run ({done.format!r}): choose another --run id")
+        if done.completed and done.options == options \
+                and done.info.get("corpus_generation") == c.manifest.get("generation", 0):
+            return QualityRun(c, rid, root, done.info)
     if _stored_layers(c, kind).empty:
         what = "any kind" if kind == "all" else kind + " layers"
         raise CorpusError(f"{c.root} stores no kernels of {what}: extract with --all-convs to store regular "
                           "convs, or choose another --kind")
     root.mkdir(parents=True, exist_ok=True)
+    with rundir.RunLock(root, verb="quality"):
+        return _quality_run(c, root, rid, options, kind=kind, scale=scale, threads=threads, chunk_rows=chunk_rows,
+                            progress=progress, figures=figures, command=command,
+                            degenerate_margin=degenerate_margin, degenerate_low_entropy=degenerate_low_entropy,
+                            degenerate_sparsity=degenerate_sparsity, with_orthogonality=with_orthogonality)
+
+
+def _quality_run(c: Corpus, root: Path, rid: str, options: dict[str, Any], *, kind: str, scale: str,
+                 threads: int | None, chunk_rows: int, progress: bool, figures: bool, command: str,
+                 degenerate_margin: float, degenerate_low_entropy: float, degenerate_sparsity: float,
+                 with_orthogonality: bool) -> QualityRun:
+    """Compute the run into ``root`` (locked by the caller); run.json last."""
+    info_path = root / "run.json"
     info_path.unlink(missing_ok=True)  # the run is incomplete until run.json is written again
     _clear_outputs(root)
     started = time.time()

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from kernelatlas.corpus import Corpus
+from kernelatlas.corpus import Corpus, rundir
+from kernelatlas.corpus.rundir import RunError
 from kernelatlas.holdout import Holdout, control_at
 
 __all__ = ["RunError", "RunInfo", "find_runs", "load_run", "report"]
@@ -54,10 +55,6 @@ FALLBACK_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c5
 KIND_COLOURS = {"depthwise": "#1f77b4", "regular": "#d62728", "grouped": "#2ca02c"}
 RUN_KINDS = ("depthwise", "regular", "grouped", "all")
 RUN_MODES = ("autoencoder", "prototypes")
-
-
-class RunError(ValueError):
-    """A run directory that cannot be reported on; the message names the file and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -106,10 +103,7 @@ class RunInfo:
 
     def output(self, shard: str, what: str) -> Path:
         """runs/RUN_ID/kK/{labels,scores,codes}-NNNNNN.npy of a corpus shard kK/shard-NNNNNN.npy."""
-        m = re.fullmatch(r"shard-(\d+)\.npy", Path(shard).name)
-        if m is None:
-            raise RunError(f"{self.path / 'run.json'}: shard {shard!r} is not named kK/shard-NNNNNN.npy")
-        return self.path / f"k{self.kernel_size}" / f"{what}-{m.group(1)}.npy"
+        return rundir.output_path(self.path, self.kernel_size, shard, what)
 
 
 def _colour(value: Any, index: int) -> str:
@@ -122,24 +116,10 @@ def _colour(value: Any, index: int) -> str:
 
 def load_run(corpus_root: str | os.PathLike[str], run_id: str) -> RunInfo:
     """Read and check CORPUS/runs/RUN_ID/run.json; :class:`RunError` names the file when it is missing,
-    unreadable, incomplete (``completed`` not true) or inconsistent."""
+    unreadable, incomplete (``completed`` not true), of another verb, or inconsistent."""
     root = Path(corpus_root)
-    path = root / "runs" / run_id
-    spec_path = path / "run.json"
-    if not spec_path.is_file():
-        hint = ("the run is still being written or was interrupted: rerun the same `kernelatlas assign` command "
-                "to resume it" if path.is_dir() else
-                f"no such run; the runs of this corpus are: {', '.join(_run_ids(root)) or 'none'}")
-        raise RunError(f"{spec_path} not found: {hint}")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{spec_path} is unreadable ({exc}): rerun `kernelatlas assign` to rewrite it") from None
-    if not isinstance(spec, dict):
-        raise RunError(f"{spec_path} does not hold a JSON object: rerun `kernelatlas assign` to rewrite it")
-    if spec.get("completed") is not True:
-        raise RunError(f"{spec_path}: run {run_id} is not completed (\"completed\": {spec.get('completed')!r}): "
-                       "rerun the same `kernelatlas assign` command to finish it")
+    run = rundir.require(root, run_id, rundir.ASSIGN_FORMAT)
+    spec, spec_path, path = run.info or {}, run.spec_path, run.path
     missing = [k for k in ("kernel_size", "mode", "threshold", "clusters", "shards") if k not in spec]
     if missing:
         raise RunError(f"{spec_path} lacks {', '.join(missing)}: it was not written by `kernelatlas assign`")
@@ -199,36 +179,6 @@ def _decoded_prototypes(clusters: list[Cluster], model_dir: Path, k: int) -> lis
     return [replace(c, prototype=decoded[i]) if np.isnan(c.prototype).all() else c for i, c in enumerate(clusters)]
 
 
-def _other_kind_of_run(spec_path: Path) -> bool:
-    """A completed run directory of another command (a quality run: its own report section), not an assign run."""
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(spec, dict) and spec.get("format", "kernelatlas-run") != "kernelatlas-run"
-
-
-def _run_ids(root: Path) -> list[str]:
-    runs = root / "runs"
-    return sorted(p.name for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []
-
-
-def _created_key(run: RunInfo) -> tuple[float, float, str]:
-    """Order of runs: run.json "created" (ISO 8601; naive times taken as UTC), then the file's mtime (created
-    has whole seconds), then the id."""
-    try:
-        mtime = (run.path / "run.json").stat().st_mtime
-    except OSError:
-        mtime = 0.0
-    try:
-        stamp = _dt.datetime.fromisoformat(run.created.replace("Z", "+00:00"))
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=_dt.timezone.utc)
-        return stamp.timestamp(), mtime, run.run_id
-    except ValueError:
-        return -math.inf, mtime, run.run_id
-
-
 def find_runs(corpus_root: str | os.PathLike[str], *, allow_none: bool = False) -> tuple[list[RunInfo], list[str]]:
     """The default selection: the latest completed run (by run.json "created") per (kernel size, kind, models
     it was restricted to), so that a depthwise and a regular run of one size are both reported and compared, and
@@ -236,27 +186,22 @@ def find_runs(corpus_root: str | os.PathLike[str], *, allow_none: bool = False) 
     left out (not completed, unreadable, or superseded by a later run)."""
     root = Path(corpus_root)
     notes: list[str] = []
-    latest: dict[tuple[int, str, tuple[int, ...] | None], RunInfo] = {}
-    older: list[RunInfo] = []
-    for run_id in _run_ids(root):
-        if _other_kind_of_run(root / "runs" / run_id / "run.json"):
-            continue
+    valid: dict[str, RunInfo] = {}
+    for found in rundir.scan(root):
+        if found.info is not None and found.format != rundir.ASSIGN_FORMAT:
+            continue  # a quality run: its own report section
         try:
-            run = load_run(root, run_id)
+            valid[found.run_id] = load_run(root, found.run_id)
         except RunError as exc:
             notes.append(f"skipped: {exc}")
-            continue
-        key = (run.kernel_size, run.kind, run.models)
-        if key in latest and _created_key(latest[key]) >= _created_key(run):
-            older.append(run)
-            continue
-        if key in latest:
-            older.append(latest[key])
-        latest[key] = run
-    for run in older:
-        newer = latest[(run.kernel_size, run.kind, run.models)]
-        notes.append(f"not shown: run {run.run_id} ({run.kernel_size}x{run.kernel_size} {run.kind}, created "
-                     f"{run.created}) is older than run {newer.run_id}; name it with --run to report on it")
+    dirs = [rundir.read(root, rid) for rid in valid]
+    chosen = rundir.latest(dirs, key=lambda d: (d.kernel_size, d.kind, d.models))
+    latest = {key: valid[d.run_id] for key, d in chosen.items()}
+    for d in dirs:
+        newer = chosen[(d.kernel_size, d.kind, d.models)]
+        if newer.run_id != d.run_id:
+            notes.append(f"not shown: run {d.run_id} ({d.kernel_size}x{d.kernel_size} {d.kind}, created "
+                         f"{d.created}) is older than run {newer.run_id}; name it with --run to report on it")
     if not latest and not allow_none:
         where = root / "runs"
         raise RunError(f"no completed run in {where}: run `kernelatlas assign {root} --model MODEL` first"

@@ -16,9 +16,9 @@ import reference as R
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# Magnitudes kept within 1e-15..1e15: beyond ~1e+-19 the engine's float32 sum of squares over/underflows, a
-# known engine bug with its own failing tests (test_normalize.py / test_assign.py).
-_magnitude = st.floats(2.0**-40, 2.0**20, width=32)
+# Magnitudes 1e-30..1e30, past the 1e+-19 where a float32 sum of squares over/underflows (the engine scales
+# by max|w| first; test_normalize.py has the regression tests); scaling/shifting tests stay below float32's max.
+_magnitude = st.floats(2.0**-100, 2.0**100, width=32)
 finite = st.one_of(st.just(0.0), _magnitude, _magnitude.map(lambda v: -v))
 special = st.sampled_from([0.0, np.nan, np.inf, -np.inf])
 

@@ -77,34 +77,12 @@ def _add_build_info(sub: Any) -> None:
 
 
 def _cmd_build_info(args: argparse.Namespace) -> int:
+    from kernelatlas.jobs.build_info import build_info_text
+
     import kernelatlas
 
     info = kernelatlas.build_info()
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    rows = [
-        ("kernelatlas", info.get("version")),
-        ("compiler", info.get("compiler")),
-        ("ISA in use", str(info.get("isa"))
-         + (f" (forced: {info['isa_forced']})" if info.get("isa_forced") else "")),
-        ("ISAs this CPU runs", ", ".join(info.get("isa_supported", []))),
-        ("ISAs compiled", ", ".join(info.get("isa_compiled", []))),
-        ("OpenMP", "yes" if info.get("openmp") else "no (single thread)"),
-        ("threads (default)", f"{info.get('threads')}"
-         + (f" (OMP_NUM_THREADS={info['omp_num_threads_env']})" if info.get("omp_num_threads_env") else "")),
-        ("CUDA module built", "yes" if info.get("cuda_built") else "no"),
-    ]
-    if info.get("cuda_built"):
-        devices = info.get("cuda_devices") or []
-        rows.append(("CUDA available", "yes" if info.get("cuda_available") else "no"))
-        if devices:
-            rows.append(("CUDA devices", "; ".join(str(d) for d in devices)))
-        if info.get("cuda_error"):
-            rows.append(("CUDA note", info["cuda_error"]))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print(json.dumps(info, indent=2) if args.json else build_info_text(info))
     return 0
 
 
@@ -285,26 +263,10 @@ def _add_info(sub: Any) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from kernelatlas.corpus import Corpus
+    from kernelatlas.jobs.info import info_text
 
     corpus = Corpus.open(args.corpus)
-    s = corpus.summary()
-    if args.json:
-        print(json.dumps(s, indent=2))
-        return 0
-    print(f"corpus      {s['path']}  ({s['dtype']}, {s['shards']} shards, {s['disk_bytes'] / 2**20:,.1f} MiB)")
-    print(f"models      {s['models']:,}")
-    print(f"layers      {s['layers']:,}  (" + ", ".join(f"{k} {v:,}" for k, v in sorted(s["layers_by_kind"].items()))
-          + ")")
-    print(f"kernels     {s['kernels_stored']:,} stored; all-zero {s['zero_kernels']:,}, non-finite "
-          f"{s['nonfinite_kernels']:,}")
-    print("by size     kind: kernels (stored)")
-    for size, kinds in sorted(s["kernels_by_size"].items(), key=lambda kv: [int(x) for x in kv[0].split("x")]):
-        parts = [f"{kind} {n:,} ({kinds.get(kind + '_stored', 0):,})" for kind, n in sorted(kinds.items())
-                 if not kind.endswith("_stored")]
-        print(f"  {size:<9} " + ", ".join(parts))
-    if args.models:
-        cols = ["model_id", "name", "format", "weight_set", "n_layers", "n_kernels"]
-        print(corpus.models[cols].to_string(index=False))
+    print(json.dumps(corpus.summary(), indent=2) if args.json else info_text(corpus, models=args.models))
     return 0
 
 
@@ -555,10 +517,10 @@ def _add_assign(sub: Any) -> None:
 
 
 def _cmd_assign(args: argparse.Namespace) -> int:
-    from kernelatlas.engine import _check_device
+    from kernelatlas.engine import check_device
     from kernelatlas.jobs.assign import assign_corpus
 
-    _check_device(args.device)
+    check_device(args.device)
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
                         kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
                         models=args.models, progress=not args.no_progress, command=" ".join(["kernelatlas", *sys.argv[1:]]))

@@ -540,7 +540,7 @@ class CorpusWriter:
             "n_layers": len(model.layers), "n_kernels": kernels_total, "weight_set": model.weight_set,
         }
         for key, value in meta.items():
-            col = _snake(key)
+            col = snake_case(key)
             if col in ("model_id", "sha256", "n_layers", "n_kernels"):
                 continue
             row[col] = "" if value is None else str(value)
@@ -605,7 +605,7 @@ class CorpusWriter:
         self._last_commit = time.monotonic()
 
 
-def _snake(key: str) -> str:
+def snake_case(key: str) -> str:
     out = "".join(c.lower() if c.isalnum() else "_" for c in key.strip())
     while "__" in out:
         out = out.replace("__", "_")

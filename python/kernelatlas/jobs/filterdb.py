@@ -143,7 +143,7 @@ def _layer_shape(layer: FilterDBLayer) -> tuple[int, int, int, bool, str | None]
 
 def _model_meta(layers: list[FilterDBLayer]) -> tuple[str | None, str, dict[str, Any]]:
     """(name, weight_set, model columns) from the model's first meta row (model-level columns repeat)."""
-    from kernelatlas.corpus.store import MODEL_COLUMNS, _snake
+    from kernelatlas.corpus.store import MODEL_COLUMNS, snake_case
 
     first = layers[0].row
     name = None
@@ -161,7 +161,7 @@ def _model_meta(layers: list[FilterDBLayer]) -> tuple[str | None, str, dict[str,
         if skey == "model":
             name = None if value is None else str(value)
             continue
-        col = MODEL_COLUMN_MAP.get(skey) or _snake(skey)
+        col = MODEL_COLUMN_MAP.get(skey) or snake_case(skey)
         if col in MODEL_COLUMNS and skey not in MODEL_COLUMN_MAP:
             col = f"filterdb_{col}"  # never let a file column overwrite name/format/sha256 ...
         meta[col] = value

@@ -366,19 +366,10 @@ def layer_stats(x: np.ndarray, starts: Any, stops: Any, *, threads: int | None =
     max_abs, sparse (rows with every |w| < 0.01 max_abs; all of them when max_abs is 0), sum [L, d], gram [L,
     d, d] (sum of outer products) and the same two for rows divided by their own max|w| (sum_scaled,
     gram_scaled)."""
-    return _native("layer_stats")(x, np.ascontiguousarray(starts, dtype=np.int64),
-                                  np.ascontiguousarray(stops, dtype=np.int64), threads=threads or 0)
-
-
-def _native(name: str) -> Any:
     from kernelatlas import _core
 
-    fn = getattr(_core, name, None)
-    if fn is None:
-        raise RuntimeError(f"this build of the engine ({_core.__file__}) has no {name}: it predates the "
-                           "quality kernels; rebuild it (`pip install -e .` in the repository, or "
-                           "scripts/setup.sh)")
-    return fn
+    return _core.layer_stats(x, np.ascontiguousarray(starts, dtype=np.int64),
+                             np.ascontiguousarray(stops, dtype=np.int64), threads=threads or 0)
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
@@ -386,7 +377,7 @@ def _native(name: str) -> Any:
 
 
 @dataclass
-class _Layer:
+class LayerSpan:
     layer_id: int
     start: int
     rows: int
@@ -394,10 +385,10 @@ class _Layer:
     c_in_per_group: int
 
 
-def _groups(layers: list[_Layer], chunk_rows: int) -> Iterator[list[_Layer]]:
+def layer_batches(layers: list[LayerSpan], chunk_rows: int) -> Iterator[list[LayerSpan]]:
     """Consecutive layers (sorted by row) in groups spanning at most ``chunk_rows`` rows (a larger layer
     alone)."""
-    group: list[_Layer] = []
+    group: list[LayerSpan] = []
     for lay in layers:
         if group and lay.start + lay.rows - group[0].start > chunk_rows:
             yield group
@@ -438,9 +429,9 @@ def _scan(corpus: Corpus, *, kind: str, scale: str, threads: int | None, chunk_r
             if not len(sl):
                 continue
             arr = corpus.shard_array(shard)
-            layers = [_Layer(int(r.layer_id), int(r.row_start), int(r.rows), int(r.c_out),
+            layers = [LayerSpan(int(r.layer_id), int(r.row_start), int(r.rows), int(r.c_out),
                              int(r.c_in_per_group)) for r in sl.itertuples(index=False)]
-            for group in _groups(layers, chunk_rows):
+            for group in layer_batches(layers, chunk_rows):
                 a = group[0].start
                 b = group[-1].start + group[-1].rows
                 x = arr[a:b]

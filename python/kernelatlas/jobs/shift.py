@@ -44,9 +44,8 @@ from kernelatlas.jobs.quality import (
     CHUNK_ROWS,
     PCA,
     QualityRun,
-    _groups,
-    _Layer,
-    _native,
+    LayerSpan,
+    layer_batches,
     latest_quality_run,
     load_quality_run,
     new_figure,
@@ -173,16 +172,18 @@ def coefficient_histograms(corpus: Corpus, k: int, layer_ids: Any, groups: Any, 
     group_of = dict(zip(layer_ids[keep].tolist(), groups[keep].tolist(), strict=True))
     mean = np.ascontiguousarray(pca.mean, dtype=np.float64)
     basis = np.ascontiguousarray(pca.basis[:comps], dtype=np.float64)
-    native_range, native_hist = _native("coef_range"), _native("coef_histograms")
-    plan: list[tuple[str, list[_Layer]]] = []
+    from kernelatlas import _core
+
+    native_range, native_hist = _core.coef_range, _core.coef_histograms
+    plan: list[tuple[str, list[LayerSpan]]] = []
     for shard in corpus.shards(k):
         sl = lay[lay["shard"] == shard].sort_values("row_start", kind="stable")
-        layers = [_Layer(int(lid), int(r.row_start), int(r.rows), int(r.c_out), int(r.c_in_per_group))
+        layers = [LayerSpan(int(lid), int(r.row_start), int(r.rows), int(r.c_out), int(r.c_in_per_group))
                   for lid, r in zip(sl.index, sl.itertuples(index=False), strict=True)]
-        plan.extend((shard, g) for g in _groups(layers, chunk_rows))
+        plan.extend((shard, g) for g in layer_batches(layers, chunk_rows))
     total = sum(lyr.rows for _, g in plan for lyr in g)
 
-    def spans(group: list[_Layer]) -> tuple[int, int, np.ndarray, np.ndarray]:
+    def spans(group: list[LayerSpan]) -> tuple[int, int, np.ndarray, np.ndarray]:
         a = group[0].start
         b = group[-1].start + group[-1].rows
         starts = np.array([lyr.start - a for lyr in group], np.int64)

@@ -60,10 +60,6 @@ _BFLOAT16 = getattr(TensorType, "BFLOAT16", None)
 _TYPE_NAMES = {v: k for k, v in vars(TensorType).items() if not k.startswith("_")}
 
 
-class _Corrupt(Exception):
-    """Raised inside the parser; turned into a LoaderError naming the file."""
-
-
 def load(path: str | Path) -> LoadedModel:
     """Read the conv layers of the TFLite model at ``path``; raises :class:`LoaderError` naming the file."""
     path = Path(path)

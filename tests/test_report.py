@@ -386,7 +386,7 @@ def test_rerun_replaces_own_files_only(world, tmp_path):
 
 def test_grid_bins_are_exact():
     """The coverage curves bin scores by the largest grid threshold <= score, as np.searchsorted would."""
-    from kernelatlas.jobs.report import CURVE_GRID, _grid_bin
+    from kernelatlas.jobs.report.scan import CURVE_GRID, _grid_bin
 
     rng = np.random.default_rng(0)
     g = CURVE_GRID

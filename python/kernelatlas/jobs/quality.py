@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 
 from kernelatlas._files import atomic_write, atomic_write_bytes
-from kernelatlas.corpus import Corpus, CorpusError
-from kernelatlas.corpus import rundir
+from kernelatlas.corpus import Corpus, CorpusError, rundir
+from kernelatlas.figures import new_figure, save_figure
 
 __all__ = [
     "DEGENERATE_LOW_ENTROPY",
@@ -689,23 +689,8 @@ def _write_parquet(frame: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def new_figure(width: float, height: float) -> Any:
-    """A matplotlib figure on the Agg canvas (no pyplot, no global backend switch)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
 
 
-def save_figure(fig: Any, path: Path) -> str:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            fig.savefig(fh, format="png", bbox_inches="tight")
-
-    atomic_write(path, write)
-    return path.name
 
 
 def pca_figure(pca: PCA, k: int, path: Path) -> str:
@@ -732,7 +717,7 @@ def pca_figure(pca: PCA, k: int, path: Path) -> str:
     fig.suptitle(f"global PCA of {pca.n:,} {k}x{k} kernels"
                  + (" (each scaled by its max|w|)" if pca.scaled else ""), fontsize=10)
 
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
 def quality_figure(table: Any, k: int, path: Path) -> str:
@@ -760,4 +745,4 @@ def quality_figure(table: Any, k: int, path: Path) -> str:
     ax2.set_xlabel("sparsity S")
     ax2.set_ylabel("variance entropy H")
     fig.suptitle(f"{k}x{k} layers: {int(ok.sum())} measured, {int((ok & deg).sum())} degenerate", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=True)

@@ -24,7 +24,6 @@ it for the report.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -40,17 +39,17 @@ import numpy as np
 
 from kernelatlas._files import atomic_write, atomic_write_bytes
 from kernelatlas.corpus import Corpus, CorpusError
+from kernelatlas.document import Document
+from kernelatlas.figures import new_figure, save_figure, short_text
 from kernelatlas.jobs.quality import (
     CHUNK_ROWS,
     PCA,
-    QualityRun,
     LayerSpan,
-    layer_batches,
+    QualityRun,
     latest_quality_run,
+    layer_batches,
     load_quality_run,
-    new_figure,
     quality_run,
-    save_figure,
 )
 
 __all__ = [
@@ -418,7 +417,7 @@ def heatmap_figure(matrix: Any, by: str, k: int, path: Path) -> str:
     ax = fig.add_subplot(1, 1, 1)
     values = matrix.to_numpy(np.float64)
     im = ax.imshow(values, cmap="viridis")
-    labels = [_short(str(n)) for n in matrix.index]
+    labels = [short_text(str(n), 28) for n in matrix.index]
     ax.set_xticks(range(g))
     ax.set_yticks(range(g))
     fs = 8 if g <= 20 else max(3, int(160 / g))
@@ -432,11 +431,9 @@ def heatmap_figure(matrix: Any, by: str, k: int, path: Path) -> str:
                         color="white" if values[i, j] < 0.6 * top else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="shift (EVR-weighted symmetric KL)")
     ax.set_title(f"{k}x{k} kernel distribution shift by {by}", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
-def _short(text: str, n: int = 28) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def coefficient_figure(probs: np.ndarray, names: Sequence[str], kernels: np.ndarray, lo: np.ndarray,
@@ -460,7 +457,7 @@ def coefficient_figure(probs: np.ndarray, names: Sequence[str], kernels: np.ndar
             if gi in coloured:
                 rank = int(np.where(order == gi)[0][0])
                 ax.plot(centres, probs[gi, j], lw=1.1, color=colours[rank % len(colours)],
-                        label=_short(str(names[gi]), 22) if j == 0 else None)
+                        label=short_text(str(names[gi]), 22) if j == 0 else None)
             else:
                 ax.plot(centres, probs[gi, j], lw=0.5, color="#bbbbbb")
         ax.set_yscale("log")
@@ -469,7 +466,7 @@ def coefficient_figure(probs: np.ndarray, names: Sequence[str], kernels: np.ndar
     if comps:
         fig.legend(loc="lower center", ncol=min(5, len(coloured)), fontsize=7, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(f"{k}x{k} PCA coefficient distributions by {by}", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
 def _completed_shifts(qrun: QualityRun, k: int | None = None) -> list[ShiftResult]:
@@ -506,53 +503,11 @@ def box_figure(qrun: QualityRun, k: int) -> str | None:
     ax.set_xticklabels(labels, rotation=20, fontsize=8)
     ax.set_ylabel("pairwise shift")
     ax.set_title(f"{k}x{k}: pairwise shifts per grouping", fontsize=10)
-    return save_figure(fig, qrun.root / f"shift-k{k}-box.png")
+    return save_figure(fig, qrun.root / f"shift-k{k}-box.png", tight=True)
 
 
 # ---------------------------------------------------------------------------------------------- report
 # section
-
-
-class _Section:
-    """Markdown and an HTML fragment built side by side (the report's page style: h2/h3, tables, figures)."""
-
-    def __init__(self) -> None:
-        self.md: list[str] = []
-        self.html: list[str] = []
-
-    def h(self, level: int, text: str) -> None:
-        self.md.append("#" * level + " " + text)
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
-
-    def p(self, text: str) -> None:
-        text = " ".join(text.split())
-        self.md.append(text)
-        parts = text.split("`")
-        self.html.append("<p>" + "".join(html.escape(s) if i % 2 == 0 else f"<code>{html.escape(s)}</code>"
-                                          for i, s in enumerate(parts)) + "</p>")
-
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]], csv: str | None = None,
-              caption: str | None = None) -> None:
-        cap = (f"*{caption}*" if caption else "") + (f" ([CSV]({csv}))" if csv else "")
-        lines = [cap, ""] if cap else []
-        lines.append("| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |")
-        lines.append("|" + "|".join("---" for _ in headers) + "|")
-        lines.extend("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
-        self.md.append("\n".join(lines))
-        hcap = ""
-        if caption or csv:
-            hcap = "<caption>" + (html.escape(caption) if caption else "") + \
-                (f' (<a href="{html.escape(csv)}">CSV</a>)' if csv else "") + "</caption>"
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        self.html.append(f"<table>{hcap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-    def figure(self, file: str, title: str, caption: str) -> None:
-        caption = " ".join(caption.split())
-        self.md.append(f"![{title}]({file})\n\n*{caption}*")
-        self.html.append(f'<figure><a href="{html.escape(file)}"><img src="{html.escape(file)}" '
-                         f'alt="{html.escape(title)}"></a>'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -573,14 +528,14 @@ def quality_section(corpus: Corpus | str | os.PathLike[str], out_dir: str | os.P
     c = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sec = _Section()
+    sec = Document()
     sec.h(2, "Kernel quality and distribution shift")
     qrun = latest_quality_run(c)
     if qrun is None:
         sec.p(f"No quality run yet: `kernelatlas quality {c.root}` measures sparsity, variance entropy, "
               "degenerate layers and orthogonality per layer, and `kernelatlas shift CORPUS --by family` the "
               "distribution shift between groups (Gavrikov & Keuper, CVPR 2022).")
-        return "\n\n".join(sec.md) + "\n", "\n".join(sec.html) + "\n"
+        return sec.markdown(), sec.html_fragment()
     opts = qrun.info.get("options", {})
     scaled = "scaled by their max|w|" if opts.get("scale") == "maxabs" else "as stored"
     sec.p(f"Quality run `{qrun.run_id}` ({opts.get('kind', 'all')} layers; PCA on kernels {scaled}), metrics "
@@ -683,4 +638,4 @@ def quality_section(corpus: Corpus | str | os.PathLike[str], out_dir: str | os.P
             sec.p(f"No shift computed for {k}x{k} kernels yet: `kernelatlas shift {c.root} --by family` (or "
                   "task, category, depth, model).")
 
-    return "\n\n".join(sec.md) + "\n", "\n".join(sec.html) + "\n"
+    return sec.markdown(), sec.html_fragment()

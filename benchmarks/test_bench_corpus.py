@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kernelatlas.jobs import bench
+from kernelatlas.bench import synthetic
 from kernelatlas.corpus import Corpus, CorpusWriter
 from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
@@ -141,7 +141,7 @@ def test_assign_corpus_vs_in_memory(big_corpus, tmp_path, page_cache):
     from kernelatlas.autoencoder import Autoencoder
     from kernelatlas.jobs.assign import assign_corpus
 
-    enc, dec = bench.make_autoencoder(3)
+    enc, dec = synthetic.make_autoencoder(3)
     model_dir = tmp_path / "model"
     Autoencoder.from_torch(enc, dec, clusters=[(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]).save(model_dir)
     model = Autoencoder.load(model_dir)

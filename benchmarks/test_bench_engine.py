@@ -18,6 +18,7 @@ pytest.importorskip("torch", reason="the benchmarks compare against the PyTorch 
 pytest.importorskip("pytest_benchmark", reason="the benchmarks need pytest-benchmark")
 
 from kernelatlas.jobs.bench import STAGES  # noqa: E402
+
 KERNEL_SIZES = (3, 7)
 
 CASES = [

@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import kernelatlas as ka
+import numpy as np
 from kernelatlas.corpus import Corpus
 from kernelatlas.holdout import Holdout, random_control
 

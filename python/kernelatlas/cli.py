@@ -77,9 +77,8 @@ def _add_build_info(sub: Any) -> None:
 
 
 def _cmd_build_info(args: argparse.Namespace) -> int:
-    from kernelatlas.jobs.build_info import build_info_text
-
     import kernelatlas
+    from kernelatlas.jobs.build_info import build_info_text
 
     info = kernelatlas.build_info()
     print(json.dumps(info, indent=2) if args.json else build_info_text(info))
@@ -148,6 +147,7 @@ def _default_threads() -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from kernelatlas.bench import allocator
     from kernelatlas.jobs import bench
 
     threads = args.threads if args.threads is not None else _default_threads()
@@ -156,13 +156,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                   wait_idle=args.wait_idle)
     bench.check_params(n=args.n, ks=args.k, threads=threads, rounds=args.rounds, dtype=args.dtype,
                        chunk_sizes=args.chunk_sizes, stages=args.stages, allocator=args.allocator)
-    if args.allocator == "auto" and args.standalone and bench.needs_reexec():
+    if args.allocator == "auto" and args.standalone and allocator.needs_reexec():
         # This process is the command itself: replace it (progress bars keep their terminal).  When main() is
         # called from other Python code, run_bench measures in a child process instead.
-        print(f"[bench] re-executing with GLIBC_TUNABLES={bench.ALLOCATOR_SETTING} (glibc reads it only "
+        print(f"[bench] re-executing with GLIBC_TUNABLES={allocator.ALLOCATOR_SETTING} (glibc reads it only "
               "at start)", file=sys.stderr)
-        bench.exec_with_tunables([sys.executable, "-m", "kernelatlas.cli", "bench",
-                                  *bench.bench_cli_args(**params, json_path=args.json)])
+        allocator.exec_with_tunables([sys.executable, "-m", "kernelatlas.cli", "bench",
+                                  *allocator.bench_cli_args(**params, json_path=args.json)])
     bench.run_bench(**params, json_path=args.json, allocator=args.allocator)
     return 0
 
@@ -681,8 +681,8 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _add_shift(sub: Any) -> None:
-    from kernelatlas.jobs.shift import BINS, GROUPINGS
     from kernelatlas.jobs.quality import KINDS, SCALES
+    from kernelatlas.jobs.shift import BINS, GROUPINGS
 
     p = sub.add_parser(
         "shift",
@@ -723,8 +723,8 @@ def _add_shift(sub: Any) -> None:
 
 
 def _cmd_shift(args: argparse.Namespace) -> int:
-    from kernelatlas.jobs.shift import shift_result
     from kernelatlas.jobs.quality import load_quality_run, quality_run
+    from kernelatlas.jobs.shift import shift_result
 
     groupings = list(dict.fromkeys(g for part in args.by for g in part))
     if not groupings:

@@ -18,50 +18,60 @@ itself in a child process with it set (and the CLI re-executes itself with ``os.
 not started with it.  Other processes using the CPUs during a timed run are measured from /proc/stat and
 reported: the figures of a busy machine are not worth quoting.
 
-The corpus is synthetic: kernels that look like trained kernels (a random mixture of a few smooth patterns --
-blob, difference of Gaussians, first and second derivatives, ring -- with one dominant, plus an offset and
-noise, at a log-normal scale) with about 1% all-zero rows.  The model is a random-init
-(``torch.manual_seed``) autoencoder d -> 64 -> 32 -> 1 -> 32 -> 64 -> d (ReLU, sigmoid code); its code
-intervals and the thresholds are placed at quantiles of a sample so that every label occurs and about half of
-the kernels pass the threshold (random-init codes crowd into a narrow band, so evenly spaced intervals would
-give one label).
+The pieces: :mod:`kernelatlas.bench.peer` (the PyTorch peer), :mod:`kernelatlas.bench.synthetic` (corpus and
+model), :mod:`kernelatlas.bench.harness` (timing, CPU contention, bandwidth, label agreement) and
+:mod:`kernelatlas.bench.allocator` (the glibc tunables and the re-execution); this module runs them per kernel
+size and formats the report.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 import kernelatlas
 from kernelatlas import _core
-from kernelatlas.autoencoder import Autoencoder
+from kernelatlas.bench.allocator import (
+    CHILD_ENV,
+    allocator_status,
+    bench_cli_args,
+    needs_reexec,
+    run_in_child,
+)
+from kernelatlas.bench.harness import (
+    AGREEMENT_TOL,
+    BUSY_SHARE,
+    CpuMeter,
+    agreement_assign,
+    agreement_prototypes,
+    cpu_model,
+    filled,
+    log,
+    measure_read_bandwidth,
+    median,
+    timed,
+    wait_for_idle,
+)
+from kernelatlas.bench.synthetic import (
+    HIDDEN,
+    calibrate,
+    corpus_path,
+    flops_per_kernel,
+    make_autoencoder,
+    make_corpus,
+    page_cache,
+    synthetic_patterns,
+)
 from kernelatlas.engine import prototype_engine
-
-__all__ = [
-    "ALLOCATOR_TUNABLES",
-    "STAGES",
-    "allocator_status",
-    "check_params",
-    "exec_with_tunables",
-    "format_report",
-    "make_autoencoder",
-    "make_corpus",
-    "run_bench",
-]
 
 STAGES = ("normalize", "encode", "assign", "prototypes")
 STAGE_TITLES = {
@@ -73,516 +83,8 @@ STAGE_TITLES = {
 DEFAULT_CHUNK_SIZES = (16384, 32768, 65536)
 # The project's targets for the end-to-end ratio engine/peer (2 threads); printed beside the measured ratios.
 TARGET_RATIOS = {3: 6.0, 7: 4.0}
-NOMINAL_MEMORY_GBPS = 40.0  # a typical 2-channel DDR5 server share; the measured figure is printed beside it
-HIDDEN = (64, 32)  # encoder widths d -> 64 -> 32 -> 1; the decoder mirrors them
-N_INTERVALS = 5
-AGREEMENT_TOL = 1e-5  # a disagreement within this of the threshold (or an interval edge) is fp rounding
-BUSY_SHARE = 0.10  # other processes using more of the CPUs than this make a timed run worthless
-MAX_RETRIES = 2  # times a contended engine/peer pair is measured again
-
-ALLOCATOR_TUNABLES = {
-    "glibc.malloc.mmap_threshold": "4294967296",
-    "glibc.malloc.trim_threshold": "17179869184",
-}
-ALLOCATOR_SETTING = ":".join(f"{k}={v}" for k, v in ALLOCATOR_TUNABLES.items())
-# Set in the environment of a process that kernelatlas started to get the tunables; its value says how.
-CHILD_ENV = "KERNELATLAS_BENCH_CHILD"
-
-
-def _log(msg: str, verbose: bool = True) -> None:
-    if verbose:
-        print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- allocator
-
-
-def _parse_tunables(value: str | None) -> dict[str, str]:
-    pairs = {}
-    for item in (value or "").split(":"):
-        if "=" in item:
-            key, val = item.split("=", 1)
-            pairs[key.strip()] = val.strip()
-    return pairs
-
-
-def _malloc_probe() -> dict[str, bool | None] | None:
-    """What glibc's malloc actually does here, or None where it cannot be asked: ``mmap_threshold`` is True
-    when a 64 MiB block comes from the heap (not its own mmap), ``trim_threshold`` when freeing it leaves the
-    heap at its size (None when the block did not come from the heap).  The environment cannot tell: glibc
-    reads GLIBC_TUNABLES only at start (a value set later shows in os.environ but does nothing), and it
-    rewrites the variable's original copy (/proc/self/environ) as it parses it."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-            "keepcost")]
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallinfo2 = libc.mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    size = 64 << 20
-    before = mallinfo2()
-    block = libc.malloc(size)
-    if not block:
-        return None
-    during = mallinfo2()
-    libc.free(block)
-    after = mallinfo2()
-    from_heap = during.hblkhd - before.hblkhd < size
-    kept = (after.arena >= during.arena) if from_heap else None
-    return {"mmap_threshold": from_heap, "trim_threshold": kept}
-
-
-def allocator_status() -> dict[str, Any]:
-    """Whether glibc's malloc runs with :data:`ALLOCATOR_TUNABLES` in this process.
-
-    ``applicable``: this is Linux with glibc; ``applied``: malloc behaves as the tunables say (probed; from
-    the environment where it cannot be probed); ``how``: a line for the report."""
-    libc, libc_version = platform.libc_ver()
-    if sys.platform != "linux" or libc != "glibc":
-        return {"applicable": False, "applied": False, "setting": ALLOCATOR_SETTING,
-                "libc": libc or sys.platform,
-                "how": f"not applicable ({libc or sys.platform}, not glibc): allocator left as it is"}
-    probe = _malloc_probe()
-    if probe is not None:
-        applied = all(probe.values())
-    else:
-        have = _parse_tunables(os.environ.get("GLIBC_TUNABLES"))
-        applied = all(have.get(k) == v for k, v in ALLOCATOR_TUNABLES.items())
-    child = os.environ.get(CHILD_ENV, "")
-    if applied:
-        how = {
-            "execv": "applied (the process re-executed itself with it set)",
-            "subprocess": "applied (measured in a child process started with it set)",
-        }.get(child, "applied (set when the process started)")
-    else:
-        how = "NOT applied: the peer's speed may vary several fold from process to process"
-    return {"applicable": True, "applied": applied, "setting": ALLOCATOR_SETTING,
-            "libc": f"glibc {libc_version}", "how": how, "probe": probe,
-            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")}
-
-
-def _tunables_environ(how: str) -> dict[str, str]:
-    env = dict(os.environ)
-    merged = _parse_tunables(env.get("GLIBC_TUNABLES"))
-    merged.update(ALLOCATOR_TUNABLES)
-    env["GLIBC_TUNABLES"] = ":".join(f"{k}={v}" for k, v in merged.items())
-    env[CHILD_ENV] = how
-    return env
-
-
-def needs_reexec() -> bool:
-    """True when the tunables apply here, are missing, and no earlier re-run of ours already tried."""
-    status = allocator_status()
-    return status["applicable"] and not status["applied"] and not os.environ.get(CHILD_ENV)
-
-
-def exec_with_tunables(argv: Sequence[str]) -> NoReturn:
-    """Replace this process by ``argv`` (argv[0] run as ``sys.executable``) with the tunables set."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, list(argv), _tunables_environ("execv"))
-
-
-def bench_cli_args(
-    *,
-    n: int,
-    ks: Sequence[int],
-    threads: int | None,
-    rounds: int,
-    dtype: str,
-    workdir: str | os.PathLike[str] | None,
-    chunk_sizes: Sequence[int],
-    stages: Sequence[str],
-    seed: int,
-    wait_idle: float,
-    json_path: str | os.PathLike[str] | None,
-) -> list[str]:
-    """The ``kernelatlas bench`` options that reproduce these parameters."""
-    args = ["--n", str(n), "--k", ",".join(map(str, ks)), "--rounds", str(rounds), "--dtype", dtype,
-            "--chunk-sizes", ",".join(map(str, chunk_sizes)), "--stages", ",".join(stages),
-            "--seed", str(seed), "--wait-idle", f"{wait_idle:g}"]
-    if threads is not None:
-        args += ["--threads", str(threads)]
-    if workdir is not None:
-        args += ["--workdir", str(workdir)]
-    if json_path is not None:
-        args += ["--json", str(json_path)]
-    return args
-
-
-def _run_in_child(params: dict[str, Any], json_path: str | os.PathLike[str] | None,
-                  verbose: bool) -> dict[str, Any]:
-    """Run the bench in ``python -m kernelatlas.cli bench`` with the tunables set; its output goes to ours
-    (or nowhere when not ``verbose``)."""
-    with tempfile.TemporaryDirectory(prefix="kernelatlas-bench-") as tmp:
-        out = Path(json_path) if json_path is not None else Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "kernelatlas.cli", "bench", *bench_cli_args(**params, json_path=out)]
-        _log("glibc reads GLIBC_TUNABLES only at start: measuring in a child process with it set", verbose)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        quiet = {} if verbose else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        proc = subprocess.run(cmd, env=_tunables_environ("subprocess"), check=False, **quiet)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the bench child process failed (exit {proc.returncode}): {' '.join(cmd)}")
-        return json.loads(out.read_text())
-
-
-# ---------------------------------------------------------------------------------------------- corpus
-
-
-def synthetic_patterns(k: int) -> np.ndarray:
-    """Eight smooth k x k patterns, float32 [8, k*k]: blob, DoG, d/dx, d/dy, d2/dx2, d2/dy2, d2/dxdy, ring."""
-    c = np.linspace(-1.0, 1.0, k)
-    u, v = np.meshgrid(c, c, indexing="xy")  # u varies along a row (x), v down the rows (y)
-    r2 = u * u + v * v
-
-    def gauss(sigma: float) -> np.ndarray:
-        return np.exp(-r2 / (2 * sigma * sigma))
-
-    s = 0.6
-    g = gauss(s)
-    patterns = [
-        g,
-        gauss(0.45) - 0.6 * gauss(1.0),
-        -u * g,
-        -v * g,
-        (u * u / (s * s) - 1) * g,
-        (v * v / (s * s) - 1) * g,
-        u * v * g,
-        np.exp(-((np.sqrt(r2) - 0.75) ** 2) / 0.08),
-    ]
-    return np.stack([p.ravel() for p in patterns]).astype(np.float32)
-
-
-def synth_kernels(rng: np.random.Generator, rows: int, k: int, patterns: np.ndarray) -> np.ndarray:
-    """``rows`` synthetic kernels float32 [rows, k*k]; about 1% are all-zero (dead) rows."""
-    n_pat, d = patterns.shape
-    coeffs = rng.standard_normal((rows, n_pat), dtype=np.float32) * np.float32(0.3)
-    dominant = rng.integers(0, n_pat, rows)
-    coeffs[np.arange(rows), dominant] += rng.choice(np.float32([-1.0, 1.0]), rows) * (
-        np.float32(1.0) + np.abs(rng.standard_normal(rows, dtype=np.float32))
-    )
-    kernels = coeffs @ patterns
-    kernels += rng.standard_normal((rows, d), dtype=np.float32) * np.float32(0.15)
-    kernels += rng.standard_normal((rows, 1), dtype=np.float32) * np.float32(0.3)
-    kernels *= np.exp(rng.normal(-2.5, 0.6, (rows, 1))).astype(np.float32)
-    kernels[rng.random(rows) < 0.01] = 0.0
-    return kernels
-
-
-def corpus_path(workdir: str | os.PathLike[str], n: int, k: int, dtype: str, seed: int) -> Path:
-    return Path(workdir) / f"corpus-k{k}-n{n}-{dtype}-seed{seed}.npy"
-
-
-def make_corpus(
-    workdir: str | os.PathLike[str],
-    n: int,
-    k: int,
-    *,
-    dtype: str = "float32",
-    seed: int = 0,
-    progress: bool = True,
-    chunk_rows: int = 1 << 20,
-) -> np.memmap:
-    """The synthetic corpus [n, k*k] as a read-only memmap of a .npy file in ``workdir``; reused when a file
-    of that shape and dtype is there.  Written chunk by chunk to a temporary name, then renamed, so a crash
-    never leaves a half-written file that a later run would take for a complete one."""
-    from tqdm import tqdm
-
-    path = corpus_path(workdir, n, k, dtype, seed)
-    d = k * k
-    if path.is_file():
-        try:
-            corpus = np.load(path, mmap_mode="r")
-            if corpus.shape == (n, d) and corpus.dtype == np.dtype(dtype):
-                _log(f"k={k}: reusing {path}", progress)
-                return corpus
-        except (ValueError, OSError):
-            pass
-        _log(f"k={k}: {path} has the wrong shape or is damaged: writing it again", progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    rng = np.random.default_rng([seed, k])
-    patterns = synthetic_patterns(k)
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
-    with tqdm(total=n, desc=f"corpus k={k}", unit="kernel", unit_scale=True, file=sys.stderr,
-              disable=not progress, leave=False) as bar:
-        for start in range(0, n, chunk_rows):
-            stop = min(start + chunk_rows, n)
-            out[start:stop] = synth_kernels(rng, stop - start, k, patterns)
-            bar.update(stop - start)
-    out.flush()
-    del out
-    os.replace(partial, path)
-    _log(f"k={k}: wrote {path} ({path.stat().st_size / 1e9:.2f} GB)", progress)
-    return np.load(path, mmap_mode="r")
-
-
-def _page_cache(corpus: np.ndarray, k: int, progress: bool, chunk_rows: int = 1 << 20) -> None:
-    """Read the corpus once, so that both contenders read it from memory, never from disk."""
-    from tqdm import tqdm
-
-    n = len(corpus)
-    with tqdm(total=n, desc=f"page-cache k={k}", unit="kernel", unit_scale=True, file=sys.stderr,
-              disable=not progress, leave=False) as bar:
-        for start in range(0, n, chunk_rows):
-            stop = min(start + chunk_rows, n)
-            np.max(corpus[start:stop])
-            bar.update(stop - start)
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-def make_autoencoder(k: int, seed: int = 0) -> tuple[Any, Any]:
-    """The benchmark's default autoencoder, random-init: encoder d -> 64 -> 32 -> 1 (ReLU, ReLU, sigmoid code)
-    and decoder 1 -> 32 -> 64 -> d (ReLU, ReLU, linear), as two ``nn.Sequential``."""
-    import torch
-    from torch import nn
-
-    d = k * k
-    torch.manual_seed(seed)
-    h1, h2 = HIDDEN
-    encoder = nn.Sequential(nn.Linear(d, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1),
-                            nn.Sigmoid())
-    decoder = nn.Sequential(nn.Linear(1, h2), nn.ReLU(), nn.Linear(h2, h1), nn.ReLU(), nn.Linear(h1, d))
-    return encoder.eval(), decoder.eval()
-
-
-def calibrate(
-    encoder: Any, decoder: Any, prototypes: np.ndarray, sample: np.ndarray, threads: int | None
-) -> tuple[Autoencoder, float, float]:
-    """Code intervals at quantiles of the sample's codes, and the thresholds (autoencoder, prototypes) at the
-    median score, so that every label occurs and about half of the kernels pass."""
-    plain = Autoencoder.from_torch(encoder, decoder)
-    codes = plain.encode(sample, threads=threads)
-    edges = np.nanquantile(codes, np.linspace(0, 1, N_INTERVALS + 1)[1:-1]).astype(np.float64)
-    bounds = [0.0, *edges.tolist(), 1.0]
-    clusters = [(bounds[i], bounds[i + 1]) for i in range(N_INTERVALS)]
-    model = Autoencoder.from_torch(encoder, decoder, clusters=clusters)
-    _, scores, _ = kernelatlas.assign(sample, model, threshold=0.0, threads=threads)
-    live = np.isfinite(codes)
-    tau = round(float(np.median(scores[live])), 4)
-    _, pscores = kernelatlas.assign_prototypes(sample, prototypes, threshold=0.0, threads=threads)
-    ptau = round(float(np.median(pscores[live])), 4)
-    return model, tau, ptau
-
-
-def flops_per_kernel(model: Autoencoder, stage: str, n_proto: int) -> tuple[int, int]:
-    """(engine, peer) floating-point operations per kernel, an FMA counted as 2, activations and biases not
-    counted, padding not counted.
-
-    * normalise: 5d (sum, subtract, square-accumulate, scale) for both;
-    * encode: + 2 x encoder MACs for both;
-    * assign, engine with the segment table: + 6d (reconstruction r = c + u b, x.r and r.r, one FMA each);
-      engine with the decoder MLP: + 2 x decoder MACs + 4d (x.r, r.r); the peer: + 2 x decoder MACs + 6d
-      (``F.cosine_similarity`` takes x.r, x.x and r.r);
-    * prototypes: + 2 P d for both.
-    """
-    d = model.d
-    enc = sum(int(layer.weight.size) for layer in model.encoder)
-    dec = sum(int(layer.weight.size) for layer in model.decoder)
-    norm = 5 * d
-    if stage == "normalize":
-        return norm, norm
-    if stage == "encode":
-        return norm + 2 * enc, norm + 2 * enc
-    if stage == "assign":
-        engine_cos = 6 * d if model.piecewise_linear else 2 * dec + 4 * d
-        return norm + 2 * enc + engine_cos, norm + 2 * enc + 2 * dec + 6 * d
-    if stage == "prototypes":
-        return norm + 2 * n_proto * d, norm + 2 * n_proto * d
-    raise ValueError(f"unknown stage {stage!r}")
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-class _CpuMeter:
-    """CPU time used by OTHER processes during a timed run, as a share of all CPUs, from /proc/stat."""
-
-    MIN_TICKS = 50  # CPU-ticks (all CPUs together) a run must span for its share to mean anything
-
-    def __init__(self) -> None:
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    @staticmethod
-    def _stat() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as fh:
-                fields = [int(v) for v in fh.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        busy = user + nice + system + irq + softirq + steal
-        return busy, busy + idle + iowait
-
-    def start(self) -> tuple[Any, float]:
-        return self._stat(), time.process_time()
-
-    def others_share(self, token: tuple[Any, float]) -> float | None:
-        stat0, cpu0 = token
-        stat1, cpu1 = self._stat(), time.process_time()
-        if stat0 is None or stat1 is None or stat1[1] - stat0[1] < self.MIN_TICKS:
-            return None  # too short to tell at the clock-tick resolution
-        busy = (stat1[0] - stat0[0]) / self.hz
-        total = (stat1[1] - stat0[1]) / self.hz
-        return max(0.0, min(1.0, (busy - (cpu1 - cpu0)) / total))
-
-
-def _wait_for_idle(meter: _CpuMeter, max_wait: float, busy: float = BUSY_SHARE) -> float:
-    """Wait (at most ``max_wait`` seconds) until other processes use less than ``busy`` of the CPUs over a
-    0.3 s window; returns the seconds waited.  A shared machine is common and torch's OpenMP collapses when a
-    core is taken (every op ends in a barrier), so a timed run is worth starting only on idle CPUs."""
-    if max_wait <= 0:
-        return 0.0
-    t0 = time.perf_counter()
-    while True:
-        token = meter.start()
-        time.sleep(0.3)
-        share = meter.others_share(token)
-        waited = time.perf_counter() - t0
-        if share is None or share < busy or waited >= max_wait:
-            return waited
-
-
-def _timed(fn: Callable[[], Any], meter: _CpuMeter) -> tuple[float, float | None]:
-    token = meter.start()
-    t0 = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t0
-    return seconds, meter.others_share(token)
-
-
-def measure_read_bandwidth(threads: int, nbytes: int = 1 << 30) -> dict[str, float]:
-    """Streaming read bandwidth (GB/s) over a buffer larger than the caches: numpy on one thread, and torch's
-    sum on ``threads`` threads; ``best`` is the larger."""
-    buf = np.empty(nbytes // 4, dtype=np.float32)
-    buf.fill(1.0)
-
-    def best_of(fn: Callable[[], Any], reps: int = 3) -> float:
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return buf.nbytes / best / 1e9
-
-    result = {"numpy_1_thread": best_of(lambda: np.add.reduce(buf))}
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        view = torch.from_numpy(buf)
-        result[f"torch_{threads}_threads"] = best_of(lambda: view.sum())
-    except ImportError:  # pragma: no cover
-        pass
-    result["best"] = max(result.values())
-    return result
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
-def _filled(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A preallocated output whose pages are already touched (first-touch faults are not part of a run)."""
-    arr = np.empty(shape, dtype=dtype)
-    arr.fill(0)
-    return arr
-
-
-def _agreement_assign(model: Autoencoder, tau: float, engine: tuple[np.ndarray, ...],
-                      peer: tuple[np.ndarray, ...]) -> dict[str, Any]:
-    """Labels must agree except where fp rounding can flip them: the peer's score within AGREEMENT_TOL of the
-    threshold, or (counted apart) an interval edge lying between the engine's and the peer's code (both
-    within AGREEMENT_TOL of it)."""
-    e_labels, e_scores, e_codes = engine
-    p_labels, p_scores, p_codes = peer
-    differ = e_labels != p_labels
-    with np.errstate(invalid="ignore"):
-        near_tau = np.abs(p_scores - np.float32(tau)) <= AGREEMENT_TOL
-    rest = differ & ~near_tau
-    near_edge = np.zeros_like(rest)
-    if rest.any() and model.clusters:
-        edges = np.array(sorted({e for iv in model.clusters for e in iv}), dtype=np.float64)
-        idx = np.flatnonzero(rest)
-        e_side = e_codes[idx, None].astype(np.float64) - edges[None, :]
-        p_side = p_codes[idx, None].astype(np.float64) - edges[None, :]
-        close = (np.abs(p_side) <= AGREEMENT_TOL) & (np.abs(e_side) <= AGREEMENT_TOL)
-        straddle = (e_side * p_side <= 0) & close
-        near_edge[idx] = straddle.any(axis=1)
-    other = rest & ~near_edge
-    live = np.isfinite(p_scores)
-    return {
-        "kernels": int(len(e_labels)),
-        "equal": int(len(e_labels) - differ.sum()),
-        "differ_near_threshold": int((differ & near_tau).sum()),
-        "differ_near_interval_edge": int(near_edge.sum()),
-        "differ_other": int(other.sum()),
-        "max_abs_score_diff": float(np.max(np.abs(e_scores[live] - p_scores[live]), initial=0.0)),
-        "max_abs_code_diff": float(np.max(np.abs(e_codes[live] - p_codes[live]), initial=0.0)),
-        "peer_nan_scores": int((~live).sum()),
-        "engine_label_counts": {
-            str(int(label)): int(count)
-            for label, count in zip(*np.unique(e_labels, return_counts=True), strict=True)
-        },
-    }
-
-
-def _agreement_prototypes(corpus: np.ndarray, prototypes: np.ndarray, tau: float,
-                          engine: tuple[np.ndarray, ...], peer: tuple[np.ndarray, ...]) -> dict[str, Any]:
-    """As for assign; a disagreement between two prototypes whose cosines tie to AGREEMENT_TOL (recomputed in
-    float64) is counted apart."""
-    e_labels, e_scores = engine
-    p_labels, p_scores = peer
-    differ = e_labels != p_labels
-    with np.errstate(invalid="ignore"):
-        near_tau = np.abs(p_scores - np.float32(tau)) <= AGREEMENT_TOL
-    rest = differ & ~near_tau
-    tie = np.zeros_like(rest)
-    idx = np.flatnonzero(rest & (e_labels >= 0) & (p_labels >= 0))
-    if len(idx):
-        p = prototypes.astype(np.float64)
-        p -= p.mean(1, keepdims=True)
-        p /= np.linalg.norm(p, axis=1, keepdims=True)
-        x = np.asarray(corpus[idx], dtype=np.float64).reshape(len(idx), -1)
-        x -= x.mean(1, keepdims=True)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        cos = x @ p.T
-        rows = np.arange(len(idx))
-        tie[idx] = np.abs(cos[rows, e_labels[idx]] - cos[rows, p_labels[idx]]) <= AGREEMENT_TOL
-    live = np.isfinite(p_scores)
-    return {
-        "kernels": int(len(e_labels)),
-        "equal": int(len(e_labels) - differ.sum()),
-        "differ_near_threshold": int((differ & near_tau).sum()),
-        "differ_near_tie": int(tie.sum()),
-        "differ_other": int((rest & ~tie).sum()),
-        "max_abs_score_diff": float(np.max(np.abs(e_scores[live] - p_scores[live]), initial=0.0)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------- the bench
+NOMINAL_MEMORY_GBPS = 40.0
+MAX_RETRIES = 2
 
 
 class _SizeBench:
@@ -596,7 +98,7 @@ class _SizeBench:
 
         self.k, self.d, self.n, self.threads, self.stages = k, k * k, n, threads, list(stages)
         self.corpus = make_corpus(workdir, n, k, dtype=dtype, seed=seed, progress=verbose)
-        _page_cache(self.corpus, k, verbose)
+        page_cache(self.corpus, k, verbose)
         encoder, decoder = make_autoencoder(k, seed)
         self.patterns = synthetic_patterns(k)
         sample = np.ascontiguousarray(self.corpus[: min(n, 200_000)])
@@ -607,15 +109,15 @@ class _SizeBench:
         both = ("engine", "peer")
         self.out: dict[str, Any] = {}
         if "normalize" in stages:
-            shared = (_filled((n, self.d), np.float32), _filled((n,), np.float32))
+            shared = (filled((n, self.d), np.float32), filled((n,), np.float32))
             self.out["normalize"] = dict.fromkeys(both, shared)
         if "encode" in stages:
-            self.out["encode"] = {who: _filled((n,), np.float32) for who in both}
+            self.out["encode"] = {who: filled((n,), np.float32) for who in both}
         if "assign" in stages:
-            self.out["assign"] = {who: (_filled((n,), np.int16), _filled((n,), np.float32),
-                                        _filled((n,), np.float32)) for who in both}
+            self.out["assign"] = {who: (filled((n,), np.int16), filled((n,), np.float32),
+                                        filled((n,), np.float32)) for who in both}
         if "prototypes" in stages:
-            self.out["prototypes"] = {who: (_filled((n,), np.int16), _filled((n,), np.float32))
+            self.out["prototypes"] = {who: (filled((n,), np.int16), filled((n,), np.float32))
                                       for who in both}
 
     def run(self, stage: str, who: str, rows: int | None = None) -> None:
@@ -646,14 +148,14 @@ class _SizeBench:
         else:
             self.peer.assign_prototypes(x, threshold=self.ptau, out=out)
 
-    def pick_chunk(self, chunk_sizes: Sequence[int], meter: _CpuMeter) -> tuple[int, dict[int, float], int]:
+    def pick_chunk(self, chunk_sizes: Sequence[int], meter: CpuMeter) -> tuple[int, dict[int, float], int]:
         """Torch's fastest chunk size (best of 2 on a prefix, on the assign stage if measured)."""
         prefix = min(self.n, max(4 * max(chunk_sizes), 1_000_000))
         stage = "assign" if "assign" in self.stages else self.stages[0]
         trials = {}
         for chunk in chunk_sizes:
             self.peer.chunk_rows = chunk
-            best = min(_timed(partial(self.run, stage, "peer", prefix), meter)[0] for _ in range(2))
+            best = min(timed(partial(self.run, stage, "peer", prefix), meter)[0] for _ in range(2))
             trials[chunk] = prefix / best
         self.peer.chunk_rows = max(trials, key=trials.__getitem__)
         return self.peer.chunk_rows, trials, prefix
@@ -661,10 +163,10 @@ class _SizeBench:
     def agreement(self) -> dict[str, Any]:
         result = {}
         if "assign" in self.out:
-            result["assign"] = _agreement_assign(self.model, self.tau, self.out["assign"]["engine"],
+            result["assign"] = agreement_assign(self.model, self.tau, self.out["assign"]["engine"],
                                                  self.out["assign"]["peer"])
         if "prototypes" in self.out:
-            result["prototypes"] = _agreement_prototypes(self.corpus, self.patterns, self.ptau,
+            result["prototypes"] = agreement_prototypes(self.corpus, self.patterns, self.ptau,
                                                          self.out["prototypes"]["engine"],
                                                          self.out["prototypes"]["peer"])
         return result
@@ -672,11 +174,11 @@ class _SizeBench:
 
 def _measure_size(k: int, *, n: int, dtype: str, seed: int, threads: int, workdir: Path,
                   stages: Sequence[str], rounds: int, chunk_sizes: Sequence[int], wait_idle: float,
-                  meter: _CpuMeter, verbose: bool) -> dict[str, Any]:
+                  meter: CpuMeter, verbose: bool) -> dict[str, Any]:
     """Warm-up, torch's chunk size, then the alternating rounds for kernel size k; the per-size result."""
     sb = _SizeBench(k, n, dtype, seed, threads, workdir, stages, verbose)
     d = sb.d
-    _log(f"k={k}: model d={d} -> {HIDDEN[0]} -> {HIDDEN[1]} -> 1 -> {HIDDEN[1]} -> {HIDDEN[0]} -> {d}, "
+    log(f"k={k}: model d={d} -> {HIDDEN[0]} -> {HIDDEN[1]} -> 1 -> {HIDDEN[1]} -> {HIDDEN[0]} -> {d}, "
          f"{sb.model.n_segments} decoder segments, {len(sb.model.clusters or [])} intervals, tau={sb.tau}, "
          f"prototype tau={sb.ptau}", verbose)
 
@@ -684,9 +186,9 @@ def _measure_size(k: int, *, n: int, dtype: str, seed: int, threads: int, workdi
     for stage in stages:
         for who in ("engine", "peer"):
             sb.run(stage, who, min(n, 100_000))
-    _wait_for_idle(meter, wait_idle)
+    wait_for_idle(meter, wait_idle)
     best_chunk, trials, prefix = sb.pick_chunk(chunk_sizes, meter)
-    _log(f"k={k}: torch chunk size on {prefix:,} rows: "
+    log(f"k={k}: torch chunk size on {prefix:,} rows: "
          + ", ".join(f"{c}: {r / 1e6:.2f} M/s" for c, r in trials.items()) + f" -> {best_chunk}", verbose)
 
     # the rounds: engine and peer alternate, and the order flips every round
@@ -699,24 +201,24 @@ def _measure_size(k: int, *, n: int, dtype: str, seed: int, threads: int, workdi
         order = ("engine", "peer") if r % 2 == 0 else ("peer", "engine")
         for stage in stages:
             for attempt in range(MAX_RETRIES + 1):
-                waited += _wait_for_idle(meter, wait_idle)
+                waited += wait_for_idle(meter, wait_idle)
                 pair: dict[str, float] = {}
                 shares = []
                 for who in order:
-                    pair[who], share = _timed(partial(sb.run, stage, who), meter)
+                    pair[who], share = timed(partial(sb.run, stage, who), meter)
                     if share is not None:
                         shares.append(share)
                 busiest = max(shares) if shares else None  # None: runs too short to tell
                 contended = busiest is not None and busiest > BUSY_SHARE
                 line = " | ".join(f"{who} {pair[who]:6.2f} s ({n / pair[who] / 1e6:6.2f} M/s)"
                                   for who in order)
-                _log(f"k={k} round {r + 1}/{rounds} {STAGE_TITLES[stage]:<20} {line} | "
+                log(f"k={k} round {r + 1}/{rounds} {STAGE_TITLES[stage]:<20} {line} | "
                      f"x{pair['peer'] / pair['engine']:.2f}"
                      + (f" | others took {100 * busiest:.0f}% of the CPUs" if contended else ""), verbose)
                 if not contended or attempt == MAX_RETRIES:
                     break
                 discarded += 1
-                _log("  (measuring this pair again)", verbose)
+                log("  (measuring this pair again)", verbose)
             for who in order:
                 times[stage][who].append(pair[who])
             if busiest is not None:
@@ -729,10 +231,10 @@ def _measure_size(k: int, *, n: int, dtype: str, seed: int, threads: int, workdi
         stage_results[stage] = {
             "engine_seconds": e_times,
             "peer_seconds": p_times,
-            "engine_kps": _median([n / t for t in e_times]),
-            "peer_kps": _median([n / t for t in p_times]),
+            "engine_kps": median([n / t for t in e_times]),
+            "peer_kps": median([n / t for t in p_times]),
             "ratios": [p / e for e, p in zip(e_times, p_times, strict=True)],
-            "ratio": _median([p / e for e, p in zip(e_times, p_times, strict=True)]),
+            "ratio": median([p / e for e, p in zip(e_times, p_times, strict=True)]),
             "engine_flops_per_kernel": f_engine,
             "peer_flops_per_kernel": f_peer,
             "input_bytes_per_kernel": d * np.dtype(dtype).itemsize,
@@ -791,7 +293,7 @@ def run_bench(
     if allocator == "auto" and needs_reexec():
         params = dict(n=n, ks=ks, threads=threads, rounds=rounds, dtype=dtype, workdir=workdir,
                       chunk_sizes=chunk_sizes, stages=stages, seed=seed, wait_idle=wait_idle)
-        return _run_in_child(params, json_path, verbose)
+        return run_in_child(params, json_path, verbose)
 
     from kernelatlas.bench.peer import require_torch
 
@@ -800,11 +302,11 @@ def run_bench(
     workdir = Path(workdir) if workdir is not None else Path(tempfile.gettempdir()) / "kernelatlas-bench"
     alloc = allocator_status()
     if alloc["applicable"] and not alloc["applied"]:
-        _log(f"WARNING: allocator tunables {alloc['how']}", verbose)
-    meter = _CpuMeter()
+        log(f"WARNING: allocator tunables {alloc['how']}", verbose)
+    meter = CpuMeter()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    _log(f"measuring the FP32 FMA peak and the read bandwidth on {threads} threads", verbose)
-    _wait_for_idle(meter, wait_idle)
+    log(f"measuring the FP32 FMA peak and the read bandwidth on {threads} threads", verbose)
+    wait_for_idle(meter, wait_idle)
     peak = [_core.fma_peak_gflops(0.5, threads)]
     bandwidth = measure_read_bandwidth(threads)
 
@@ -817,7 +319,7 @@ def run_bench(
         "command": "kernelatlas bench " + " ".join(bench_cli_args(**config, json_path=None)),
         "config": {**config, "workdir": str(workdir)},
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpus": os.cpu_count(),
             "isa": build["isa"],
             "compiler": build["compiler"],
@@ -836,7 +338,7 @@ def run_bench(
         result["results"][f"k{k}"] = _measure_size(
             k, n=n, dtype=dtype, seed=seed, threads=threads, workdir=workdir, stages=stages, rounds=rounds,
             chunk_sizes=chunk_sizes, wait_idle=wait_idle, meter=meter, verbose=verbose)
-    _wait_for_idle(meter, wait_idle)
+    wait_for_idle(meter, wait_idle)
     peak.append(_core.fma_peak_gflops(0.5, threads))
     result["machine"]["fma_peak_gflops"] = max(peak)  # the larger of two: contention only ever lowers it
     result["machine"]["fma_peak_gflops_runs"] = peak
@@ -846,7 +348,7 @@ def run_bench(
         print(format_report(result), flush=True)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2))
-        _log(f"results written to {json_path}", verbose and os.environ.get(CHILD_ENV) != "subprocess")
+        log(f"results written to {json_path}", verbose and os.environ.get(CHILD_ENV) != "subprocess")
     return result
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from kernelatlas.bench import allocator, synthetic
 from kernelatlas.jobs import bench  # numpy and the engine only: torch is imported by the fixtures
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kernelatlas.bench import synthetic
 from kernelatlas.corpus import Corpus, CorpusWriter
 from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel

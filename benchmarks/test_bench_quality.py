@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+
 from kernelatlas import _core
 from kernelatlas.bench import synthetic
 

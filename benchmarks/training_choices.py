@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import kernelatlas as ka
 import numpy as np
+
+import kernelatlas as ka
 from kernelatlas.corpus import Corpus
 from kernelatlas.holdout import Holdout, random_control
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             per_seed.append(row)
             rows.append(row)
 
-        def mean(key: str) -> float:
+        def mean(key: str, per_seed: list = per_seed) -> float:
             return float(np.mean([r[key] for r in per_seed]))
 
         cells = " | ".join(f"{mean(f'{m}:in:0.85'):.3f} / {mean(f'{m}:ho:0.85'):.3f}" for m in shown)

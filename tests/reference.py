@@ -45,7 +45,7 @@ def normalize(x: np.ndarray, min_abs: float = 0.0) -> Normalized:
     <= 1e-5 max|w|) -> zero row, norm 0.
     """
     w = as_rows(x)
-    n, d = w.shape
+    _n, _d = w.shape
     nonfinite = ~np.isfinite(w).all(axis=1)
     safe = np.where(nonfinite[:, None], 0.0, w)
     amax = np.abs(safe).max(axis=1, initial=0.0)
@@ -216,7 +216,7 @@ def memo_by_identity(fn: Any) -> Any:
         everything = (x, *args)
         key = tuple(id(a) if isinstance(a, np.ndarray) else a for a in everything)
         hit = cache.get(key)
-        if hit is None or any(h is not a for h, a in zip(hit[0], everything)):
+        if hit is None or any(h is not a for h, a in zip(hit[0], everything, strict=True)):
             hit = cache[key] = (everything, fn(x, *args))
             while len(cache) > 4:
                 cache.popitem(last=False)

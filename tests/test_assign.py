@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 from torch import nn
 
 import kernelatlas as ka
-import reference as R
 from kernelatlas import Autoencoder
 
 CODE_TOL = 1e-6  # codes, absolute, x conditioning (reference.conditioning)

@@ -38,10 +38,11 @@ import pytest
 pytest.importorskip("torch")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.jobs.extract import extract
-from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 from test_runs import make_model
+
+from kernelatlas.corpus import Corpus, CorpusWriter
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.jobs.extract import extract
 
 SHARD_ROWS = 40_000
 CHUNK_ROWS = 4096  # kernels per engine call: many writes per shard for a kill to land in

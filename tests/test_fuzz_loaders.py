@@ -34,8 +34,9 @@ pytest.importorskip("h5py")
 import fuzzing
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from kernelatlas.corpus.loaders import LoaderError, load_file, onnx_model, tflite_model
 from onnx import TensorProto, helper, numpy_helper
+
+from kernelatlas.corpus.loaders import LoaderError, load_file, onnx_model, tflite_model
 
 EXAMPLES = int(os.environ.get("KERNELATLAS_FUZZ_EXAMPLES", "5"))  # hypothesis examples per family ...
 BATCH = int(os.environ.get("KERNELATLAS_FUZZ_BATCH", "30"))  # ... each a batch of this many inputs
@@ -238,7 +239,7 @@ def hostile_results(pool, tmp_path_factory):
         for mode in ("load", "extract") if name in EXTRACTED else ("load",):
             jobs.append((entry, mode))
             names.append((name, mode))
-    return dict(zip(names, pool.run_paths(jobs)))
+    return dict(zip(names, pool.run_paths(jobs), strict=True))
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
@@ -570,7 +571,7 @@ def _legacy_torch_with_string_length(length: int) -> bytes:
         stream = io.BytesIO(bytes(data))
         offset = 0
         for _ in range(skip):
-            for op, _, pos in pickletools.genops(stream):
+            for _op in pickletools.genops(stream):
                 pass
             offset = stream.tell()
         for op, _, pos in pickletools.genops(io.BytesIO(bytes(data[offset:]))):

@@ -25,12 +25,13 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from kernelatlas.jobs.extract import extract
+from test_filterdb import build_dataset
+
 from kernelatlas.corpus.loaders import keras_model
 from kernelatlas.corpus.loaders.base import LoaderError
 from kernelatlas.corpus.loaders.filterdb import FilterDBError, read_meta, restricted_loads
+from kernelatlas.jobs.extract import extract
 from kernelatlas.jobs.filterdb import import_filterdb
-from test_filterdb import build_dataset
 
 KSHAPE = (3, 3, 4, 8)  # a Keras Conv2D kernel [kh, kw, c_in, c_out]
 WORD = b"SECR"  # the "secret" file repeats it: any float32 view of its bytes, in any order, shows WORD * 3

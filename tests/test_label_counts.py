@@ -60,7 +60,7 @@ def test_no_segments():
 
 def test_labels_outside_the_clusters_are_an_error():
     labels = np.array([0, 3, -2], np.int16)
-    with pytest.raises(ValueError, match="2 labels are outside -1..2"):
+    with pytest.raises(ValueError, match=r"2 labels are outside -1\.\.2"):
         _core.label_counts(labels, np.zeros(3, np.float32), np.array([0], np.int64), np.array([3], np.int64), 3, True)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 
 import kernelatlas as ka
-import reference as R
 
 NORM_TOL = 1e-6  # normalised values, absolute, x conditioning (see reference.conditioning)
 

@@ -5,14 +5,16 @@ the paths) and keep their example counts small so that the suite stays fast."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+import reference as R
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kernelatlas as ka
-import reference as R
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -146,9 +148,9 @@ def test_nonfinite_and_zero_kernels_never_raise_and_get_minus_one(model9, model2
 def interval_sets(draw):
     edges = sorted(set(draw(st.lists(st.floats(0.375, 0.625, width=32), min_size=2, max_size=12))))
     assume(len(edges) >= 2)
-    pairs = list(zip(edges[:-1], edges[1:]))
+    pairs = list(itertools.pairwise(edges))
     keep = draw(st.lists(st.booleans(), min_size=len(pairs), max_size=len(pairs)))
-    intervals = [p for p, k in zip(pairs, keep) if k]
+    intervals = [p for p, k in zip(pairs, keep, strict=True) if k]
     assume(intervals)
     return intervals
 

@@ -19,9 +19,9 @@ import pytest
 
 import kernelatlas
 from kernelatlas import cli
-from kernelatlas.jobs import quality as lq
 from kernelatlas.corpus import Corpus, CorpusWriter
 from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.jobs import quality as lq
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 TOL = 1e-6

@@ -6,9 +6,10 @@ item (2^18 rows), every ISA, 1 and 2 threads (bit-identical), segment order, and
 
 from __future__ import annotations
 
-import kernelatlas
 import numpy as np
 import pytest
+
+import kernelatlas
 from kernelatlas import _core
 
 PIECE = 1 << 18  # rows per native work item (kQualityPieceRows): longer segments take the multi-piece path

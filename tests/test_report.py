@@ -322,7 +322,7 @@ def test_no_completed_run(tmp_path):
     with pytest.raises(RunError, match="no completed run"):
         report(corpus, tmp_path / "o")
     write_run(corpus, "half", completed=False)
-    with pytest.raises(RunError, match="no completed run.*half"):
+    with pytest.raises(RunError, match=r"no completed run.*half"):
         report(corpus, tmp_path / "o")
 
 

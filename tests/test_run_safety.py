@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-
-from kernelatlas.jobs import assign as runs_mod
-from kernelatlas.corpus import CorpusError
 from test_runs import make_corpus, make_model, outputs
+
+from kernelatlas.corpus import CorpusError
+from kernelatlas.jobs import assign as runs_mod
 
 pytest.importorskip("torch")
 

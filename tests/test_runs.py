@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import kernelatlas as ka
-from kernelatlas.jobs import assign as runs_mod
 from kernelatlas.corpus import Corpus, CorpusError, CorpusWriter, rundir
 from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.jobs import assign as runs_mod
 
 torch = pytest.importorskip("torch")
 MASTER_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "master_key_filters_7x7.txt"
@@ -264,7 +264,7 @@ def test_quality_runs_are_written_like_assign_runs(tmp_path):
     from kernelatlas.jobs.quality import quality_run
 
     c = make_corpus(tmp_path / "c")
-    with pytest.raises(ValueError, match="run id '../evil' is not allowed"):
+    with pytest.raises(ValueError, match=r"run id '\.\./evil' is not allowed"):
         quality_run(c, run_id="../evil", figures=False)
     assert not (tmp_path / "evil").exists()
     (c.root / "runs").mkdir()

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_quality import build_filterdb, make_corpus, structured
 
 import kernelatlas
 from kernelatlas import cli
-from kernelatlas.jobs import shift as ds
-from kernelatlas.jobs import quality as lq
 from kernelatlas.corpus import Corpus
-from test_quality import build_filterdb, make_corpus, structured
+from kernelatlas.jobs import quality as lq
+from kernelatlas.jobs import shift as ds
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -165,7 +165,7 @@ def test_layer_groups(family_corpus: Corpus) -> None:
     assert names[0] == "[0.0, 0.1]" and all(n.startswith("(") for n in names[1:])
     np.testing.assert_array_equal(np.array(names)[codes],
                                   np.array([ds._depth_label(i) for i in ds.depth_deciles(lay["depth_norm"])]))
-    with pytest.raises(ValueError, match="no such column.*--meta"):
+    with pytest.raises(ValueError, match=r"no such column.*--meta"):
         ds.layer_groups(family_corpus, lay["layer_id"], "colour")
 
 

@@ -14,19 +14,20 @@ import json
 import re
 from pathlib import Path
 
-import kernelatlas as ka
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from planted import centred_unit, make_small_corpus, planted_kernels, read_master_key_filters, write_corpus
+
+import kernelatlas as ka
 from kernelatlas import Autoencoder
 from kernelatlas.autoencoder import Dense
 from kernelatlas.cli import main as cli_main
-from kernelatlas.jobs.clusters import THRESHOLDS, clusters, merge_intervals, read_spec
 from kernelatlas.corpus import Corpus
-from kernelatlas.templates import _PAIRS, best_match, template_names, templates
+from kernelatlas.jobs.clusters import THRESHOLDS, clusters, merge_intervals, read_spec
 from kernelatlas.jobs.train import train
-from planted import centred_unit, make_small_corpus, planted_kernels, read_master_key_filters, write_corpus
+from kernelatlas.templates import _PAIRS, best_match, template_names, templates
 
 SIZES = (3, 5, 7, 9, 11)
 

@@ -80,7 +80,7 @@ class Autoencoder:
                 self.cluster_names = [f"cluster_{i}" for i in range(len(self.clusters))]
             if len(self.cluster_names) != len(self.clusters):
                 raise ValueError("cluster_names must name every interval")
-        self._engine  # validate now (shapes, widths, intervals), not at the first call
+        _ = self._engine  # validate now (shapes, widths, intervals), not at the first call
 
     # ------------------------------------------------------------------ properties
     @property
@@ -115,9 +115,8 @@ class Autoencoder:
 
     def with_clusters(self, clusters: Sequence[tuple[float, float]], names: Sequence[str] | None = None) -> Autoencoder:
         """The same network with other cluster intervals."""
-        return Autoencoder(
-            self.encoder, self.decoder, self.kernel_size, list(clusters), list(names) if names else None, dict(self.info)
-        )
+        return Autoencoder(self.encoder, self.decoder, self.kernel_size, list(clusters),
+                           list(names) if names else None, dict(self.info))
 
     # ------------------------------------------------------------------ inference
     def encode(

@@ -467,9 +467,9 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
                                                      if reg.group_descriptions.get(g) else ""))
         print(f"cache: {root}")
         return 0
-    names = args.names or ["default"]
-    zoo.resolve(names)  # unknown names fail before any download
-    for name in names:
+    wanted = args.names or ["default"]
+    zoo.resolve(wanted)  # unknown names fail before any download
+    for name in wanted:
         for path in zoo.pull(name, cache=args.dest, wheelhouse=args.wheelhouse,
                              log=lambda msg: print(msg, file=sys.stderr)):
             print(path)
@@ -523,7 +523,8 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     check_device(args.device)
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
                         kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
-                        models=args.models, progress=not args.no_progress, command=" ".join(["kernelatlas", *sys.argv[1:]]))
+                        models=args.models, progress=not args.no_progress,
+                        command=" ".join(["kernelatlas", *sys.argv[1:]]))
     print(f"run {rid}: {args.corpus / 'runs' / rid}")
     return 0
 
@@ -580,7 +581,8 @@ def _print_totals(path: Path, threshold: float) -> None:
     for row in pd.read_csv(path).to_dict("records"):
         if f"share_in_sample_{t}" not in row or row.get("live_held_out", -1) < 0:
             continue
-        print(f"{row['kernel_size']}x{row['kernel_size']} {row['kind']}: {row['live']:,} live kernels, classified at {t}: "
+        print(f"{row['kernel_size']}x{row['kernel_size']} {row['kind']}: {row['live']:,} live kernels, "
+              f"classified at {t}: "
               f"{100 * row[f'share_in_sample_{t}']:.1f}% in-sample / {100 * row[f'share_held_out_{t}']:.1f}% "
               f"held-out (random-kernel control {100 * row[f'control_{t}']:.1f}%)")
 

@@ -118,9 +118,8 @@ def assign_prototypes(
     check_device(device)
     engine = prototypes if isinstance(prototypes, _core.PrototypeEngine) else prototype_engine(prototypes)
     labels, scores = out if out is not None else (None, None)
-    return engine.assign(
-        x, threshold=float(threshold), labels=labels, scores=scores, min_abs=float(min_abs), threads=thread_count(threads)
-    )
+    return engine.assign(x, threshold=float(threshold), labels=labels, scores=scores, min_abs=float(min_abs),
+                         threads=thread_count(threads))
 
 
 def prototype_engine(prototypes: np.ndarray) -> _core.PrototypeEngine:
@@ -148,7 +147,7 @@ def build_info() -> dict[str, Any]:
     info["cuda_devices"] = []
     if info["cuda_built"]:
         try:
-            from kernelatlas import _cuda  # type: ignore[attr-defined]
+            from kernelatlas import _cuda
         except ImportError as exc:  # built, but the CUDA runtime cannot load here
             info["cuda_error"] = str(exc)
         else:

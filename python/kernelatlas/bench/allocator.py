@@ -158,8 +158,8 @@ def run_in_child(params: dict[str, Any], json_path: str | os.PathLike[str] | Non
         log("glibc reads GLIBC_TUNABLES only at start: measuring in a child process with it set", verbose)
         sys.stdout.flush()
         sys.stderr.flush()
-        quiet = {} if verbose else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        proc = subprocess.run(cmd, env=_tunables_environ("subprocess"), check=False, **quiet)
+        sink = None if verbose else subprocess.DEVNULL
+        proc = subprocess.run(cmd, env=_tunables_environ("subprocess"), check=False, stdout=sink, stderr=sink)
         if proc.returncode != 0:
             raise RuntimeError(f"the bench child process failed (exit {proc.returncode}): {' '.join(cmd)}")
         return json.loads(out.read_text())

@@ -155,7 +155,7 @@ def agreement_assign(model: Autoencoder, tau: float, engine: tuple[np.ndarray, .
     other = rest & ~near_edge
     live = np.isfinite(p_scores)
     return {
-        "kernels": int(len(e_labels)),
+        "kernels": len(e_labels),
         "equal": int(len(e_labels) - differ.sum()),
         "differ_near_threshold": int((differ & near_tau).sum()),
         "differ_near_interval_edge": int(near_edge.sum()),
@@ -194,7 +194,7 @@ def agreement_prototypes(corpus: np.ndarray, prototypes: np.ndarray, tau: float,
         tie[idx] = np.abs(cos[rows, e_labels[idx]] - cos[rows, p_labels[idx]]) <= AGREEMENT_TOL
     live = np.isfinite(p_scores)
     return {
-        "kernels": int(len(e_labels)),
+        "kernels": len(e_labels),
         "equal": int(len(e_labels) - differ.sum()),
         "differ_near_threshold": int((differ & near_tau).sum()),
         "differ_near_tie": int(tie.sum()),

@@ -55,7 +55,7 @@ def synth_kernels(rng: np.random.Generator, rows: int, k: int, patterns: np.ndar
     n_pat, d = patterns.shape
     coeffs = rng.standard_normal((rows, n_pat), dtype=np.float32) * np.float32(0.3)
     dominant = rng.integers(0, n_pat, rows)
-    coeffs[np.arange(rows), dominant] += rng.choice(np.float32([-1.0, 1.0]), rows) * (
+    coeffs[np.arange(rows), dominant] += rng.choice(np.array([-1.0, 1.0], np.float32), rows) * (
         np.float32(1.0) + np.abs(rng.standard_normal(rows, dtype=np.float32))
     )
     kernels = coeffs @ patterns

@@ -240,13 +240,17 @@ class AssignRun:
         return output_path(self.root, self.kernel_size, shard, what)
 
     def labels(self, shard: str) -> np.ndarray:
-        return np.load(self.output(shard, "labels"), mmap_mode="r")
+        return self._memmap(shard, "labels")
 
     def scores(self, shard: str) -> np.ndarray:
-        return np.load(self.output(shard, "scores"), mmap_mode="r")
+        return self._memmap(shard, "scores")
 
     def codes(self, shard: str) -> np.ndarray:
-        return np.load(self.output(shard, "codes"), mmap_mode="r")
+        return self._memmap(shard, "codes")
+
+    def _memmap(self, shard: str, what: str) -> np.ndarray:
+        arr: np.ndarray = np.load(self.output(shard, what), mmap_mode="r")
+        return arr
 
 
 def output_path(run_path: Path, kernel_size: int, shard: str, what: str) -> Path:

@@ -38,7 +38,7 @@ from kernelatlas.corpus.loaders.base import LoadedModel, conv_depths
 if TYPE_CHECKING:
     from kernelatlas.corpus.rundir import AssignRun
 
-__all__ = ["Chunk", "Corpus", "CorpusError", "CorpusWriter", "LAYER_COLUMNS", "MODEL_COLUMNS"]
+__all__ = ["LAYER_COLUMNS", "MODEL_COLUMNS", "Chunk", "Corpus", "CorpusError", "CorpusWriter"]
 
 FORMAT = "kernelatlas-corpus"
 FORMAT_VERSION = 1
@@ -172,7 +172,8 @@ class Corpus:
     # -------------------------------------------------------------- tables
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.manifest["dtype"])
+        dtype: np.dtype = np.dtype(self.manifest["dtype"])
+        return dtype
 
     @property
     def models(self) -> Any:
@@ -226,7 +227,7 @@ class Corpus:
         if path.is_symlink() or path.parent.is_symlink():
             raise CorpusError(f"{path} is a symlink: a corpus's shards are read only from its own folders (a "
                               "corpus received from someone else could point them at any file)")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
         if arr.shape != (entry["rows"], entry["k"] ** 2):
             raise CorpusError(f"{path} has shape {arr.shape}, the manifest says "
                               f"({entry['rows']}, {entry['k'] ** 2}): the corpus is damaged")
@@ -283,8 +284,8 @@ class Corpus:
         return {
             "path": str(self.root),
             "dtype": self.manifest["dtype"],
-            "models": int(len(self.models)),
-            "layers": int(len(lay)),
+            "models": len(self.models),
+            "layers": len(lay),
             "layers_by_kind": {str(k): int(v) for k, v in lay["kind"].value_counts().items()},
             "kernels_by_size": by_size,
             "kernels_stored": int(sum(s["rows"] for s in self.manifest["shards"])),
@@ -323,7 +324,7 @@ class _PendingShard:
         self.path = f"k{k}/shard-{index:06d}.npy"
         (root / f"k{k}").mkdir(exist_ok=True)
         self.partial = root / f"k{k}" / f".shard-{index:06d}.npy.partial"
-        self.fh = open(self.partial, "wb")
+        self.fh = open(self.partial, "wb")  # noqa: SIM115 - held across append() calls, closed by commit/discard
         self.fh.write(_npy_header(dtype, 0, k * k))
         self.rows = 0
         self.hash = hashlib.sha256()
@@ -331,7 +332,7 @@ class _PendingShard:
     def append(self, rows: np.ndarray) -> int:
         data = np.ascontiguousarray(rows, dtype=self.dtype)
         start = self.rows
-        buf = memoryview(data).cast("B")
+        buf = memoryview(data).cast("B")  # type: ignore[arg-type]  # numpy's stubs do not declare the buffer protocol
         self.fh.write(buf)
         self.hash.update(buf)
         self.rows += len(data)
@@ -386,7 +387,7 @@ class CorpusWriter:
         try:
             self._lock_fh = acquire_lock(self.root / LOCK)
         except BlockingIOError as exc:
-            raise CorpusError(f"{self.root} is being written by {exc.holder} (lock {self.root / LOCK}); wait for "
+            raise CorpusError(f"{self.root} is being written by {getattr(exc, 'holder', 'another process')} (lock {self.root / LOCK}); wait for "
                               "it to finish -- two writers would corrupt the corpus") from None
         except OSError as exc:
             raise CorpusError(f"cannot open the corpus lock {self.root / LOCK} ({exc}): remove it if it is a "
@@ -592,8 +593,8 @@ class CorpusWriter:
         manifest = dict(self.manifest)
         manifest["shards"] = list(self.manifest["shards"]) + new_shards
         manifest["kernel_sizes"] = sorted({int(s["k"]) for s in manifest["shards"]})
-        manifest["n_models"] = int(len(models))
-        manifest["n_layers"] = int(len(layers))
+        manifest["n_models"] = len(models)
+        manifest["n_layers"] = len(layers)
         manifest["generation"] = int(self.manifest.get("generation", 0)) + 1
         manifest["updated"] = _now()
         atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -11,7 +11,8 @@ Labels: cluster index; -1 unclassified (below the threshold, code in no interval
 non-finite kernel -- those have score 0 and code NaN); -2 rows of layers not of the run's kind (not assigned).
 
 Resumable shard by shard: a shard's outputs are written into temp files, fsynced and renamed (labels last),
-so a shard is done exactly when its labels file exists; a killed run restarts at the first shard without one and, the engine being deterministic, gives identical output.  RUN_ID defaults to a short hash
+so a shard is done exactly when its labels file exists; a killed run restarts at the first shard without one
+and, the engine being deterministic, gives identical output.  RUN_ID defaults to a short hash
 of (mode, model contents, options, corpus generation), so rerunning the same command resumes the same run.
 Reading and writing overlap computing: the kernel is asked to read the next chunk ahead (MADV_WILLNEED), the
 engine writes its outputs straight into aligned staging blocks, and a background thread writes full blocks to
@@ -147,7 +148,8 @@ def _check_disjoint(corpus: Corpus, shard: str, layers: np.ndarray) -> None:
     bad = np.flatnonzero(arr[1:, 1] < arr[:-1, 1] + arr[:-1, 2]) if len(arr) > 1 else np.zeros(0, np.int64)
     if len(bad) or (len(arr) and arr[0, 1] < 0):
         i = int(bad[0]) if len(bad) else 0
-        raise CorpusError(f"{corpus.root / 'layers.parquet'}: layers {arr[i, 0]} and {arr[min(i + 1, len(arr) - 1), 0]} "
+        other = arr[min(i + 1, len(arr) - 1), 0]
+        raise CorpusError(f"{corpus.root / 'layers.parquet'}: layers {arr[i, 0]} and {other} "
                           f"claim overlapping rows of {shard}: the corpus is damaged; outputs would be misaligned, "
                           "so nothing is assigned")
 
@@ -224,7 +226,8 @@ class _ShardOutput:
         try:
             for name, path in self.tmp.items():
                 item = self._DTYPE[name].itemsize
-                self._files[name] = SequentialFile(path, block=max(1 << 22, chunk_rows * item + 2 * SequentialFile.ALIGN))
+                block = max(1 << 22, chunk_rows * item + 2 * SequentialFile.ALIGN)
+                self._files[name] = SequentialFile(path, block=block)
                 self._files[name].write(npy_header(self._DTYPE[name].str, (rows,), self.HEADER))
         except BaseException:
             self.discard()

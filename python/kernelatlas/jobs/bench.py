@@ -124,8 +124,8 @@ class _SizeBench:
         """One pass of ``stage`` by ``who`` over the first ``rows`` kernels (all by default)."""
         rows = self.n if rows is None else rows
         x = self.corpus[:rows]
-        out = self.out[stage][who]
-        out = tuple(a[:rows] for a in out) if isinstance(out, tuple) else out[:rows]
+        full = self.out[stage][who]
+        out: Any = tuple(a[:rows] for a in full) if isinstance(full, tuple) else full[:rows]
         engine = who == "engine"
         if stage == "normalize":
             if engine:
@@ -212,9 +212,9 @@ def _measure_size(k: int, *, n: int, dtype: str, seed: int, threads: int, workdi
                 contended = busiest is not None and busiest > BUSY_SHARE
                 line = " | ".join(f"{who} {pair[who]:6.2f} s ({n / pair[who] / 1e6:6.2f} M/s)"
                                   for who in order)
+                busy = f" | others took {100 * busiest:.0f}% of the CPUs" if busiest is not None and contended else ""
                 log(f"k={k} round {r + 1}/{rounds} {STAGE_TITLES[stage]:<20} {line} | "
-                     f"x{pair['peer'] / pair['engine']:.2f}"
-                     + (f" | others took {100 * busiest:.0f}% of the CPUs" if contended else ""), verbose)
+                    f"x{pair['peer'] / pair['engine']:.2f}{busy}", verbose)
                 if not contended or attempt == MAX_RETRIES:
                     break
                 discarded += 1
@@ -311,7 +311,7 @@ def run_bench(
     bandwidth = measure_read_bandwidth(threads)
 
     build = kernelatlas.build_info()
-    config = dict(n=n, ks=ks, threads=threads, rounds=rounds, dtype=dtype, workdir=None,
+    config: dict[str, Any] = dict(n=n, ks=ks, threads=threads, rounds=rounds, dtype=dtype, workdir=None,
                   chunk_sizes=chunk_sizes, stages=stages, seed=seed, wait_idle=wait_idle)
     result: dict[str, Any] = {
         "schema": "kernelatlas-bench/1",

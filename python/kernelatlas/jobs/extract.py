@@ -121,7 +121,7 @@ def extract(
             except OSError as exc:
                 report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
                 continue
-            except Exception as exc:  # noqa: BLE001 -- the per-file boundary below covers identity too
+            except Exception as exc:
                 report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
                                       f"{str(exc)[:300] or 'no detail'})"))
                 continue
@@ -148,7 +148,7 @@ def extract(
                     raise
                 report.failed.append((str(path), f"{path}: cannot be read ({exc})"))
                 continue
-            except Exception as exc:  # noqa: BLE001 -- see above
+            except Exception as exc:
                 report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
                                       f"{str(exc)[:300] or 'no detail'})"))
                 continue

@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 
 from kernelatlas.corpus.loaders.base import KINDS, ConvLayer, LoadedModel, classify_kind
-
 from kernelatlas.corpus.loaders.filterdb import (
     _DAMAGED,
     _KNOWN_MODEL_COLUMNS,

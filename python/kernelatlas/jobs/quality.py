@@ -175,7 +175,7 @@ def orthogonality(filters: Any, *, block_bytes: int = 1 << 26) -> float:
     for a in range(0, c_out, rows):
         b = min(a + rows, c_out)
         blk = np.asarray(filters[a:b], dtype=np.float64).reshape(b - a, m)
-        finite = np.isfinite(blk).all(axis=1)
+        finite = np.asarray(np.isfinite(blk).all(axis=1))
         norms = np.sqrt((np.where(finite[:, None], blk, 0.0) ** 2).sum(axis=1))
         blocks.append((a, b, finite))
         inv_norms.append(1.0 / np.where(norms > 0, norms, 1.0))

@@ -37,8 +37,8 @@ def _quality(corpus: Any, *, threads: int | None, progress: bool, command: str) 
     PCA, and the distribution shift between models and between depth deciles (the groupings every corpus has;
     `kernelatlas shift --by task|category|family` adds those given with extract --meta)."""
     from kernelatlas.corpus import CorpusError
-    from kernelatlas.jobs.shift import shift_result
     from kernelatlas.jobs.quality import quality_run
+    from kernelatlas.jobs.shift import shift_result
 
     _say("measuring kernel quality per layer (sparsity, variance entropy, degenerate layers) and the PCA basis",
          progress)
@@ -141,9 +141,9 @@ def _model_and_run(corpus: Any, k: int, mdir: Path, options: dict[str, Any], *, 
     """Train (or reuse) the autoencoder in ``mdir``, read its clusters, assign; returns the run id.  A model
     directory is reused when its model.json records the same seed, corpus generation, epoch cap, held-out share
     and models as asked."""
-    from kernelatlas.jobs.clusters import clusters as find_clusters
     from kernelatlas.holdout import DEFAULT_SHARE
     from kernelatlas.jobs.assign import assign_corpus
+    from kernelatlas.jobs.clusters import clusters as find_clusters
     from kernelatlas.jobs.train import train
 
     meta = mdir / "model.json"

@@ -488,7 +488,7 @@ def box_figure(qrun: QualityRun, k: int) -> str | None:
     results = _completed_shifts(qrun, k)
     if not results:
         return None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in results:
         label = r.root.name.removeprefix(f"shift-k{k}-")
         rows.extend({"grouping": label, "group_a": p.group_a, "group_b": p.group_b, "shift": p.shift}

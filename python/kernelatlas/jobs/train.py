@@ -226,8 +226,8 @@ def train(
             "pool": drawn["pool"],
             "drawn": drawn["drawn"],
             "used": int(len(train_idx) + len(val_idx)),
-            "train": int(len(train_idx)),
-            "validation": int(len(val_idx)),
+            "train": len(train_idx),
+            "validation": len(val_idx),
             "excluded": excluded,
         },
     }

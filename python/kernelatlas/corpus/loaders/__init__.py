@@ -16,8 +16,17 @@ from pathlib import Path
 
 from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel, LoaderError, classify_kind, conv_depths
 
-__all__ = ["ConvLayer", "LoadedModel", "LoaderError", "SUFFIXES", "classify_kind", "conv_depths",
-           "is_checkpoint", "load_file", "source_files"]
+__all__ = [
+    "SUFFIXES",
+    "ConvLayer",
+    "LoadedModel",
+    "LoaderError",
+    "classify_kind",
+    "conv_depths",
+    "is_checkpoint",
+    "load_file",
+    "source_files",
+]
 
 # suffix -> format family
 SUFFIXES = {
@@ -28,7 +37,7 @@ SUFFIXES = {
 
 def _family(path: Path) -> str | None:
     name = path.name.lower()
-    if name.endswith(".safetensors.index.json") or name.endswith(".bin.index.json"):
+    if name.endswith((".safetensors.index.json", ".bin.index.json")):
         return "safetensors"  # sharded sets (safetensors or torch .bin shards) are read through their index
     return SUFFIXES.get(path.suffix.lower())
 

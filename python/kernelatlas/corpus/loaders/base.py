@@ -77,7 +77,8 @@ class ConvLayer:
 
     def __post_init__(self) -> None:
         if self.weight.ndim != 4:
-            raise ValueError(f"layer {self.name}: weight must be [c_out, c_in_per_group, kh, kw], got {self.weight.shape}")
+            raise ValueError(f"layer {self.name}: weight must be [c_out, c_in_per_group, kh, kw], got "
+                             f"{self.weight.shape}")
         if self.kind not in KINDS:
             raise ValueError(f"layer {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
 

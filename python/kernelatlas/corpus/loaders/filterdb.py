@@ -41,14 +41,14 @@ from kernelatlas.corpus.loaders import h5safe
 from kernelatlas.corpus.loaders.base import LoaderError
 
 __all__ = [
-    "RestrictedUnpickler",
-    "restricted_loads",
     "FilterDBError",
     "FilterDBLayout",
+    "RestrictedUnpickler",
     "filterdb_identity",
     "inspect_filterdb",
     "layer_arrays",
     "read_meta",
+    "restricted_loads",
 ]
 
 FILTERS_KEY = "filters"
@@ -240,8 +240,8 @@ def _assemble(where: str, shape: Any, dtype: Any, order: Any, data: Any) -> np.n
         out = np.empty(n, dtype=object)
         for i, item in enumerate(data):
             out[i] = _plain_item(where, item)
-        out = out.reshape(shape)  # numpy lists an object array's items in C order, whatever its memory order
-        return np.asfortranarray(out) if order == "F" else out
+        shaped = out.reshape(shape)  # numpy lists an object array's items in C order, whatever its memory order
+        return np.asfortranarray(shaped) if order == "F" else shaped
     if isinstance(data, str):
         data = data.encode("latin1")  # a protocol-0/2 pickle written by Python 2
     if not isinstance(data, (bytes, bytearray)) or len(data) != n * dt.itemsize:
@@ -359,7 +359,7 @@ class RestrictedUnpickler(pickle.Unpickler):
                     continue
                 try:
                     dt = getattr(npdtypes, dname)()
-                except Exception:  # noqa: BLE001, S112 - parametric dtypes (bytes, str, void, datetime) need arguments
+                except Exception:
                     continue
                 descr = f"{dt.kind}{dt.itemsize}"
                 if isinstance(dt, np.dtype) and _PICKLE_DESCR.match(descr):
@@ -391,7 +391,7 @@ def restricted_loads(data: bytes, *, where: str) -> Any:
         return RestrictedUnpickler(io.BytesIO(data), where=where).load()
     except FilterDBError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a malformed pickle raises all sorts of errors
+    except Exception as exc:
         raise FilterDBError(f"{where}: cannot decode a pickled value ({type(exc).__name__}: {str(exc)[:200]}); "
                             "the file is damaged or not a pandas table") from None
 

@@ -89,7 +89,7 @@ def walk(root: Any, *, label: str, error: _Error = LoaderError, max_depth: int =
     root_name = root.name or "/"
     try:
         seen: dict[int, str] = {object_address(root): root_name}
-    except Exception as exc:  # noqa: BLE001 - HDF5 raises many kinds of errors on damaged files
+    except Exception as exc:
         raise error(f"{label}: {root_name} is unreadable ({exc}); the file is truncated or damaged") from None
     stack: list[tuple[Any, str, int]] = [(root, root_name.rstrip("/"), 0)]
     count = 0
@@ -97,14 +97,14 @@ def walk(root: Any, *, label: str, error: _Error = LoaderError, max_depth: int =
         group, prefix, depth = stack.pop()
         try:
             names = list(group)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise error(f"{label}: group {prefix or '/'} is unreadable ({exc}); the file is truncated or "
                         "damaged") from None
         for name in names:
             path = f"{prefix}/{name}"
             try:
                 link = group.get(name, getlink=True)
-            except Exception as exc:  # noqa: BLE001 - user-defined link classes raise TypeError in h5py
+            except Exception as exc:
                 raise error(f"{label}: {path} is a link h5py cannot classify ({exc}); kernelatlas follows "
                             "hard links only") from None
             if isinstance(link, h5py.ExternalLink):
@@ -119,7 +119,7 @@ def walk(root: Any, *, label: str, error: _Error = LoaderError, max_depth: int =
             try:
                 obj = group[name]
                 address = object_address(obj)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise error(f"{label}: {path} is unreadable ({exc}); the file is truncated or damaged") from None
             first = seen.get(address)
             if first is not None:
@@ -149,20 +149,20 @@ def check_layout(ds: Any, *, label: str, error: _Error = LoaderError, where: str
         dcpl = ds.id.get_create_plist()
         layout = dcpl.get_layout()
         n_external = dcpl.get_external_count()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise error(f"{label}: {name}: storage layout unreadable ({exc}); the file is damaged") from None
     if layout == h5py.h5d.VIRTUAL:
         try:
             n = dcpl.get_virtual_count()
             sources = sorted({dcpl.get_virtual_filename(i) for i in range(min(n, 8))})
-        except Exception:  # noqa: BLE001
+        except Exception:
             sources = []
         raise error(f"{label}: {name} is a virtual dataset (its data would be read from {sources or 'other files'})"
                     "; kernelatlas refuses virtual datasets")
     if n_external:
         try:
             files = sorted({dcpl.get_external(i)[0].decode("utf-8", "replace") for i in range(min(n_external, 8))})
-        except Exception:  # noqa: BLE001
+        except Exception:
             files = []
         raise error(f"{label}: {name} keeps its data in external file(s) {files or '?'}; kernelatlas refuses "
                     "external storage (it would copy another local file)")
@@ -192,7 +192,7 @@ class open_checked:
 
         try:
             self.file = h5py.File(self.source, "r")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self.error(f"{self.label}: not a readable HDF5 file ({exc}){self.open_hint}") from None
         try:
             check_file(self.file, label=self.label, error=self.error)
@@ -216,7 +216,7 @@ def _fill_is_zero(ds: Any, dcpl: Any) -> tuple[bool, str]:
             return False, "never written either (fill time 'never')"
         value = ds.fillvalue
         raw = np.asarray(value).tobytes()
-    except Exception:  # noqa: BLE001 - an exotic type: treat as not zero
+    except Exception:
         return False, "unknown"
     return not any(raw), repr(value.item() if isinstance(value, np.generic) else value)
 
@@ -236,7 +236,7 @@ def check_dataset(ds: Any, *, label: str, error: _Error = LoaderError, where: st
         dcpl = ds.id.get_create_plist()
         layout = dcpl.get_layout()
         file_size = int(ds.file.id.get_filesize())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise error(f"{label}: {name} is unreadable ({exc}); the file is damaged") from None
     if shape is None:  # a null dataspace holds nothing
         return 0
@@ -282,7 +282,7 @@ def check_dataset(ds: Any, *, label: str, error: _Error = LoaderError, where: st
                 raise error(f"{label}: {what}: {stored:,} compressed bytes would expand to "
                             f"{min(capacity, logical):,} (more than {MAX_COMPRESSION_RATIO}x, beyond what "
                             "deflate can do): a decompression bomb or a damaged file; refused")
-            expected = math.prod(-(-int(s) // int(c)) for s, c in zip(shape, ds.chunks))
+            expected = math.prod(-(-int(s) // int(c)) for s, c in zip(shape, ds.chunks, strict=True))
             unwritten = min(logical, (expected - count) * chunk_bytes) if count < expected else 0
             missing = f"{expected - count:,} of its {expected:,} chunks were never written"
     except Exception as exc:

@@ -279,7 +279,7 @@ class _MemberWindow(io.RawIOBase):
 def _read_h5(path: Path, h5: h5py.File, *, config: dict | None) -> LoadedModel:
     try:
         if "model_weights" in h5 or "layer_names" in h5.attrs or "layer_names0" in h5.attrs:
-            reader = _Keras2Reader(path, h5)
+            reader: _Keras2Reader | _Keras3Reader = _Keras2Reader(path, h5)
         elif "layers" in h5 or "vars" in h5:
             reader = _Keras3Reader(path, h5, config)
         else:
@@ -439,7 +439,7 @@ class _Keras3Reader:
             if not isinstance(entry, dict):
                 continue
             cls = str(entry.get("class_name", ""))
-            conf = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+            conf = _config_of(entry)
             name = str(conf.get("name") or entry.get("name") or cls)
             key = _snake_case(cls)
             if key in used:
@@ -532,7 +532,7 @@ class _Keras2Reader:
         top = {}
         for entry in _layer_list(config) or []:
             if isinstance(entry, dict):
-                conf = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+                conf = _config_of(entry)
                 top[str(conf.get("name") or entry.get("name"))] = entry
         layer_names = _attr_list(root, "layer_names")
         if layer_names is None:
@@ -577,7 +577,7 @@ class _Keras2Reader:
             return
         if entry is not None:
             cls = str(entry.get("class_name", ""))
-            conf = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+            conf = _config_of(entry)
             if cls not in _CONV_CLASSES:
                 return  # Conv2DTranspose, Conv3D, ... are not 2-D convs of the kind kept here
             inferred = False
@@ -586,9 +586,10 @@ class _Keras2Reader:
                 self.sink.warnings.append(
                     f"{where}: not found in model_config; classified from its weight names"
                 )
-            cls, conf = self._class_from_names(four_d), {}
-            if cls is None:
+            guessed, conf = self._class_from_names(four_d), {}
+            if guessed is None:
                 return
+            cls = guessed
             # 'depthwise_kernel' names the class exactly; a bare 4-D 'kernel' may be a Conv2DTranspose and
             # its groups are unknown.
             inferred = cls == "Conv2D"
@@ -633,7 +634,8 @@ def _attr_list(group: h5py.Group, name: str) -> list[str] | None:
         return [_text(v) for v in np.atleast_1d(group.attrs[name])]
     if f"{name}0" not in group.attrs:
         return None
-    values, chunk = [], 0
+    values: list[Any] = []
+    chunk = 0
     while f"{name}{chunk}" in group.attrs:
         values.extend(_text(v) for v in np.atleast_1d(group.attrs[f"{name}{chunk}"]))
         chunk += 1
@@ -660,12 +662,18 @@ def _layer_list(entry: Any) -> list | None:
     return None
 
 
+def _config_of(entry: dict) -> dict:
+    """A layer entry's "config" object ({} when it has none, or not an object)."""
+    conf = entry.get("config")
+    return conf if isinstance(conf, dict) else {}
+
+
 def _find_layer(entry: dict | None, name: str, depth: int = 0) -> dict | None:
     """The config of layer ``name``: ``entry`` itself or a layer nested in it (depth first, at most
     ``_MAX_NESTING`` models deep)."""
     if entry is None or depth > _MAX_NESTING:
         return None
-    conf = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+    conf = _config_of(entry)
     if str(conf.get("name") or entry.get("name")) == name:
         return entry
     for child in _layer_list(entry) or []:

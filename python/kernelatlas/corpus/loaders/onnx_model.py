@@ -201,11 +201,11 @@ class _Reader:
                 f"{users[1]!r}, ...); a model does not tie that many layers: the file is hostile or corrupt"
             )
         _check_finite(weight, where, self.warnings)
-        extra = {"op_type": node.op_type, "node_index": index}
-        for key in ("strides", "dilations", "pads", "auto_pad"):
-            if key in attrs:
-                value = attrs[key]
-                extra[key] = value.decode() if isinstance(value, bytes) else list(value)
+        extra: dict[str, object] = {"op_type": node.op_type, "node_index": index}
+        for attr in ("strides", "dilations", "pads", "auto_pad"):
+            if attr in attrs:
+                value = attrs[attr]
+                extra[attr] = value.decode() if isinstance(value, bytes) else list(value)
         return ConvLayer(
             name=name,
             weight=weight,
@@ -412,7 +412,7 @@ def external_files(path: Path) -> list[Path]:
     reports what is wrong with them)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 -- the loader says what is wrong with the file
+    except Exception:
         return []
     folder = path.parent.resolve()
     found: set[Path] = set()

@@ -46,7 +46,7 @@ _BUDGET_FLOOR = 64 << 20  # ... plus this
 _IDENTIFIER = b"TFL3"
 _U16, _U32, _I32 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<i")
 _NO_INDICES = np.zeros(0, np.int32)
-_DTYPES = {
+_DTYPES: dict[int, np.dtype] = {
     TensorType.FLOAT32: np.dtype("<f4"),
     TensorType.FLOAT16: np.dtype("<f2"),
     TensorType.FLOAT64: np.dtype("<f8"),
@@ -213,7 +213,8 @@ class _Reader:
             layer = self._conv(op, index, depthwise=code == BuiltinOperator.DEPTHWISE_CONV_2D)
             if layer is None:
                 continue
-            layer.order = float(depths[index] if depths[index] is not None else 0)
+            depth = depths[index]
+            layer.order = float(depth if depth is not None else 0)
             layer.name = unique_name(layer.name, names, next_suffix)
             layers.append(layer)
         seen_subgraphs = {graph._tab.Pos}

@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import pickletools
+import re
 import struct
 import warnings
 import zipfile
@@ -235,7 +235,7 @@ def _torch_tensors(p: Path) -> tuple[list[_Tensor], dict[str, Any]]:
             obj = safe_torch_load(p, mmap=(kind == "zip"))
     except LoaderError:
         raise
-    except Exception as e:  # noqa: BLE001 -- every failure of an untrusted file becomes a LoaderError
+    except Exception as e:
         raise LoaderError(_torch_load_message(p, e)) from None
     info: dict[str, Any] = {}
     if isinstance(obj, Mapping):
@@ -295,7 +295,7 @@ def _prescan_legacy(p: Path) -> None:
             frames: list[tuple[list[int], list[str]]] = []
             closed: tuple[list[int], list[str]] = ([], [])
             try:
-                for op, arg, _ in pickletools.genops(reader):
+                for op, arg, _ in pickletools.genops(reader):  # type: ignore[arg-type]  # read() is all genops uses
                     if op.name == "MARK":
                         frames.append(([], []))
                     elif frames and op.name in _INT_OPS and isinstance(arg, int):
@@ -514,7 +514,7 @@ def _safetensors_tensors(p: Path) -> tuple[list[_Tensor], dict[str, str]]:
         from safetensors import safe_open
 
         handle = safe_open(str(p), framework="numpy")  # the package validates the whole file once more
-    except Exception as e:  # noqa: BLE001 -- the package's errors are its own types
+    except Exception as e:
         raise LoaderError(f"{p}: not a readable safetensors file ({e})") from None
     tensors = []
     for i, (name, entry) in enumerate(header.items()):

@@ -25,6 +25,7 @@ for kernel analysis: it does not check whether the conv's raw output is also use
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any
 
@@ -52,9 +53,11 @@ def load_module(module: Any, *, name: str, fold_bn: bool = False, example_input:
     if not isinstance(module, nn.Module):
         raise LoaderError(f"{name}: expected a torch.nn.Module, got {type(module).__name__}")
     warns: list[str] = []
-    convs: list[tuple[str, nn.Module]] = []
+    # Any, not nn.Module: torch types a module's attributes as Tensor | Module, and these are Conv2d-like
+    # (groups, out_channels) and BatchNorm2d-like (running_var, eps) modules, checked by _is_conv2d / _is_bn2d
+    convs: list[tuple[str, Any]] = []
     skipped: dict[str, list[str]] = {}
-    bns: dict[str, nn.Module] = {}
+    bns: dict[str, Any] = {}
     for qual, m in module.named_modules():
         label = qual or "(root)"
         if _is_conv2d(m):
@@ -244,7 +247,7 @@ def _trace(module: Any, name: str, example_input: Any, convs: list,
                 module(*example_input)
             else:
                 module(example_input)
-    except Exception as e:  # noqa: BLE001 -- the caller's network and input: report, with the cause
+    except Exception as e:
         raise LoaderError(f"{name}: the forward pass on example_input failed ({type(e).__name__}: {e}); "
                           f"pass an input the module accepts, or none") from e
     finally:
@@ -268,9 +271,9 @@ def _pairs(module: Any, name: str, convs: list, bns: dict, traced: list[tuple[st
         if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
             continue
         children = list(container.children())
-        for a, b in zip(children, children[1:], strict=False):
-            ca, cb = label_of.get(id(a)), label_of.get(id(b))
-            if ca in conv_by_label and cb in bns:
+        for first, second in itertools.pairwise(children):
+            ca, cb = label_of.get(id(first)), label_of.get(id(second))
+            if ca is not None and cb is not None and ca in conv_by_label and cb in bns:
                 candidates.setdefault(ca, set()).add(cb)
     for conv_label, bn_label in traced:
         candidates.setdefault(conv_label, set()).add(bn_label)

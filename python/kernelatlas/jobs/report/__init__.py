@@ -76,7 +76,8 @@ def _write_csv(frame: Any, path: Path) -> str:
 _OWN_FILES = ("report.md", "report.html", "corpus.csv", "runs.csv", "coverage.csv", "coverage-totals.csv",
               "coverage-per-model.csv",
               "coverage-curves.csv", "compare.csv", "coverage-runs.png", "compare-k*.png", "layers-*.png",
-              "layers-*.csv", "depth-*.png", "prototypes-*.png", "spectrum-*.png", "coverage-k*.png", "clusters-*.csv", "quality-*")
+              "layers-*.csv", "depth-*.png", "prototypes-*.png", "spectrum-*.png", "coverage-k*.png", "clusters-*.csv",
+              "quality-*")
 
 
 def _clear_previous(out: Path) -> None:
@@ -265,7 +266,8 @@ def _coverage_section(doc: Document, corpus: Corpus, all_stats: Sequence[RunStat
         if st.run.mode == "autoencoder":
             rows.append(_control_row("random kernels (control)", [st.run.control(t) for t in thresholds], 3))
         what = "in-sample / held-out" if split else "all kernels (the model records no held-out split)"
-        doc.table(["model", "kernels", "dead", "live"] + [f"classified at {fmt_threshold(t)}" for t in thresholds], rows,
+        headers = ["model", "kernels", "dead", "live"] + [f"classified at {fmt_threshold(t)}" for t in thresholds]
+        doc.table(headers, rows,
                   "coverage.csv", f"{st.run.kernel_size}×{st.run.kernel_size} {st.run.kind} kernels, run "
                   f"{st.run.run_id} ({st.run.mode}; {what})", bold_last=False)
     if frames:
@@ -391,10 +393,12 @@ def _comparison_section(doc: Document, corpus: Corpus, all_stats: Sequence[RunSt
             for kind, src in sorted(sources.items()):
                 lay = src.stats.layers[src.stats.layers["kind"] == kind]
                 live = int(lay["live"].sum())
-                shares = {f"share_{fmt_threshold(t)}": float(share_of(lay[src.stats.cls_col(t)].sum(), live)) for t in thresholds}
+                shares = {f"share_{fmt_threshold(t)}": float(share_of(lay[src.stats.cls_col(t)].sum(), live))
+                          for t in thresholds}
                 records.append({"kernel_size": k, "kind": kind, "run_id": src.stats.run.run_id, "live": live,
                                 **shares})
-                rows.append([f"{k}×{k}", kind, src.stats.run.run_id, fmt_count(live)] + [fmt_pct(v) for v in shares.values()])
+                rows.append([f"{k}×{k}", kind, src.stats.run.run_id, fmt_count(live)]
+                            + [fmt_pct(v) for v in shares.values()])
             continue
         if not sources:
             continue  # only grouped kernels reported at this size

@@ -26,9 +26,9 @@ class RunStats:
     the layer columns plus counts: assigned (rows not -2), dead, live, inside (live with a code in some
     interval; = live in prototypes mode), cls_<t> (classified at each report threshold), n_<i> (stored label
     = cluster i), and with a held-out split live_ho / cls_ho_<t> (the same counts over held-out kernels: never
-    in the model's training pool).  ``curve``: for each (model_id, layer kind), counts of live in-interval kernels with score
-    >= each CURVE_GRID value.  ``label_mismatch``: rows whose stored label disagrees with the recomputation at
-    the run's threshold (borderline float32 scores; anything else points at a bug)."""
+    in the model's training pool).  ``curve``: for each (model_id, layer kind), counts of live in-interval
+    kernels with score >= each CURVE_GRID value.  ``label_mismatch``: rows whose stored label disagrees with the
+    recomputation at the run's threshold (borderline float32 scores; anything else points at a bug)."""
 
     run: RunInfo
     layers: Any

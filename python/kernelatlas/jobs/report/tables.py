@@ -101,7 +101,7 @@ def cluster_table(stats: RunStats) -> Any:
 
     lay = stats.layers
     live = int(lay["live"].sum())
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, c in enumerate(stats.run.clusters):
         n = int(lay[f"n_{i}"].sum())
         rows.append({"cluster": c.name, "lo": c.lo, "hi": c.hi, "colour": c.colour, "kernels": n,

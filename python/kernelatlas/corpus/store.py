@@ -387,7 +387,8 @@ class CorpusWriter:
         try:
             self._lock_fh = acquire_lock(self.root / LOCK)
         except BlockingIOError as exc:
-            raise CorpusError(f"{self.root} is being written by {getattr(exc, 'holder', 'another process')} (lock {self.root / LOCK}); wait for "
+            holder = getattr(exc, "holder", "another process")
+            raise CorpusError(f"{self.root} is being written by {holder} (lock {self.root / LOCK}); wait for "
                               "it to finish -- two writers would corrupt the corpus") from None
         except OSError as exc:
             raise CorpusError(f"cannot open the corpus lock {self.root / LOCK} ({exc}): remove it if it is a "

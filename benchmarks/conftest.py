@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kernelatlas import bench  # numpy and the engine only: torch is imported by the fixtures
+from kernelatlas.bench import allocator, synthetic
+from kernelatlas.jobs import bench  # numpy and the engine only: torch is imported by the fixtures
 
 N = int(os.environ.get("KERNELATLAS_BENCH_N", "2000000"))
 WORKDIR = os.environ.get("KERNELATLAS_BENCH_DIR", os.path.join(tempfile.gettempdir(), "kernelatlas-bench"))
@@ -42,13 +43,13 @@ CHUNKS: dict[int, dict[int, float]] = {}  # d -> torch chunk size -> seconds on 
 def pytest_configure(config: pytest.Config) -> None:
     """glibc reads GLIBC_TUNABLES only at start: re-execute pytest with the benchmark's allocator settings
     (reference/README.md section C) unless the process already runs with them."""
-    if os.environ.get("KERNELATLAS_BENCH_NO_REEXEC") or not bench.needs_reexec():
+    if os.environ.get("KERNELATLAS_BENCH_NO_REEXEC") or not allocator.needs_reexec():
         return
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.stop_global_capturing()  # the new process gets the real stdout/stderr, not capture files
-    print(f"benchmarks: re-executing pytest with GLIBC_TUNABLES={bench.ALLOCATOR_SETTING}", file=sys.stderr)
-    bench.exec_with_tunables(sys.orig_argv)
+    print(f"benchmarks: re-executing pytest with GLIBC_TUNABLES={allocator.ALLOCATOR_SETTING}", file=sys.stderr)
+    allocator.exec_with_tunables(sys.orig_argv)
 
 
 @dataclass
@@ -119,19 +120,19 @@ def medians() -> dict[tuple[str, int], dict[str, float]]:
 @pytest.fixture(scope="session")
 def setups() -> Any:
     """Setup per kernel size, built on first use and kept for the session."""
+    from kernelatlas.bench.peer import TorchPeer
     from kernelatlas.engine import prototype_engine
-    from kernelatlas.peer import TorchPeer
 
     cache: dict[int, Setup] = {}
 
     def get(k: int) -> Setup:
         if k not in cache:
-            corpus = bench.make_corpus(WORKDIR, N, k, progress=False)
+            corpus = synthetic.make_corpus(WORKDIR, N, k, progress=False)
             np.max(corpus)  # page-cache it
-            encoder, decoder = bench.make_autoencoder(k)
-            patterns = bench.synthetic_patterns(k)
+            encoder, decoder = synthetic.make_autoencoder(k)
+            patterns = synthetic.synthetic_patterns(k)
             sample = np.ascontiguousarray(corpus[:200_000])
-            model, tau, ptau = bench.calibrate(encoder, decoder, patterns, sample, THREADS)
+            model, tau, ptau = synthetic.calibrate(encoder, decoder, patterns, sample, THREADS)
             peer = TorchPeer(encoder, decoder, clusters=model.clusters, prototypes=patterns, threads=THREADS)
             peer.chunk_rows = CHUNK_ROWS or _fastest_chunk(peer, corpus, tau)
             n, d = corpus.shape
@@ -155,7 +156,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("engine / PyTorch peer (median time of the peer / median time of the engine)")
-    alloc = bench.allocator_status()
+    alloc = allocator.allocator_status()
     chunks = f"{CHUNK_ROWS} rows" if CHUNK_ROWS else "the fastest per size, see below"
     tr.write_line(f"n = {N:,} kernels per size, {THREADS} threads, torch chunk: {chunks}; allocator "
                   f"GLIBC_TUNABLES={alloc['setting']}: {alloc['how']}")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kernelatlas import bench
+
+from kernelatlas.bench import synthetic
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
 N = int(os.environ.get("KERNELATLAS_BENCH_CORPUS_N", str(100_000_000)))
 WORKDIR = Path(os.environ.get("KERNELATLAS_BENCH_DIR", os.path.join(tempfile.gettempdir(), "kernelatlas-bench")))
@@ -89,7 +90,7 @@ def test_read_iter_chunks(benchmark, big_corpus):
 def test_extract_shared_weights(benchmark, tmp_path):
     if not WEIGHTS.is_dir():
         pytest.skip(f"{WEIGHTS} not found (the shared checkpoints)")
-    from kernelatlas.extract import extract
+    from kernelatlas.jobs.extract import extract
 
     def run() -> int:
         out = tmp_path / f"c{time.monotonic_ns()}"
@@ -139,9 +140,9 @@ def test_assign_corpus_vs_in_memory(big_corpus, tmp_path, page_cache):
 
     import kernelatlas as ka
     from kernelatlas.autoencoder import Autoencoder
-    from kernelatlas.runs import assign_corpus
+    from kernelatlas.jobs.assign import assign_corpus
 
-    enc, dec = bench.make_autoencoder(3)
+    enc, dec = synthetic.make_autoencoder(3)
     model_dir = tmp_path / "model"
     Autoencoder.from_torch(enc, dec, clusters=[(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]).save(model_dir)
     model = Autoencoder.load(model_dir)

@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("torch", reason="the benchmarks compare against the PyTorch peer")
 pytest.importorskip("pytest_benchmark", reason="the benchmarks need pytest-benchmark")
 
-from kernelatlas.bench import STAGES  # noqa: E402
+from kernelatlas.jobs.bench import STAGES
+
 KERNEL_SIZES = (3, 7)
 
 CASES = [

@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from kernelatlas import _core, bench
+
+from kernelatlas import _core
+from kernelatlas.bench import synthetic
 
 N = int(os.environ.get("KERNELATLAS_BENCH_QUALITY_N", str(100_000_000)))
 PEER_N = int(os.environ.get("KERNELATLAS_BENCH_QUALITY_PEER_N", str(20_000_000)))
@@ -42,7 +44,7 @@ RESULTS: dict[str, float] = {}
 @pytest.fixture(scope="module")
 def corpus() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The float16 corpus memmap [N, 9] (page-cached) and layers of 50k..150k rows (mean ~100k)."""
-    x = bench.make_corpus(WORKDIR, N, 3, dtype="float16", progress=False)
+    x = synthetic.make_corpus(WORKDIR, N, 3, dtype="float16", progress=False)
     for a in range(0, N, 1 << 22):
         np.max(x[a:a + (1 << 22)])  # page-cache it
     sizes = np.random.default_rng(0).integers(50_000, 150_001, N // 50_000 + 1)

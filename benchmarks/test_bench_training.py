@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from planted import planted_kernels, write_corpus  # noqa: E402
+from planted import planted_kernels, write_corpus
 
-import kernelatlas as ka  # noqa: E402
-from kernelatlas.templates import templates  # noqa: E402
+import kernelatlas as ka
+from kernelatlas.templates import templates
 
 STEPS = int(os.environ.get("KERNELATLAS_BENCH_TRAIN_STEPS", "4000"))
 ROWS = int(os.environ.get("KERNELATLAS_BENCH_TRAIN_ROWS", "15706"))

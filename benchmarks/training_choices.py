@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             per_seed.append(row)
             rows.append(row)
 
-        def mean(key: str) -> float:
+        def mean(key: str, per_seed: list = per_seed) -> float:
             return float(np.mean([r[key] for r in per_seed]))
 
         cells = " | ".join(f"{mean(f'{m}:in:0.85'):.3f} / {mean(f'{m}:ho:0.85'):.3f}" for m in shown)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up kernelatlas from a clean checkout into a virtual environment (default ./.venv):
 #   1. torch first, pinned to the CPU build (an unpinned `torch` pulls several GB of CUDA wheels);
-#   2. the package itself with its test extras -- this compiles the native engine (every ISA variant,
+#   2. the package itself with its test and lint extras -- this compiles the native engine (every ISA variant,
 #      and kernelatlas._cuda when nvcc is found; KERNELATLAS_CUDA=OFF skips it).
 # Environment: KERNELATLAS_VENV (where), KERNELATLAS_TORCH (the torch requirement), KERNELATLAS_EDITABLE=1.
 set -euo pipefail
@@ -16,9 +16,9 @@ echo "setup: installing $torch_req" >&2
 "$py" -m pip install -q "$torch_req"
 echo "setup: building and installing kernelatlas (native engine) from $root" >&2
 if [ "${KERNELATLAS_EDITABLE:-0}" = 1 ]; then
-  "$py" -m pip install -q -e "$root[test]"
+  "$py" -m pip install -q -e "$root[test,lint]"
 else
-  "$py" -m pip install -q "$root[test]"
+  "$py" -m pip install -q "$root[test,lint]"
 fi
 "$py" -c "import json, kernelatlas; print(json.dumps(kernelatlas.build_info(), indent=1))"
 echo "setup: done; activate with: source $venv/bin/activate" >&2

@@ -13,11 +13,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 import torch
+from reference import run_stack
 from torch import nn
 
 import kernelatlas
 from kernelatlas import Autoencoder
-from reference import run_stack
 
 ISAS = ("scalar", "avx2", "avx512")
 SUPPORTED_ISAS = tuple(kernelatlas.build_info()["isa_supported"])
@@ -123,7 +123,7 @@ def _stack(widths: Sequence[int], acts: Sequence[str]) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_autoencoder(
     d: int,
     hidden: tuple[int, ...] = DEFAULT_HIDDEN,

@@ -1,7 +1,7 @@
 """Fuzzing harness for every checkpoint loader (docs/security-fuzz.md).
 
 Threat model: checkpoints come from strangers.  Reading one must end in a model or in a per-file error
-(:class:`~kernelatlas.loaders.LoaderError`, :class:`~kernelatlas.loaders.filterdb.FilterDBError`, an entry in
+(:class:`~kernelatlas.corpus.loaders.LoaderError`, :class:`~kernelatlas.corpus.loaders.filterdb.FilterDBError`, an entry in
 ``ExtractReport.failed`` that a loader raised) -- never a signal, a hang, a MemoryError / unbounded
 allocation, or an uncaught exception.
 
@@ -30,7 +30,7 @@ Pieces:
   that dies (``signal``); it then reruns the culprit alone in a fresh worker to confirm it, and, if that
   does not reproduce, the inputs before it one at a time.
 
-Modes: ``load`` (``load_file`` then every layer's ``kernels()``), ``extract`` (``kernelatlas.extract.extract``
+Modes: ``load`` (``load_file`` then every layer's ``kernels()``), ``extract`` (``kernelatlas.jobs.extract.extract``
 into a scratch corpus, which is then reopened and read), ``filterdb`` (``inspect_filterdb`` +
 ``layer_arrays``) and ``filterdb-import`` (``import_filterdb``).
 """
@@ -156,7 +156,7 @@ def _safetensors_seeds() -> list[Seed]:
     part2 = {k: tensors[k] for k in list(tensors)[2:]}
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     index = {"metadata": {"total_size": 0},
-             "weight_map": {**{k: names[0] for k in part1}, **{k: names[1] for k in part2}}}
+             "weight_map": {**dict.fromkeys(part1, names[0]), **dict.fromkeys(part2, names[1])}}
     sharded = {"model.safetensors.index.json": json.dumps(index).encode(),
                names[0]: _safetensors_bytes(part1), names[1]: _safetensors_bytes(part2)}
     return [Seed("gen.safetensors", "safetensors", {"model.safetensors": single}, "model.safetensors"),
@@ -1049,7 +1049,7 @@ def _pickle_lie(data: bytes, rnd: random.Random) -> bytes:
     string (storage type, key, location) replaced; re-encoded, so lengths stay consistent."""
     try:
         ops = list(pickletools.genops(data))
-    except Exception:  # noqa: BLE001 -- not a pickle (any more): flip instead
+    except Exception:
         return m_flip({"m": data}, "m", rnd)["m"]
     ints = [(op, arg, pos) for op, arg, pos in ops if op.name in ("BININT", "BININT1", "BININT2", "LONG1")]
     strs = [(op, arg, pos) for op, arg, pos in ops if op.name in ("BINUNICODE", "SHORT_BINUNICODE")]
@@ -1080,7 +1080,7 @@ def _pickle_lie(data: bytes, rnd: random.Random) -> bytes:
 
 def _op_end(data: bytes, op: Any, pos: int) -> int:
     """The offset after the opcode at ``pos`` (pickletools gives only starts)."""
-    for nxt_op, _, nxt in pickletools.genops(data[pos:]):
+    for _nxt_op, _, nxt in pickletools.genops(data[pos:]):
         if nxt > 0:
             return pos + nxt
     return len(data)
@@ -1183,7 +1183,7 @@ def m_onnx(files: Files, entry: str, rnd: random.Random) -> Files:
 
     try:
         model = onnx.load_from_string(files[entry])
-    except Exception:  # noqa: BLE001 -- an earlier mutation broke it: fall back to bytes
+    except Exception:
         return m_protobuf_length(files, entry, rnd)
     g = model.graph
     what = rnd.randrange(14)
@@ -1311,7 +1311,7 @@ def m_onnx(files: Files, entry: str, rnd: random.Random) -> Files:
                 node.attribute.append(helper.make_attribute("to", rnd.choice([0, 8, 9, 14, 15, 16, 23, 99, -1])))
     try:
         data = model.SerializeToString()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return m_protobuf_length(files, entry, rnd)
     return {**files, entry: data}
 
@@ -1450,7 +1450,7 @@ def materialise(recipe: Recipe, long: bool = False) -> tuple[Files, str]:
     if recipe.seed in GENERATORS:
         try:
             files, entry = GENERATORS[recipe.seed][1](random.Random(recipe.seed_param))
-        except Exception:  # noqa: BLE001 -- a generator choice the writing library refused: the plain seed
+        except Exception:
             plain = next(s for s in seeds(long).values() if s.family == GENERATORS[recipe.seed][0])
             files, entry = dict(plain.files), plain.entry
     else:
@@ -1459,7 +1459,7 @@ def materialise(recipe: Recipe, long: bool = False) -> tuple[Files, str]:
     for name, param in recipe.ops:
         try:
             files = MUTATORS[name](files, entry, random.Random(param))
-        except Exception:  # noqa: BLE001 -- a mutation that cannot apply to this input: flip bits instead
+        except Exception:
             files = m_flip(files, entry, random.Random(param))
     return files, entry
 
@@ -1498,7 +1498,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
     """Run one input through the real entry point; classify the outcome."""
     if mode.startswith("selftest-"):
         return _selftest(mode)
-    from kernelatlas.loaders import LoaderError, load_file
+    from kernelatlas.corpus.loaders import LoaderError, load_file
 
     result: dict[str, Any] = {"outcome": "ok"}
     try:
@@ -1512,7 +1512,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
             result["detail"] = f"{len(model.layers)} layers, {rows} kernels"
         elif mode == "extract":
             from kernelatlas.corpus import Corpus
-            from kernelatlas.extract import extract
+            from kernelatlas.jobs.extract import extract
 
             corpus = scratch / "corpus"
             report = extract([path], corpus, progress=False)
@@ -1530,7 +1530,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
                     np.asarray(c.shard_array(shard)).sum()
             result.setdefault("detail", f"added {len(report.added)}")
         elif mode == "filterdb":
-            from kernelatlas.loaders.filterdb import inspect_filterdb, layer_arrays
+            from kernelatlas.corpus.loaders.filterdb import inspect_filterdb, layer_arrays
 
             layout = inspect_filterdb(path)
             n = 0
@@ -1538,7 +1538,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
                 n += len(arr)
             result["detail"] = f"{n} filters"
         elif mode == "filterdb-import":
-            from kernelatlas.loaders.filterdb import import_filterdb
+            from kernelatlas.jobs.filterdb import import_filterdb
 
             report = import_filterdb(path, scratch / "corpus", progress=False)
             result["detail"] = f"added {len(report.added)}"
@@ -1552,7 +1552,7 @@ def _run_one(path: Path, mode: str, scratch: Path) -> dict[str, Any]:
     except MemoryError as exc:
         result.update(outcome="bug", kind="memory", type="MemoryError", detail=str(exc)[:500],
                       traceback=_tb())
-    except Exception as exc:  # noqa: BLE001 -- exactly what we look for
+    except Exception as exc:
         result.update(outcome="bug", kind="uncaught", type=type(exc).__name__, detail=str(exc)[:500],
                       traceback=_tb())
     return result
@@ -1601,12 +1601,13 @@ def worker_main(limit_mb: int, light: bool = False) -> None:
     warnings.simplefilter("ignore")
     if not light:
         import h5py  # noqa: F401 -- everything imported before the limit is set
-        import kernelatlas.extract  # noqa: F401
         import onnx  # noqa: F401
         import pandas  # noqa: F401
         import tflite  # noqa: F401
         import torch
-        from kernelatlas.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
+
+        import kernelatlas.jobs.extract  # noqa: F401
+        from kernelatlas.corpus.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
 
         torch.set_num_threads(1)
     if limit_mb:
@@ -1783,7 +1784,7 @@ class Pool:
         finally:
             for path, _ in jobs:
                 shutil.rmtree(path.parent, ignore_errors=True)
-        return [_result(r, r.family(self.long), a) for r, a in zip(recipes, answers)]
+        return [_result(r, r.family(self.long), a) for r, a in zip(recipes, answers, strict=True)]
 
     def run_paths(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, Any]]:
         """Run (path, mode) jobs on the workers, each worker taking the next job when free; one answer dict
@@ -1959,8 +1960,8 @@ def atheris_family(family: str, seconds: float, out: Path, limit_mb: int) -> Non
         if seed.family == family and len(seed.files) == 1:
             (start / seed.name).write_bytes(seed.files[seed.entry])
     mode = "filterdb" if family == "filterdb" else "load"
-    import kernelatlas.extract  # noqa: F401
-    from kernelatlas.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
+    import kernelatlas.jobs.extract  # noqa: F401
+    from kernelatlas.corpus.loaders import filterdb, keras_model, onnx_model, tflite_model, torch_checkpoint  # noqa: F401
 
     _instrument(atheris, ("kernelatlas", "onnx.numpy_helper", "onnx.helper", "flatbuffers", "tflite", "zipfile",
                           "json", "h5py._hl", "torch._weights_only_unpickler", "safetensors"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 from kernelatlas.templates import templates
 
 # The 8 "master key" 7x7 depthwise filters: (c) 2026 Tony Lindeberg, CC BY 4.0

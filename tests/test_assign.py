@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 from torch import nn
 
 import kernelatlas as ka
-import reference as R
 from kernelatlas import Autoencoder
 
 CODE_TOL = 1e-6  # codes, absolute, x conditioning (reference.conditioning)
@@ -313,11 +313,9 @@ def test_smooth_activations_in_their_tails(isa, act, code_act, d, make_autoencod
     check_assign(got, x, enc, dec, intervals, threshold, code_tol=STRESS_CODE_TOL)
 
 
-# ---------------------------------------------------------------------------------------------- engine bug
-# ENGINE BUG (see test_normalize.py): kernels of |w| >~ 1e19 or <~ 1e-19 (finite float32) are not normalised
-# by the documented scale-invariant rule, and assign then labels them wrongly.  Expected: the same label, score
-# and code as the unscaled kernel.  Got, at threshold 0: x1e20 -> score 0, code = encoder(zero vector) and a
-# cluster label; x1e-30 -> label -1, score 0, code NaN (treated as flat).
+# ---------------------------------------------------------------------------------------------- extreme magnitudes
+# Regression tests (see test_normalize.py): a kernel scaled by 1e20 or 1e-30 gets the label, score and code of
+# the unscaled kernel (they once got score 0 and the code of a zero vector, or were called flat).
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e20])

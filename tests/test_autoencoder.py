@@ -8,11 +8,11 @@ import json
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 from torch import nn
 
 import kernelatlas as ka
-import reference as R
 from kernelatlas import Autoencoder
 from kernelatlas.autoencoder import Dense
 
@@ -215,7 +215,7 @@ def test_load_rejects_what_is_not_a_model(tmp_path, make_autoencoder):
     with pytest.raises(ValueError, match="format is 'something-else'"):
         Autoencoder.load(path)
     (path / "model.json").write_text(json.dumps({**meta, "encoder": [{"in": 9, "out": 5, "activation": "relu"}] + meta["encoder"][1:]}))
-    with pytest.raises(ValueError, match="model.json says"):
+    with pytest.raises(ValueError, match=r"model\.json says"):
         Autoencoder.load(path)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kernelatlas.corpus import Corpus, CorpusError, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
 
 def make_model(seed: int, *, name: str = "m", sizes=((32, 1, 3), (16, 8, 3), (24, 1, 5), (8, 1, 7), (6, 1, 1))) -> LoadedModel:
@@ -178,7 +178,7 @@ def test_extract_live_module_with_bn_folding(tmp_path):
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    from kernelatlas.extract import extract_module
+    from kernelatlas.jobs.extract import extract_module
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),

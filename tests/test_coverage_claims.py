@@ -25,7 +25,7 @@ DEFAULT_CORPUS = ("mobilenet_v2_torchvision", "efficientnet_lite0", "ppocr_v4_ra
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    from kernelatlas.pipeline import run_pipeline
+    from kernelatlas.jobs.run import run_pipeline
 
     out = tmp_path_factory.mktemp("claims") / "run"
     summary = run_pipeline(out, zoo=(), sources=[str(WEIGHTS / d) for d in DEFAULT_CORPUS], progress=False)
@@ -35,7 +35,7 @@ def default_run(tmp_path_factory):
 def test_default_run_meets_the_coverage_checks(default_run):
     import json
 
-    out, summary = default_run
+    out, _summary = default_run
     cov = pd.read_csv(out / "report" / "coverage.csv")
     mbv2 = cov[(cov["kernel_size"] == 3) & cov["model"].str.startswith("mobilenet_v2")].iloc[0]
     assert mbv2["live"] == 7136

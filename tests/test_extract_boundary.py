@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernelatlas.corpus import Corpus
-from kernelatlas.extract import extract
+from kernelatlas.jobs.extract import extract
 
 torch = pytest.importorskip("torch")
 
@@ -63,7 +63,7 @@ def test_a_hostile_file_fails_alone(tmp_path):
 
 
 def test_recursion_in_a_loader_is_a_per_file_failure(tmp_path, monkeypatch):
-    from kernelatlas import extract as extract_mod
+    from kernelatlas.jobs import extract as extract_mod
 
     real = extract_mod.load_file
 
@@ -84,7 +84,7 @@ def test_recursion_in_a_loader_is_a_per_file_failure(tmp_path, monkeypatch):
 
 
 def test_interrupt_still_stops_and_keeps_what_was_committed(tmp_path, monkeypatch):
-    from kernelatlas import extract as extract_mod
+    from kernelatlas.jobs import extract as extract_mod
 
     extract([str(good_file(tmp_path))], tmp_path / "corpus", progress=False)
     before = (tmp_path / "corpus" / "manifest.json").read_bytes()
@@ -102,7 +102,7 @@ def test_interrupt_still_stops_and_keeps_what_was_committed(tmp_path, monkeypatc
 def test_a_failed_model_leaves_the_shard_as_it_was(tmp_path):
     """The writer rewinds a model that fails half-way, also across a shard boundary."""
     from kernelatlas.corpus import CorpusWriter
-    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+    from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
     class Exploding(ConvLayer):
         def kernels(self):
@@ -149,7 +149,7 @@ def basicsr_checkpoint(tmp_path: Path, drift: bool) -> Path:
 
 @pytest.mark.parametrize("drift", [False, True])
 def test_a_weight_set_pair_is_one_model_whatever_its_keys_drift(tmp_path, drift):
-    from kernelatlas.loaders import torch_checkpoint
+    from kernelatlas.corpus.loaders import torch_checkpoint
 
     model = torch_checkpoint.load(basicsr_checkpoint(tmp_path, drift))
     assert model.weight_set == "params_ema"
@@ -166,7 +166,7 @@ def test_a_weight_set_pair_is_one_model_whatever_its_keys_drift(tmp_path, drift)
 
 
 def test_two_different_networks_beside_an_ema_name_are_both_kept(tmp_path):
-    from kernelatlas.loaders import torch_checkpoint
+    from kernelatlas.corpus.loaders import torch_checkpoint
 
     path = tmp_path / "two.pth"
     torch.save({"g": {"a.weight": torch.randn(8, 1, 3, 3), "b.weight": torch.randn(8, 8, 3, 3)},

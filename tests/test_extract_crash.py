@@ -19,7 +19,7 @@ import pytest
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from kernelatlas.corpus import Corpus  # noqa: E402
+from kernelatlas.corpus import Corpus
 
 N_FILES = 80
 

@@ -1,7 +1,7 @@
 """Faults with real processes and a real full disk: `assign` killed with SIGKILL at random moments, and
 `assign` / `extract` running out of space (ENOSPC) mid-write.
 
-(a) A real process running ``kernelatlas.runs.assign_corpus`` (a small driver: the CLI's own call, with small
+(a) A real process running ``kernelatlas.jobs.assign.assign_corpus`` (a small driver: the CLI's own call, with small
     chunks so that a kill can land between and inside many writes) is killed with SIGKILL at seeded random
     moments, each kill followed by a rerun that is killed again; a last rerun completes.  Every state left by
     a kill must be clean (whole label files only, no completed run.json), and the final outputs must equal
@@ -38,16 +38,17 @@ import pytest
 pytest.importorskip("torch")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.extract import extract
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
 from test_runs import make_model
+
+from kernelatlas.corpus import Corpus, CorpusWriter
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.jobs.extract import extract
 
 SHARD_ROWS = 40_000
 CHUNK_ROWS = 4096  # kernels per engine call: many writes per shard for a kill to land in
 DRIVER = """
 import sys, time
-from kernelatlas.runs import assign_corpus
+from kernelatlas.jobs.assign import assign_corpus
 print("READY", flush=True)
 t0 = time.monotonic()
 rid = assign_corpus(sys.argv[1], model=sys.argv[2], threshold=0.3, progress=False, chunk_rows=int(sys.argv[3]),

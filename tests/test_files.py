@@ -136,7 +136,7 @@ def test_corpus_shards_are_mapped_with_huge_page_advice(tmp_path):
     """Corpus.shard_array advises MADV_HUGEPAGE ('hg' in the mapping's VmFlags), so that pages read from disk
     come as 2 MiB folios; a plain np.load memmap does not carry the flag."""
     from kernelatlas.corpus import Corpus, CorpusWriter
-    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+    from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
     weight = np.random.default_rng(0).standard_normal((5000, 1, 3, 3)).astype(np.float32)
     with CorpusWriter(tmp_path / "c") as w:

@@ -1,4 +1,4 @@
-"""CNN Filter DB dataset.h5 import / export (kernelatlas.loaders.filterdb).
+"""CNN Filter DB dataset.h5 import / export (kernelatlas.corpus.loaders.filterdb).
 
 Every test builds its dataset.h5 in tmp_path in the exact format of reference/README.md section B (``filters``
 (N, 3, 3) float64; ``meta`` written by pandas ``to_hdf`` with the MultiIndex [model_id, conv_depth,
@@ -22,18 +22,17 @@ import pytest
 
 from kernelatlas import cli
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
-from kernelatlas.loaders.filterdb import (
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.filterdb import (
     FilterDBError,
     PickleRefused,
-    export_filterdb,
     filterdb_identity,
-    import_filterdb,
     inspect_filterdb,
     layer_arrays,
     read_meta,
     restricted_loads,
 )
+from kernelatlas.jobs.filterdb import export_filterdb, import_filterdb
 
 FORMATS = ("table", "fixed")
 
@@ -224,7 +223,7 @@ def test_layer_arrays_match_file_and_import_order(tmp_path: Path) -> None:
     models = corpus.models.set_index("model_id")
     pairs = list(layer_arrays(path))
     assert len(pairs) == len(corpus.layers)
-    for (layer, original), row in zip(pairs, corpus.layers.itertuples(index=False)):
+    for (layer, original), row in zip(pairs, corpus.layers.itertuples(index=False), strict=True):
         assert original.dtype == np.float64 and original.shape == (layer.n, 9)
         np.testing.assert_array_equal(original, filters[layer.start:layer.stop].reshape(-1, 9))
         assert models.loc[row.model_id, "filterdb_model_id"] == str(layer.model_id)
@@ -245,7 +244,7 @@ def test_small_chunks_give_the_same_corpus(tmp_path: Path) -> None:
 
 
 def test_rerun_skips_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernelatlas.loaders import filterdb
+    from kernelatlas.corpus.loaders import filterdb
 
     path = tmp_path / "dataset.h5"
     build_dataset(path)
@@ -471,7 +470,7 @@ def test_round_trip_corpus_export_import(tmp_path: Path) -> None:
     exported = src.layers[(src.layers["kh"] == 3)].reset_index(drop=True)
     assert report.filters == int(exported["rows"].sum())
     pd.testing.assert_frame_equal(back.layers[LAYER_COMPARE], exported[LAYER_COMPARE])
-    for old, new in zip(exported.itertuples(index=False), back.layers.itertuples(index=False)):
+    for old, new in zip(exported.itertuples(index=False), back.layers.itertuples(index=False), strict=True):
         np.testing.assert_array_equal(corpus_rows(back, new), corpus_rows(src, old))  # NaN included
     pd.testing.assert_frame_equal(back.models[MODEL_COMPARE], src.models[MODEL_COMPARE])
     assert list(back.models["n_kernels"]) == [int(r) for r in exported.groupby("model_id")["rows"].sum()]

@@ -34,8 +34,9 @@ pytest.importorskip("h5py")
 import fuzzing
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from kernelatlas.loaders import LoaderError, load_file, onnx_model, tflite_model
 from onnx import TensorProto, helper, numpy_helper
+
+from kernelatlas.corpus.loaders import LoaderError, load_file, onnx_model, tflite_model
 
 EXAMPLES = int(os.environ.get("KERNELATLAS_FUZZ_EXAMPLES", "5"))  # hypothesis examples per family ...
 BATCH = int(os.environ.get("KERNELATLAS_FUZZ_BATCH", "30"))  # ... each a batch of this many inputs
@@ -238,7 +239,7 @@ def hostile_results(pool, tmp_path_factory):
         for mode in ("load", "extract") if name in EXTRACTED else ("load",):
             jobs.append((entry, mode))
             names.append((name, mode))
-    return dict(zip(names, pool.run_paths(jobs)))
+    return dict(zip(names, pool.run_paths(jobs), strict=True))
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
@@ -288,7 +289,7 @@ def test_onnx_external_location_that_is_no_file(case, tmp_path):
     ``external_files`` -- which extract calls outside its per-file boundary -- raise TypeError and stop the
     whole extract.  Such a location, a symlink loop or a name too long for the filesystem is now a per-file
     LoaderError, in load_file and in extract."""
-    from kernelatlas.extract import extract
+    from kernelatlas.jobs.extract import extract
 
     location = {"not-utf8": "weights.bin", "symlink-loop": "loop", "too-long": "x" * 300}[case]
     t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 1, 1, 1])
@@ -570,7 +571,7 @@ def _legacy_torch_with_string_length(length: int) -> bytes:
         stream = io.BytesIO(bytes(data))
         offset = 0
         for _ in range(skip):
-            for op, _, pos in pickletools.genops(stream):
+            for _op in pickletools.genops(stream):
                 pass
             offset = stream.tell()
         for op, _, pos in pickletools.genops(io.BytesIO(bytes(data[offset:]))):
@@ -614,8 +615,8 @@ def test_legacy_torch_prescan_keeps_good_files(tmp_path):
     (a step counter), a float16 storage, a float64 view with an offset and a scalar tensor loads as before."""
     import torch
 
-    from kernelatlas.loaders import torch_checkpoint
-    from kernelatlas.loaders.base import LoaderError
+    from kernelatlas.corpus.loaders import torch_checkpoint
+    from kernelatlas.corpus.loaders.base import LoaderError
 
     weight = torch.arange(36, dtype=torch.float32).reshape(4, 1, 3, 3)
     state = {"dw.weight": weight, "half": torch.ones(3, dtype=torch.float16), "step": 10**12,
@@ -639,7 +640,7 @@ F10 += "JSON does, with RecursionError)"
 
 
 def test_f10_source_identity_is_inside_the_per_file_boundary(tmp_path, monkeypatch):
-    import kernelatlas.extract as extract_mod
+    import kernelatlas.jobs.extract as extract_mod
 
     rng = np.random.default_rng(0)
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from planted import planted_kernels
 
 import kernelatlas as ka
 from kernelatlas.holdout import CONTROL_GRID, Holdout, random_control, random_kernels
-from kernelatlas.report import report
-from kernelatlas.runs import assign_corpus
+from kernelatlas.jobs.assign import assign_corpus
+from kernelatlas.jobs.report import report
 from kernelatlas.templates import templates
-from planted import planted_kernels
 
 THRESHOLDS = (0.8, 0.85, 0.9)
 
@@ -25,7 +25,7 @@ THRESHOLDS = (0.8, 0.85, 0.9)
 def trained(tmp_path_factory):
     """Two models of planted 3x3 kernels, an autoencoder trained briefly on both (20% held out), a pooled run."""
     from kernelatlas.corpus import Corpus, CorpusWriter
-    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+    from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
     root = tmp_path_factory.mktemp("heldout")
     bank = templates(3)
@@ -105,7 +105,7 @@ def test_report_splits_coverage_in_sample_and_held_out(trained, tmp_path):
 
 def test_models_left_out_of_training_count_as_held_out(trained, tmp_path):
     corpus, _, _, _ = trained
-    model = ka.train(corpus, 3, tmp_path / "m", max_steps=200, exclude_models=["right"], threads=2, progress=False)
+    ka.train(corpus, 3, tmp_path / "m", max_steps=200, exclude_models=["right"], threads=2, progress=False)
     rid = assign_corpus(corpus, model=tmp_path / "m", threshold=0.85, progress=False)
     report(corpus, tmp_path / "r", runs=[rid])
     cov = pd.read_csv(tmp_path / "r" / "coverage.csv").set_index("model")
@@ -114,7 +114,7 @@ def test_models_left_out_of_training_count_as_held_out(trained, tmp_path):
 
 
 def test_per_model_run_covers_its_model_only(trained, tmp_path):
-    corpus, pooled_dir, pooled_rid, _ = trained
+    corpus, _pooled_dir, pooled_rid, _ = trained
     model = ka.train(corpus, 3, tmp_path / "left", max_steps=200, models=["left"], threads=2, progress=False)
     assert model.info["holdout"]["models"] == [int(corpus.model_ids(["left"])[0])]
     rid = assign_corpus(corpus, model=tmp_path / "left", models=["left"], threshold=0.85, progress=False)

@@ -3,8 +3,8 @@ come from strangers, so loading one must never corrupt memory, read another loca
 without bound -- a bad file ends in a clear per-file error naming the dataset and the problem.
 
 Every hostile file is built here at run time with h5py (no binary fixtures) and fed to the real entry points:
-``kernelatlas.extract.extract`` (what ``kernelatlas extract`` runs) for Keras files and
-``kernelatlas.loaders.filterdb.import_filterdb`` (what ``kernelatlas import-filterdb`` runs) for CNN Filter DB
+``kernelatlas.jobs.extract.extract`` (what ``kernelatlas extract`` runs) for Keras files and
+``kernelatlas.jobs.filterdb.import_filterdb`` (what ``kernelatlas import-filterdb`` runs) for CNN Filter DB
 files.  Whatever could crash the interpreter (item 1), hang (item 5) or allocate too much (item 6) runs in a
 subprocess with a timeout and an address-space limit, so a regression fails the test instead of pytest.
 """
@@ -25,11 +25,13 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from kernelatlas.extract import extract
-from kernelatlas.loaders import keras_model
-from kernelatlas.loaders.base import LoaderError
-from kernelatlas.loaders.filterdb import FilterDBError, import_filterdb, read_meta, restricted_loads
 from test_filterdb import build_dataset
+
+from kernelatlas.corpus.loaders import keras_model
+from kernelatlas.corpus.loaders.base import LoaderError
+from kernelatlas.corpus.loaders.filterdb import FilterDBError, read_meta, restricted_loads
+from kernelatlas.jobs.extract import extract
+from kernelatlas.jobs.filterdb import import_filterdb
 
 KSHAPE = (3, 3, 4, 8)  # a Keras Conv2D kernel [kh, kw, c_in, c_out]
 WORD = b"SECR"  # the "secret" file repeats it: any float32 view of its bytes, in any order, shows WORD * 3
@@ -156,16 +158,16 @@ RUNNER = textwrap.dedent("""
     result = {}
     try:
         if kind == "extract":
-            from kernelatlas.extract import extract
+            from kernelatlas.jobs.extract import extract
             report = extract([src], out, progress=False)
             result = {"added": len(report.added), "failed": [r for _, r in report.failed]}
         elif kind == "import-filterdb":
-            from kernelatlas.loaders.filterdb import import_filterdb
+            from kernelatlas.jobs.filterdb import import_filterdb
             report = import_filterdb(src, out, progress=False)
             result = {"added": len(report.added), "failed": []}
         else:
             import pickle
-            from kernelatlas.loaders.filterdb import restricted_loads
+            from kernelatlas.corpus.loaders.filterdb import restricted_loads
             with open(src, "rb") as fh:
                 value = restricted_loads(fh.read(), where="payload")
             result = {"added": 1, "failed": [], "value": repr(value)[:200]}

@@ -17,9 +17,9 @@ import shutil
 
 import numpy as np
 import pytest
+import reference as R
 
 import kernelatlas as ka
-import reference as R
 
 pytestmark = pytest.mark.slow
 

@@ -36,11 +36,12 @@ tflite = pytest.importorskip("tflite")
 flatbuffers = pytest.importorskip("flatbuffers")
 h5py = pytest.importorskip("h5py")
 
-from kernelatlas.loaders import keras_model, onnx_model, tflite_model
-from kernelatlas.loaders.base import LoadedModel, LoaderError
 from onnx import TensorProto, helper, numpy_helper
 from tflite.BuiltinOperator import BuiltinOperator
 from tflite.TensorType import TensorType
+
+from kernelatlas.corpus.loaders import keras_model, onnx_model, tflite_model
+from kernelatlas.corpus.loaders.base import LoadedModel, LoaderError
 
 WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
 
@@ -182,7 +183,7 @@ def assert_torch_rows(layers, model: nn.Sequential, *, exact_kinds: bool = True)
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
     layers = sorted(layers, key=lambda layer: layer.order)
     assert len(layers) == len(convs)
-    for layer, conv in zip(layers, convs):
+    for layer, conv in zip(layers, convs, strict=True):
         expected = conv.weight.detach().numpy()
         assert layer.weight.shape == expected.shape, layer.name
         assert np.array_equal(
@@ -277,7 +278,7 @@ def test_onnx_qlinearconv_per_channel(tmp_path):
     w_zero = np.zeros(4, np.int8)
     names = ["x_s", "x_z", "w", "w_s", "w_z", "y_s", "y_z"]
     values = [np.float32(0.1), np.uint8(128), q, w_scale, w_zero, np.float32(0.2), np.uint8(128)]
-    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, values)]
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, values, strict=True)]
     node = helper.make_node("QLinearConv", ["x", *names], ["y"], name="qconv")
     path = tmp_path / "qconv.onnx"
     onnx.save(_onnx_model([node], inits), str(path))
@@ -402,7 +403,7 @@ def test_keras_separable_and_nested(keras, tmp_path):
         assert (depthwise.kind, depthwise.groups) == ("depthwise", 2)
         assert pointwise.kind == "regular" and np.array_equal(pointwise.weight[:, :, 0, 0], pw[0, 0].T)
     for other in loaded[1:]:
-        for a, b in zip(loaded[0].layers, other.layers):
+        for a, b in zip(loaded[0].layers, other.layers, strict=True):
             assert np.array_equal(a.weight, b.weight)
 
 

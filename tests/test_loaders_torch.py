@@ -25,9 +25,9 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 from torch import nn
 
-from kernelatlas.loaders.base import LoadedModel, LoaderError
-from kernelatlas.loaders.torch_checkpoint import load, load_safetensors
-from kernelatlas.loaders.torch_module import load_module
+from kernelatlas.corpus.loaders.base import LoadedModel, LoaderError
+from kernelatlas.corpus.loaders.torch_checkpoint import load, load_safetensors
+from kernelatlas.corpus.loaders.torch_module import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / ".." / "shared" / "weights"
@@ -497,7 +497,7 @@ def test_trace_restores_training_flags_and_statistics() -> None:
 def test_forward_failure_names_the_model() -> None:
     with pytest.raises(LoaderError, match="mynet: the forward pass"):
         load_module(nn.Conv2d(3, 4, 3), name="mynet", example_input=torch.randn(1, 5, 8, 8))
-    with pytest.raises(LoaderError, match="mynet: expected a torch.nn.Module"):
+    with pytest.raises(LoaderError, match=r"mynet: expected a torch\.nn\.Module"):
         load_module({"w": 1}, name="mynet")
 
 
@@ -660,7 +660,7 @@ def test_code_running_pickle_is_refused_not_run(tmp_path: Path, how: str) -> Non
 def test_pickled_module_is_refused_with_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "whole_model.pt"
     torch.save(nn.Conv2d(3, 3, 3), path)
-    with pytest.raises(LoaderError, match="torch.nn.modules.conv.Conv2d") as err:
+    with pytest.raises(LoaderError, match=r"torch\.nn\.modules\.conv\.Conv2d") as err:
         load(path)
     assert str(path) in str(err.value) and "state_dict" in str(err.value)
 
@@ -818,7 +818,7 @@ def write_shards(tmp_path: Path, sd: dict[str, np.ndarray], n: int = 2) -> tuple
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         part = {k: sd[k] for k in keys[i::n]}
         save_numpy(part, str(tmp_path / name))
-        weight_map.update({k: name for k in part})
+        weight_map.update(dict.fromkeys(part, name))
         shards.append(tmp_path / name)
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
@@ -857,7 +857,7 @@ def test_sharded_safetensors_missing_or_inconsistent(tmp_path: Path) -> None:
     weight_map = json.loads(index.read_text())["weight_map"]
     weight_map["dw.weight"] = shards[1 - [s.name for s in shards].index(weight_map["dw.weight"])].name
     index.write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(LoaderError, match="dw.weight") as err:
+    with pytest.raises(LoaderError, match=r"dw\.weight") as err:
         load_safetensors(index)
     assert str(index) in str(err.value)
     shards[0].unlink()

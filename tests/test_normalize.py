@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 
 import kernelatlas as ka
-import reference as R
 
 NORM_TOL = 1e-6  # normalised values, absolute, x conditioning (see reference.conditioning)
 
@@ -176,16 +176,11 @@ def test_isa_paths_agree(make_kernels):
         np.testing.assert_allclose(norms, results[0][1], rtol=2e-6)
 
 
-# ---------------------------------------------------------------------------------------------- engine bug
-# ENGINE BUG (found by these tests): normalize_tile sums x and (x - mean)^2 in float32 without scaling by
-# max|w| first, so finite float32 kernels of large or tiny magnitude leave the documented semantics:
-#   |w| >~ 1e19: the centred norm overflows to inf -> an all-zero row, norm inf, and the kernel counts as
-#                live (assign: score 0, code = encoder(0), a cluster label when threshold <= 0);
-#   |w| >~ 1e37: the mean overflows too -> a row of NaN from finite input (assign: score NaN);
-#   |w| <~ 1e-19: the squares underflow -> a patterned kernel is called flat (zero row, norm 0) or loses
-#                 accuracy.
-# The documented rule (flat = centred norm <= 1e-5 x max|w|) is scale-invariant; fp16 input cannot reach
-# these magnitudes.  Fix: divide by max|w| before squaring (and sum in a wider type or two passes).
+# ---------------------------------------------------------------------------------------------- extreme magnitudes
+# Regression tests: normalize_tile once summed x and (x - mean)^2 in float32 without scaling by max|w| first, so
+# kernels of |w| >~ 1e19 normalised to zero rows (or NaN past 1e37) and kernels of |w| <~ 1e-19 were called flat.
+# The flat rule (centred norm <= 1e-5 x max|w|) is scale-invariant, and so must the engine be: it now scales by
+# max|w| before squaring.  fp16 input cannot reach these magnitudes.
 PATTERN = np.array([[0.3, -1.2, 0.8, 0.1, -0.4, 0.9, -0.7, 0.2, 0.5]])
 
 

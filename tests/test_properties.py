@@ -5,20 +5,22 @@ the paths) and keep their example counts small so that the suite stays fast."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+import reference as R
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kernelatlas as ka
-import reference as R
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# Magnitudes kept within 1e-15..1e15: beyond ~1e+-19 the engine's float32 sum of squares over/underflows, a
-# known engine bug with its own failing tests (test_normalize.py / test_assign.py).
-_magnitude = st.floats(2.0**-40, 2.0**20, width=32)
+# Magnitudes 1e-30..1e30, past the 1e+-19 where a float32 sum of squares over/underflows (the engine scales
+# by max|w| first; test_normalize.py has the regression tests); scaling/shifting tests stay below float32's max.
+_magnitude = st.floats(2.0**-100, 2.0**100, width=32)
 finite = st.one_of(st.just(0.0), _magnitude, _magnitude.map(lambda v: -v))
 special = st.sampled_from([0.0, np.nan, np.inf, -np.inf])
 
@@ -146,9 +148,9 @@ def test_nonfinite_and_zero_kernels_never_raise_and_get_minus_one(model9, model2
 def interval_sets(draw):
     edges = sorted(set(draw(st.lists(st.floats(0.375, 0.625, width=32), min_size=2, max_size=12))))
     assume(len(edges) >= 2)
-    pairs = list(zip(edges[:-1], edges[1:]))
+    pairs = list(itertools.pairwise(edges))
     keep = draw(st.lists(st.booleans(), min_size=len(pairs), max_size=len(pairs)))
-    intervals = [p for p, k in zip(pairs, keep) if k]
+    intervals = [p for p, k in zip(pairs, keep, strict=True) if k]
     assume(intervals)
     return intervals
 

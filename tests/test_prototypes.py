@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 
 import kernelatlas as ka
-import reference as R
 from kernelatlas.engine import prototype_engine
 
 SCORE_TOL = 1e-5  # cosine scores, absolute

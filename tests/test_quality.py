@@ -1,4 +1,4 @@
-"""Per-layer kernel quality and the global PCA (kernelatlas.layer_quality) against plain numpy references
+"""Per-layer kernel quality and the global PCA (kernelatlas.jobs.quality) against plain numpy references
 written from the definitions of reference/README.md section B (and torchconvquality's published code for the
 edge cases: an all-zero layer is all sparse, an all-zero filter stays zero in the orthogonality): SVD entropy,
 1%-rule sparsity, TH(n), orthogonality, PCA, on every kernel size, through the native streaming statistics;
@@ -16,76 +16,19 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import reference as R
 
 import kernelatlas
 from kernelatlas import cli
-from kernelatlas import layer_quality as lq
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.jobs import quality as lq
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 TOL = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- references
-
-
-def ref_entropy(rows: np.ndarray) -> float:
-    """-sum p log10 p of the squared singular values of the centred rows (0 without variance)."""
-    w = np.asarray(rows, np.float64)
-    if len(w) == 0:
-        return float("nan")
-    s = np.linalg.svd(w - w.mean(axis=0), compute_uv=False)
-    v = s ** 2
-    if v.sum() == 0:
-        return 0.0
-    p = v / v.sum()
-    p = p[p > 0]
-    return float(-(p * np.log10(p)).sum())
-
-
-def ref_th(n: float, params: tuple[float, float, float, float]) -> float:
-    big_l, k, x0, b = params
-    return big_l / (1 + math.exp(-k * (math.log2(n) - x0))) + b
-
-
-def ref_layer(weight: np.ndarray) -> dict[str, float]:
-    """Every per-layer metric from the original weight [c_out, c_in_per_group, k, k]."""
-    c_out = weight.shape[0]
-    d = weight.shape[2] * weight.shape[3]
-    w = weight.reshape(-1, d).astype(np.float64)
-    finite = np.isfinite(w).all(axis=1)
-    wf = w[finite]
-    n = len(wf)
-    t = np.abs(wf).max() * 0.01 if n else 0.0
-    t = t if t > 0 else 1.0  # torchconvquality: an all-zero layer is all sparse
-    sparse = (np.abs(wf) < t).all(axis=1)
-    f = weight.reshape(c_out, -1).astype(np.float64)
-    f = f[np.isfinite(f).all(axis=1)]
-    norms = np.linalg.norm(f, axis=1)
-    norms[norms == 0] = 1.0
-    fn = f / norms[:, None]
-    c = len(fn)
-    orth = 1 - np.abs(fn @ fn.T - np.eye(c)).sum() / (c * (c - 1)) if c >= 2 else float("nan")
-    return {"n": n, "nonfinite": int((~finite).sum()), "zeros": int((~wf.any(axis=1)).sum()),
-            "sparsity": sparse.mean() if n else float("nan"), "entropy": ref_entropy(wf),
-            "entropy_clean": ref_entropy(wf[~sparse]), "n_clean": int((~sparse).sum()), "orthogonality": orth}
-
-
-def ref_pca(rows: np.ndarray, scaled: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, basis rows signed with their largest-magnitude entry positive, explained-variance ratios) by
-    SVD."""
-    w = np.asarray(rows, np.float64)
-    w = w[np.isfinite(w).all(axis=1)]
-    if scaled:
-        m = np.abs(w).max(axis=1)
-        w = w / np.where(m > 0, m, 1.0)[:, None]
-    mean = w.mean(axis=0)
-    _, s, vt = np.linalg.svd(w - mean, full_matrices=False)
-    for row in vt:
-        if row[np.argmax(np.abs(row))] < 0:
-            row *= -1
-    return mean, vt, s ** 2 / (s ** 2).sum()
 
 
 # ---------------------------------------------------------------------------------------------- corpora
@@ -163,7 +106,7 @@ def edge_corpus(tmp_path_factory: pytest.TempPathFactory, edge_layers: Any) -> C
 def test_threshold_is_the_papers_logistic() -> None:
     params = (1.2618047, 0.88767525, 2.30436435, -0.31050834)
     for n in (1, 2, 3, 9, 64, 1000, 2 ** 20):
-        assert lq.threshold_entropy(n, 9) == pytest.approx(ref_th(n, params), abs=1e-12)
+        assert lq.threshold_entropy(n, 9) == pytest.approx(R.threshold_entropy(n, params), abs=1e-12)
     assert lq.threshold_entropy(2 ** 30, 9) == pytest.approx(0.95129636, abs=1e-6)  # L + b: ~log10(9)
     assert np.isnan(lq.threshold_entropy(0, 9)) and np.isnan(lq.threshold_entropy(64, 16))
     for d in (25, 49):  # the fitted curves rise from ~0 at n = 2 to ~log10(d)
@@ -180,7 +123,7 @@ def test_entropy_from_moments_matches_svd(d: int, n: int) -> None:
     for rows in (rng.standard_normal((n, d)), structured(rng, n, d, offset=3.0),
                  rng.uniform(-1, 1, (n, d)) * 1e-3):
         h = lq.entropy_from_moments([n], [rows.sum(axis=0)], [rows.T @ rows])[0]
-        assert h == pytest.approx(ref_entropy(rows), abs=TOL)
+        assert h == pytest.approx(R.variance_entropy(rows), abs=TOL)
         assert 0.0 <= h <= math.log10(d) + 1e-12
 
 
@@ -198,7 +141,7 @@ def test_orthogonality_matches_reference_in_blocks() -> None:
     rng = np.random.default_rng(3)
     f = rng.standard_normal((50, 36))
     f[4] = 0.0
-    want = ref_layer(f.reshape(50, 4, 3, 3))["orthogonality"]
+    want = R.layer_quality(f.reshape(50, 4, 3, 3))["orthogonality"]
     assert lq.orthogonality(f) == pytest.approx(want, abs=1e-12)
     assert lq.orthogonality(f, block_bytes=36 * 8 * 7) == pytest.approx(want, abs=1e-12)  # 7-row blocks
     q, _ = np.linalg.qr(rng.standard_normal((36, 36)))
@@ -214,7 +157,7 @@ def test_pca_from_moments_matches_svd() -> None:
         m = np.abs(rows).max(axis=1)
         s = rows / m[:, None]
         pca = lq.pca_from_moments(len(s), s.sum(0), s.T @ s)
-        mean, basis, evr = ref_pca(rows)
+        mean, basis, evr = R.pca(rows)
         np.testing.assert_allclose(pca.mean, mean, atol=TOL)
         np.testing.assert_allclose(pca.evr, evr, atol=TOL)
         # the first components have well separated variances, so their directions are well defined
@@ -284,7 +227,7 @@ def test_quality_matches_reference(edge_corpus: Corpus, edge_layers: Any) -> Non
     weights = {name: w for name, w, _, _ in edge_layers}
     for row in frame.itertuples(index=False):
         name = lay.loc[row.layer_id, "name"]
-        ref = ref_layer(weights[name])
+        ref = R.layer_quality(weights[name])
         d = weights[name].shape[2] ** 2
         assert row.n == ref["n"] and row.nonfinite == ref["nonfinite"] and row.zeros == ref["zeros"], name
         assert row.n_clean == ref["n_clean"], name
@@ -292,7 +235,7 @@ def test_quality_matches_reference(edge_corpus: Corpus, edge_layers: Any) -> Non
             got, want = getattr(row, col), ref[col]
             assert (np.isnan(got) and np.isnan(want)) or got == pytest.approx(want, abs=TOL), \
                 (name, col, got, want)
-        assert row.th == pytest.approx(ref_th(ref["n"], lq.TH_PARAMS[d]), abs=1e-12)
+        assert row.th == pytest.approx(R.threshold_entropy(ref["n"], lq.TH_PARAMS[d]), abs=1e-12)
         assert row.entropy_ratio == pytest.approx(row.entropy / row.th, rel=1e-12)
         assert row.random == (row.entropy > row.th)
         cut = 0.5 * math.log10(d) / math.log10(9)
@@ -310,7 +253,7 @@ def test_pca_of_the_corpus_matches_reference(edge_corpus: Corpus, edge_layers: A
     for k in (3, 5, 7):
         rows = np.concatenate([w.reshape(-1, k * k) for _, w, _, _ in edge_layers if w.shape[2] == k])
         pca = run.pca(k)
-        mean, basis, evr = ref_pca(rows)
+        mean, basis, evr = R.pca(rows)
         assert pca.n == np.isfinite(rows).all(axis=1).sum() and pca.scaled
         np.testing.assert_allclose(pca.mean, mean, atol=TOL)
         np.testing.assert_allclose(pca.evr, evr, atol=TOL)
@@ -323,7 +266,7 @@ def test_pca_of_the_corpus_matches_reference(edge_corpus: Corpus, edge_layers: A
         assert (run.root / f"pca-k{k}.png").stat().st_size > 1000
     unscaled = lq.quality_run(edge_corpus, scale="none")
     rows3 = np.concatenate([w.reshape(-1, 9) for _, w, _, _ in edge_layers if w.shape[2] == 3])
-    mean, _, evr = ref_pca(rows3, scaled=False)
+    mean, _, evr = R.pca(rows3, scaled=False)
     np.testing.assert_allclose(unscaled.pca(3).evr, evr, atol=TOL)
     np.testing.assert_allclose(unscaled.pca(3).mean, mean, atol=TOL)
 
@@ -373,7 +316,7 @@ def test_float16_corpus(tmp_path: Path, edge_layers: Any) -> None:
     c = make_corpus(tmp_path / "c", layers, dtype="float16", models=1)
     frame = lq.quality(c, figures=False)
     for row, (_, w, _, _) in zip(frame.sort_values("layer_id").itertuples(index=False), layers, strict=True):
-        ref = ref_layer(w)
+        ref = R.layer_quality(w)
         assert row.entropy == pytest.approx(ref["entropy"], abs=TOL)
         assert row.sparsity == pytest.approx(ref["sparsity"], abs=TOL)
 
@@ -408,7 +351,7 @@ def trained_corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
              WEIGHTS / "ppocr_v4_rapidocr" / "ch_PP-OCRv4_det_infer.onnx"]
     if not all(f.is_file() for f in files):
         pytest.skip(f"trained checkpoints not found under {WEIGHTS}")
-    from kernelatlas.extract import extract
+    from kernelatlas.jobs.extract import extract
 
     root = tmp_path_factory.mktemp("trained") / "c"
     report = extract(files, root, all_convs=True, progress=False)
@@ -432,10 +375,10 @@ def test_threshold_fit_reproduces_constants_on_a_small_scale(d: int) -> None:
     paper's for d = 9, ours for 25 and 49."""
     params, table = lq.fit_threshold(d, max_log2n=8, max_replicates=3, seed=1)
     e = np.linspace(1, 8, 71)
-    stored = np.array([ref_th(2 ** x, lq.TH_PARAMS[d]) for x in e])
-    refit = np.array([ref_th(2 ** x, params) for x in e])
+    stored = np.array([R.threshold_entropy(2 ** x, lq.TH_PARAMS[d]) for x in e])
+    refit = np.array([R.threshold_entropy(2 ** x, params) for x in e])
     assert np.abs(refit - stored).max() < 0.04
-    at_points = np.array([ref_th(n, lq.TH_PARAMS[d]) for n in table["n"]])
+    at_points = np.array([R.threshold_entropy(n, lq.TH_PARAMS[d]) for n in table["n"]])
     assert np.abs(table["min_entropy"] - at_points).max() < 0.045  # the simulated minima lie on the curve
 
 
@@ -479,7 +422,7 @@ def build_filterdb(path: Path, seed: int = 0) -> list[tuple[int, int, np.ndarray
 
 
 def test_imported_filterdb_gives_the_metrics_of_the_original_arrays(tmp_path: Path) -> None:
-    from kernelatlas.loaders.filterdb import import_filterdb
+    from kernelatlas.jobs.filterdb import import_filterdb
 
     originals = build_filterdb(tmp_path / "dataset.h5")
     import_filterdb(tmp_path / "dataset.h5", tmp_path / "c", progress=False)
@@ -492,13 +435,13 @@ def test_imported_filterdb_gives_the_metrics_of_the_original_arrays(tmp_path: Pa
     for model_id, layer_id, w in originals:
         row = joined[(joined["filterdb_model_id"].astype(int) == model_id)
                      & (joined["filterdb_layer_id"].astype(int) == layer_id)].iloc[0]
-        ref = ref_layer(w)
+        ref = R.layer_quality(w)
         assert row["n"] == ref["n"]
         for col in ("sparsity", "entropy", "entropy_clean", "orthogonality"):
             got, want = row[col], ref[col]
             assert (np.isnan(got) and np.isnan(want)) or got == pytest.approx(want, abs=TOL), (layer_id, col)
     pca = lq.latest_quality_run(c).pca(3)
-    mean, _, evr = ref_pca(np.concatenate([w.reshape(-1, 9) for _, _, w in originals]))
+    mean, _, evr = R.pca(np.concatenate([w.reshape(-1, 9) for _, _, w in originals]))
     np.testing.assert_allclose(pca.evr, evr, atol=TOL)
     np.testing.assert_allclose(pca.mean, mean, atol=TOL)
 

@@ -6,89 +6,20 @@ item (2^18 rows), every ISA, 1 and 2 threads (bit-identical), segment order, and
 
 from __future__ import annotations
 
-import kernelatlas
 import numpy as np
 import pytest
+import reference as R
+
+import kernelatlas
 from kernelatlas import _core
 
 PIECE = 1 << 18  # rows per native work item (kQualityPieceRows): longer segments take the multi-piece path
 GRAM_RTOL = 1e-6  # of sqrt(G_ii G_jj) >= sum |w_i w_j| (quality.h: fp32 partials over 64 rows per lane)
-KEYS = ("n", "nonfinite", "zeros", "sparse", "max_abs", "sum", "gram", "sum_scaled", "gram_scaled", "sum_sparse",
-        "gram_sparse")
+KEYS = R.LAYER_STATS_KEYS
 SPARSE_RTOL = 1e-12  # the sparse rows' moments are float64 sums (quality.h), only the order differs
 
 
 # ---------------------------------------------------------------------------------------------- references
-
-
-def ref_layer_stats(x: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> dict[str, np.ndarray]:
-    d = int(np.prod(x.shape[1:]))
-    w_all = x.reshape(len(x), d).astype(np.float64)
-    out: dict[str, list] = {k: [] for k in KEYS}
-    out["abs_sum"], out["abs_sum_scaled"], out["abs_sum_sparse"], out["abs_gram_sparse"] = [], [], [], []
-    for a, b in zip(starts, stops, strict=True):
-        w = w_all[a:b]
-        finite = np.isfinite(w).all(axis=1)
-        w = w[finite]
-        m = np.abs(w).max(axis=1) if len(w) else np.zeros(0)
-        big = float(m.max()) if len(w) else 0.0
-        scaled = w / np.where(m > 0, m, 1.0)[:, None]  # all-zero rows stay zero
-        out["n"].append(len(w))
-        out["nonfinite"].append(int((~finite).sum()))
-        out["zeros"].append(int((m == 0).sum()))
-        out["sparse"].append(int((m < 0.01 * big).sum()) if big > 0 else len(w))
-        out["max_abs"].append(big)
-        out["sum"].append(w.sum(axis=0) if len(w) else np.zeros(d))
-        out["gram"].append(w.T @ w)
-        out["sum_scaled"].append(scaled.sum(axis=0) if len(w) else np.zeros(d))
-        out["gram_scaled"].append(scaled.T @ scaled)
-        out["abs_sum"].append(np.abs(w).sum(axis=0) if len(w) else np.zeros(d))
-        out["abs_sum_scaled"].append(np.abs(scaled).sum(axis=0) if len(w) else np.zeros(d))
-        sp = w[m < 0.01 * big] if big > 0 else np.zeros((0, d))  # all-zero layer: sparse rows are zeros
-        out["sum_sparse"].append(sp.sum(axis=0) if len(sp) else np.zeros(d))
-        out["gram_sparse"].append(sp.T @ sp)
-        out["abs_sum_sparse"].append(np.abs(sp).sum(axis=0) if len(sp) else np.zeros(d))
-        out["abs_gram_sparse"].append(np.abs(sp).T @ np.abs(sp))
-    shapes = {"sum": (d,), "gram": (d, d), "sum_scaled": (d,), "gram_scaled": (d, d), "abs_sum": (d,),
-              "abs_sum_scaled": (d,), "sum_sparse": (d,), "gram_sparse": (d, d), "abs_sum_sparse": (d,),
-              "abs_gram_sparse": (d, d)}
-    return {k: np.array(v, dtype=np.float64 if k in shapes or k == "max_abs" else np.int64).reshape(
-        (len(starts), *shapes.get(k, ()))) for k, v in out.items()}
-
-
-def ref_coefs(x: np.ndarray, mean: np.ndarray, basis: np.ndarray, scale: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Coefficients of every row [n, n_components] and the finite-row mask."""
-    w = x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(np.float64)
-    finite = np.isfinite(w).all(axis=1)
-    w = np.where(finite[:, None], w, 0.0)
-    if scale:
-        m = np.abs(w).max(axis=1) if w.shape[0] else np.zeros(0)
-        w = w / np.where(m > 0, m, 1.0)[:, None]
-    return (w - mean) @ basis.T, finite
-
-
-def ref_bins(c: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """floor((c - lo) / (hi - lo) * bins) clipped into [0, bins - 1]; and where c lies within 1e-9 of an inner
-    bin edge (in bins), where float64 rounding may legitimately decide either way (at lo and hi the clamping
-    decides)."""
-    t = (c - lo) / (hi - lo) * bins
-    near = (np.abs(t - np.round(t)) < 1e-9) & (t > 0.5) & (t < bins - 0.5)
-    return np.clip(np.floor(t), 0, bins - 1).astype(np.int64), near
-
-
-def ref_histograms(x, starts, stops, groups, n_groups, mean, basis, lo, hi, bins, scale):
-    c, finite = ref_coefs(x, mean, basis, scale)
-    b, near = ref_bins(c, lo, hi, bins)
-    hist = np.zeros((n_groups, len(basis), bins), np.int64)
-    n_near = 0
-    for a, e, g in zip(starts, stops, groups, strict=True):
-        if g < 0:
-            continue
-        rows = np.arange(a, e)[finite[a:e]]
-        n_near += int(near[rows].sum())
-        for k in range(len(basis)):
-            hist[g, k] += np.bincount(b[rows, k], minlength=bins)
-    return hist, n_near
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -151,14 +82,14 @@ def test_layer_stats_matches_numpy(isa, n, d, dtype):
     x = kernels(n, d, dtype)
     starts, stops = segments(np.random.default_rng(n + d), n)
     got = layer_stats(x, starts, stops, threads=1)
-    check_stats(got, ref_layer_stats(x, starts, stops))
+    check_stats(got, R.layer_stats(x, starts, stops))
 
 
 @pytest.mark.parametrize("d", [1, 2, 4, 9, 16, 17, 33, 64])  # around the SIMD widths, and the limits
 def test_layer_stats_any_kernel_size(isa, d):
     x = kernels(301, d, np.float32)
     starts, stops = np.array([0, 5, 300], np.int64), np.array([301, 290, 301], np.int64)
-    check_stats(layer_stats(x, starts, stops), ref_layer_stats(x, starts, stops))
+    check_stats(layer_stats(x, starts, stops), R.layer_stats(x, starts, stops))
 
 
 def test_layer_stats_square_kernels_equal_flat():
@@ -177,7 +108,7 @@ def test_multi_piece_segments_threads_and_isas_bit_identical(dtype):
     x = kernels(n, 9, dtype, seed=3)
     starts = np.array([0, 7, PIECE - 5, 1000, n], np.int64)
     stops = np.array([n, PIECE + 9, n, 1000, n], np.int64)
-    ref = ref_layer_stats(x, starts, stops)
+    ref = R.layer_stats(x, starts, stops)
     results = []
     for name in kernelatlas.build_info()["isa_supported"]:
         if name == "scalar":
@@ -210,7 +141,7 @@ def test_sparse_moments_of_mostly_sparse_layers(dtype, d):
     cuts = np.sort(rng.integers(1, n, 30))
     starts = np.concatenate([[0, 0, n // 2], cuts[:-1]]).astype(np.int64)
     stops = np.concatenate([[n, n // 2, n], cuts[1:]]).astype(np.int64)
-    ref = ref_layer_stats(x, starts, stops)
+    ref = R.layer_stats(x, starts, stops)
     assert ref["sparse"][0] > n // 2  # the case this test is about
     one, two = (layer_stats(x, starts, stops, threads=t) for t in (1, 2))
     check_stats(one, ref)
@@ -303,7 +234,7 @@ def test_sparse_threshold_is_exact():
     x[:, 4] = rows
     x[1:, 0] = -x[1:, 4]  # negative entries count by magnitude
     got = layer_stats(x, [0], [len(rows)])
-    ref = ref_layer_stats(x, np.array([0]), np.array([len(rows)]))
+    ref = R.layer_stats(x, np.array([0]), np.array([len(rows)]))
     assert got["sparse"][0] == ref["sparse"][0] == 3  # t, the one below it, and the zero row
 
 
@@ -314,7 +245,7 @@ def test_subnormal_and_huge_rows_scale_without_overflow():
     x[20:30] = np.random.default_rng(0).standard_normal((10, 9))
     x[30:] = 1e-38
     got = layer_stats(x, [0], [40])
-    ref = ref_layer_stats(x, np.array([0]), np.array([40]))
+    ref = R.layer_stats(x, np.array([0]), np.array([40]))
     check_stats(got, ref)
     assert np.isfinite(got["gram_scaled"]).all()
 
@@ -342,7 +273,7 @@ def test_coef_range_matches_numpy(isa, d, k, dtype, scale):
     mean, basis = pca_basis(d, k)
     starts, stops = np.array([0, 100, 1500], np.int64), np.array([50, 1400, 2001], np.int64)
     lo, hi = _core.coef_range(x, starts, stops, mean, basis, scale_maxabs=scale)
-    c, finite = ref_coefs(x, mean, basis, scale)
+    c, finite = R.pca_coefficients(x, mean, basis, scale)
     rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
     rows = rows[finite[rows]]
     np.testing.assert_allclose(lo, c[rows].min(axis=0), rtol=1e-12, atol=1e-14)
@@ -368,7 +299,7 @@ def test_coef_histograms_match_numpy(isa, n, d, k, dtype):
     # a range narrower than the data: the tails land in the edge bins
     lo, hi = np.full(k, -0.8), np.full(k, 0.9)
     got = _core.coef_histograms(x, starts, stops, groups, 3, mean, basis, lo, hi, bins=70)
-    ref, n_near = ref_histograms(x, starts, stops, groups, 3, mean, basis, lo, hi, 70, True)
+    ref, n_near = R.coef_histograms(x, starts, stops, groups, 3, mean, basis, lo, hi, 70, True)
     assert n_near == 0  # no coefficient within 1e-9 bins of an edge: the two must agree exactly
     assert got.dtype == np.int64 and got.shape == (3, k, 70)
     np.testing.assert_array_equal(got, ref)
@@ -394,7 +325,7 @@ def test_coef_histograms_threads_isas_and_groups(scale):
                                                      scale_maxabs=scale, threads=threads))
         finally:
             kernelatlas.set_isa(previous)
-    ref, n_near = ref_histograms(x, starts, stops, groups, 4, mean, basis, lo, hi, 70, scale)
+    ref, n_near = R.coef_histograms(x, starts, stops, groups, 4, mean, basis, lo, hi, 70, scale)
     assert n_near == 0  # lo and hi are attained exactly (t = 0 and 70), where clamping decides
     np.testing.assert_array_equal(results[0], ref)
     for other in results[1:]:

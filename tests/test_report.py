@@ -15,8 +15,8 @@ import pytest
 
 from kernelatlas.cli import main
 from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
-from kernelatlas.report import RunError, find_runs, report
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.jobs.report import RunError, find_runs, report
 
 THRESHOLDS = (0.80, 0.85, 0.90)
 # code intervals; [0.6, 0.7) is a gap (codes there are unclassified); the top interval is closed at 1.0
@@ -322,7 +322,7 @@ def test_no_completed_run(tmp_path):
     with pytest.raises(RunError, match="no completed run"):
         report(corpus, tmp_path / "o")
     write_run(corpus, "half", completed=False)
-    with pytest.raises(RunError, match="no completed run.*half"):
+    with pytest.raises(RunError, match=r"no completed run.*half"):
         report(corpus, tmp_path / "o")
 
 
@@ -386,7 +386,7 @@ def test_rerun_replaces_own_files_only(world, tmp_path):
 
 def test_grid_bins_are_exact():
     """The coverage curves bin scores by the largest grid threshold <= score, as np.searchsorted would."""
-    from kernelatlas.report import CURVE_GRID, _grid_bin
+    from kernelatlas.jobs.report.scan import CURVE_GRID, _grid_bin
 
     rng = np.random.default_rng(0)
     g = CURVE_GRID

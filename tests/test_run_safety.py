@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-
-from kernelatlas import runs as runs_mod
-from kernelatlas.corpus import CorpusError
 from test_runs import make_corpus, make_model, outputs
+
+from kernelatlas.corpus import CorpusError
+from kernelatlas.jobs import assign as runs_mod
 
 pytest.importorskip("torch")
 
@@ -51,8 +51,8 @@ def test_a_second_writer_on_the_same_run_is_refused(tmp_path):
     run = c.root / "runs" / "busy"
     run.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kernelatlas.runs import _RunLock; "
-         "lock = _RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kernelatlas.corpus.rundir import RunLock; "
+         "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -1,4 +1,4 @@
-"""Corpus-scale assignment (kernelatlas.runs): outputs per shard equal the in-memory engine, rows of other kinds
+"""Corpus-scale assignment (kernelatlas.jobs.assign): outputs per shard equal the in-memory engine, rows of other kinds
 get -2, per-layer shares, resumption after an interruption gives identical files, 1 and 2 threads agree
 bit for bit, prototype mode, and Corpus.run joins results to layers and models."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import kernelatlas as ka
-from kernelatlas import runs as runs_mod
-from kernelatlas.corpus import Corpus, CorpusWriter
-from kernelatlas.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.corpus import Corpus, CorpusError, CorpusWriter, rundir
+from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+from kernelatlas.jobs import assign as runs_mod
 
 torch = pytest.importorskip("torch")
 MASTER_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "master_key_filters_7x7.txt"
@@ -208,3 +208,72 @@ def test_chunk_size_changes_no_output(tmp_path):
     assert runs[1] == runs[0] and runs[2] == runs[0]  # byte for byte
     with pytest.raises(ValueError, match="chunk_rows"):
         runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False, run_id="bad", chunk_rows=0)
+
+
+# ---------------------------------------------------------------------------------------------- run directories
+
+
+def fake_run(corpus_root: Path, rid: str, **info) -> Path:
+    path = corpus_root / "runs" / rid
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"completed": True, "kernel_size": 3, **info}))
+    return path
+
+
+def test_latest_run_is_by_time_not_by_string(tmp_path):
+    """"created" strings with different UTC offsets sort wrongly as text: 10:00+01:00 is 09:00 UTC, earlier than
+    09:30+00:00.  Other verbs' runs, unfinished runs and unreadable run.json files are never the latest."""
+    fake_run(tmp_path, "a", created="2026-01-01T10:00:00+0100")
+    fake_run(tmp_path, "b", created="2026-01-01T09:30:00+0000")
+    fake_run(tmp_path, "q", created="2026-01-02T00:00:00+0000", format=rundir.QUALITY_FORMAT)
+    fake_run(tmp_path, "c", created="2026-01-03T00:00:00+0000", completed=False)
+    (fake_run(tmp_path, "d", created="2026-01-04T00:00:00+0000") / "run.json").write_text("{not json")
+    fake_run(tmp_path, "e", created="yesterday", kernel_size=5)
+    fake_run(tmp_path, "f", created="2020-01-01T00:00:00", kernel_size=5)  # naive: taken as UTC
+    runs = rundir.scan(tmp_path)
+    assert [r.run_id for r in runs] == ["a", "b", "c", "d", "e", "f"] + ["q"]
+    assert {k: r.run_id for k, r in rundir.latest(runs, key=lambda r: r.kernel_size).items()} == {3: "b", 5: "f"}
+    assert rundir.latest(runs, format=rundir.QUALITY_FORMAT)[None].run_id == "q"
+    assert rundir.read(tmp_path, "d").problem.startswith("unreadable")
+
+
+def test_corpus_run_on_a_run_of_another_verb_names_it(tmp_path):
+    from kernelatlas.jobs.quality import load_quality_run, quality_run
+
+    c = make_corpus(tmp_path / "c")
+    quality_run(c, run_id="q1", figures=False)
+    with pytest.raises(rundir.RunError, match=r"is a quality run .*kernelatlas quality.*not an assign run"):
+        c.run("q1")
+    with pytest.raises(CorpusError, match="has no completed run: run `kernelatlas assign` first"):
+        c.run()  # the quality run is not an assign run
+    out, _ = make_model(tmp_path)
+    rid = runs_mod.assign_corpus(c, model=out, threshold=0.5, run_id="a1")
+    assert c.run().run_id == rid == "a1" and c.run(kernel_size=3).run_id == "a1"
+    with pytest.raises(rundir.RunError, match="is an assign run"):
+        load_quality_run(c, "a1")
+    with pytest.raises(rundir.RunError, match="no such run; the runs of this corpus are: a1, q1"):
+        c.run("nope")
+    (c.root / "runs" / "half").mkdir()
+    with pytest.raises(rundir.RunError, match="still being written or was interrupted"):
+        c.run("half")
+
+
+def test_quality_runs_are_written_like_assign_runs(tmp_path):
+    """The quality job writes through the same run-directory rules as assign: an id cannot leave CORPUS/runs,
+    a symlinked run folder is refused, and a run being written is locked against a second writer."""
+    from kernelatlas.jobs.quality import quality_run
+
+    c = make_corpus(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"run id '\.\./evil' is not allowed"):
+        quality_run(c, run_id="../evil", figures=False)
+    assert not (tmp_path / "evil").exists()
+    (c.root / "runs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (c.root / "runs" / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CorpusError, match="is a symlink"):
+        quality_run(c, run_id="linked", figures=False)
+    held = c.root / "runs" / "busy"
+    held.mkdir()
+    with rundir.RunLock(held), pytest.raises(CorpusError, match="is being written by pid"):
+        quality_run(c, run_id="busy", figures=False)
+    assert quality_run(c, run_id="busy", figures=False).info["completed"] is True

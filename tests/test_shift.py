@@ -1,4 +1,4 @@
-"""Distribution shift (kernelatlas.distribution_shift) against plain numpy references written from
+"""Distribution shift (kernelatlas.jobs.shift) against plain numpy references written from
 reference/README.md section B: PCA coefficients of max-abs-scaled kernels, 70-bin histograms over one shared
 range, float32-eps floor and renormalisation, the explained-variance-weighted symmetric KL; groups from
 models.parquet and depth deciles; thread-count and chunk-size invariance; a CNN Filter DB import grouped by
@@ -12,60 +12,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import reference as R
+from test_quality import build_filterdb, make_corpus, structured
 
 import kernelatlas
 from kernelatlas import cli
-from kernelatlas import distribution_shift as ds
-from kernelatlas import layer_quality as lq
 from kernelatlas.corpus import Corpus
-from test_quality import build_filterdb, make_corpus, structured
+from kernelatlas.jobs import quality as lq
+from kernelatlas.jobs import shift as ds
 
-EPS32 = float(np.finfo(np.float32).eps)
+EPS32 = R.EPS32
 
 
 # ---------------------------------------------------------------------------------------------- references
-
-
-def ref_probabilities(counts: np.ndarray) -> np.ndarray:
-    p = counts / counts.sum()
-    p[p == 0] = EPS32
-    return p / p.sum()
-
-
-def ref_kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float(np.sum(p * np.log(p / q)))
-
-
-def ref_shift(probs: np.ndarray, evr: np.ndarray) -> np.ndarray:
-    g, comps, _ = probs.shape
-    out = np.zeros((g, g))
-    for a in range(g):
-        for b in range(g):
-            out[a, b] = sum(evr[j] * (ref_kl(probs[a, j], probs[b, j]) + ref_kl(probs[b, j], probs[a, j]))
-                            for j in range(comps))
-    return out
-
-
-def ref_coefficients(rows: np.ndarray, pca: lq.PCA) -> np.ndarray:
-    w = np.asarray(rows, np.float64)
-    w = w[np.isfinite(w).all(axis=1)]
-    m = np.abs(w).max(axis=1)
-    w = w / np.where(m > 0, m, 1.0)[:, None]
-    return (w - pca.mean) @ pca.basis.T
-
-
-def ref_histograms(groups: dict[str, list[np.ndarray]], pca: lq.PCA,
-                   bins: int = 70) -> tuple[np.ndarray, list[str]]:
-    """counts [G, C, bins] over the shared range of all coefficients (np.histogram: last bin closed)."""
-    names = sorted(groups)
-    coefs = {g: ref_coefficients(np.concatenate(groups[g]), pca) for g in names}
-    allc = np.concatenate(list(coefs.values()))
-    lo, hi = allc.min(axis=0), allc.max(axis=0)
-    counts = np.zeros((len(names), pca.d, bins), np.int64)
-    for i, g in enumerate(names):
-        for j in range(pca.d):
-            counts[i, j] = np.histogram(coefs[g][:, j], bins=bins, range=(lo[j], hi[j]))[0]
-    return counts, names
 
 
 # ---------------------------------------------------------------------------------------------- corpora
@@ -126,7 +85,7 @@ def test_probabilities_floor_empty_bins_then_renormalise() -> None:
     np.testing.assert_allclose(p[1], 0.25)  # an empty histogram becomes uniform
     rng = np.random.default_rng(0)
     c = rng.integers(0, 4, (3, 5, 70))
-    np.testing.assert_allclose(ds.histogram_probabilities(c)[1, 2], ref_probabilities(c[1, 2].astype(float)),
+    np.testing.assert_allclose(ds.histogram_probabilities(c)[1, 2], R.histogram_probabilities(c[1, 2].astype(float)),
                                rtol=1e-14)
 
 
@@ -136,7 +95,7 @@ def test_shift_matrix_is_the_weighted_symmetric_kl() -> None:
     evr = rng.random(9)
     evr /= evr.sum()
     got = ds.shift_matrix(probs, evr)
-    want = ref_shift(probs, evr)
+    want = R.shift_matrix(probs, evr)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
     assert (got == got.T).all() and (np.diag(got) == 0).all() and (got >= 0).all()
     same = ds.shift_matrix(np.stack([probs[0], probs[0]]), evr)
@@ -165,7 +124,7 @@ def test_layer_groups(family_corpus: Corpus) -> None:
     assert names[0] == "[0.0, 0.1]" and all(n.startswith("(") for n in names[1:])
     np.testing.assert_array_equal(np.array(names)[codes],
                                   np.array([ds._depth_label(i) for i in ds.depth_deciles(lay["depth_norm"])]))
-    with pytest.raises(ValueError, match="no such column.*--meta"):
+    with pytest.raises(ValueError, match=r"no such column.*--meta"):
         ds.layer_groups(family_corpus, lay["layer_id"], "colour")
 
 
@@ -180,10 +139,10 @@ def test_coefficient_histograms_match_reference(family_corpus: Corpus, k: int) -
     ids = table.loc[table["k"] == k, "layer_id"].to_numpy()
     codes, names, _ = ds.layer_groups(family_corpus, ids, "family")
     counts, lo, hi = ds.coefficient_histograms(family_corpus, k, ids, codes, len(names), pca)
-    want, want_names = ref_histograms(kernels_by(family_corpus, "family", k), pca)
+    want, want_names = R.group_histograms(kernels_by(family_corpus, "family", k), pca)
     assert names == want_names
     np.testing.assert_array_equal(counts, want)
-    allc = np.concatenate([ref_coefficients(np.concatenate(v), pca)
+    allc = np.concatenate([R.scaled_pca_coefficients(np.concatenate(v), pca)
                            for v in kernels_by(family_corpus, "family", k).values()])
     np.testing.assert_allclose(lo, allc.min(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(hi, allc.max(axis=0), rtol=1e-12, atol=1e-12)
@@ -193,9 +152,9 @@ def test_shift_matches_reference_and_is_stored(family_corpus: Corpus) -> None:
     frame = kernelatlas.shift(family_corpus, "family")
     run = lq.latest_quality_run(family_corpus)
     pca = run.pca(3)
-    counts, names = ref_histograms(kernels_by(family_corpus, "family"), pca)
-    probs = np.array([[ref_probabilities(c.astype(float)) for c in g] for g in counts])
-    want = ref_shift(probs, pca.evr)
+    counts, names = R.group_histograms(kernels_by(family_corpus, "family"), pca)
+    probs = np.array([[R.histogram_probabilities(c.astype(float)) for c in g] for g in counts])
+    want = R.shift_matrix(probs, pca.evr)
     assert list(frame.index) == names == list(frame.columns)
     np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-6, atol=1e-9)
     assert frame.loc["Alpha", "Beta"] > 0
@@ -268,7 +227,7 @@ def test_identical_kernels_everywhere_give_no_shift(tmp_path: Path) -> None:
 
 
 def test_filterdb_import_shift_by_category(tmp_path: Path) -> None:
-    from kernelatlas.loaders.filterdb import import_filterdb
+    from kernelatlas.jobs.filterdb import import_filterdb
 
     originals = build_filterdb(tmp_path / "dataset.h5")
     import_filterdb(tmp_path / "dataset.h5", tmp_path / "c", progress=False)
@@ -278,9 +237,9 @@ def test_filterdb_import_shift_by_category(tmp_path: Path) -> None:
     pca = lq.latest_quality_run(c).pca(3)
     groups = {"natural": [w.reshape(-1, 9) for m, _, w in originals if m == 11],
               "medical": [w.reshape(-1, 9) for m, _, w in originals if m == 12]}
-    counts, names = ref_histograms(groups, pca)
-    probs = np.array([[ref_probabilities(x.astype(float)) for x in g] for g in counts])
-    np.testing.assert_allclose(frame.loc[names, names].to_numpy(), ref_shift(probs, pca.evr), rtol=1e-6)
+    counts, names = R.group_histograms(groups, pca)
+    probs = np.array([[R.histogram_probabilities(x.astype(float)) for x in g] for g in counts])
+    np.testing.assert_allclose(frame.loc[names, names].to_numpy(), R.shift_matrix(probs, pca.evr), rtol=1e-6)
     fam = kernelatlas.shift(c, "family")  # CNN Filter DB's "Name" column
     assert sorted(fam.index) == ["Family0", "Family1"]
 

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kernelatlas.extract import extract  # noqa: E402
-from kernelatlas.loaders import torch_checkpoint  # noqa: E402
-from kernelatlas.loaders.base import LoaderError  # noqa: E402
+from kernelatlas.corpus.loaders import torch_checkpoint
+from kernelatlas.corpus.loaders.base import LoaderError
+from kernelatlas.jobs.extract import extract
 
 
 @pytest.fixture

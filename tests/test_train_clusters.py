@@ -14,19 +14,20 @@ import json
 import re
 from pathlib import Path
 
-import kernelatlas as ka
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from planted import centred_unit, make_small_corpus, planted_kernels, read_master_key_filters, write_corpus
+
+import kernelatlas as ka
 from kernelatlas import Autoencoder
 from kernelatlas.autoencoder import Dense
 from kernelatlas.cli import main as cli_main
-from kernelatlas.clustering import THRESHOLDS, clusters, merge_intervals, read_spec
 from kernelatlas.corpus import Corpus
+from kernelatlas.jobs.clusters import THRESHOLDS, clusters, merge_intervals, read_spec
+from kernelatlas.jobs.train import train
 from kernelatlas.templates import _PAIRS, best_match, template_names, templates
-from kernelatlas.training import train
-from planted import centred_unit, make_small_corpus, planted_kernels, read_master_key_filters, write_corpus
 
 SIZES = (3, 5, 7, 9, 11)
 
@@ -471,7 +472,7 @@ def test_density_rule_does_not_split_a_cluster_after_a_transition(tmp_path):
 def test_density_modes_need_prominence():
     """Modes: local maxima of the smoothed density (0 beyond the ends, so a pile at an end is one) whose
     prominence is at least min_prominence of the highest; plateaus count once, at their middle."""
-    from kernelatlas.clustering import _modes
+    from kernelatlas.jobs.clusters import _modes
 
     x = np.linspace(0.0, 1.0, 200)
     big = 100.0 * np.exp(-0.5 * ((x - 0.3) / 0.03) ** 2)

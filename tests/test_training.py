@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from planted import make_small_corpus
 
 import kernelatlas as ka
 from kernelatlas import Autoencoder
 from kernelatlas.corpus import Corpus
-from kernelatlas.training import sample_kernels, train
-from planted import make_small_corpus
+from kernelatlas.jobs.train import sample_kernels, train
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_held_out_kernels_never_reach_training(small_corpus):
     from kernelatlas.holdout import Holdout
 
     corpus, _, _ = small_corpus
-    split = Holdout(share=0.3, salt=5, shards={s: "" for s in corpus.shards(3)})
+    split = Holdout(share=0.3, salt=5, shards=dict.fromkeys(corpus.shards(3), ""))
     pool, counts = sample_kernels(corpus, 3, sample=None, holdout=split)
     lay = corpus.layers
     lay = lay[(lay.kind == "depthwise") & (lay.kh == 3)].sort_values("row_start")
@@ -171,7 +171,7 @@ def test_training_records_its_split_and_converges(small_corpus, tmp_path):
 def two_model_corpus(root):
     """Two models of 3x3 depthwise kernels: 'left' (600 kernels) and 'right' (400 kernels of all 7s but noise)."""
     from kernelatlas.corpus import CorpusWriter
-    from kernelatlas.loaders.base import ConvLayer, LoadedModel
+    from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
 
     rng = np.random.default_rng(0)
     left = rng.standard_normal((600, 9)).astype(np.float32)
@@ -188,7 +188,7 @@ def two_model_corpus(root):
 def test_training_pool_of_chosen_models(tmp_path):
     from kernelatlas.holdout import Holdout
 
-    corpus, left, right = two_model_corpus(tmp_path / "c")
+    corpus, _left, right = two_model_corpus(tmp_path / "c")
     ids = dict(zip(corpus.models["name"], corpus.models["model_id"], strict=True))
     m = train(corpus, 3, tmp_path / "only-left", models=["left"], holdout=0.0, epochs=1, progress=False, threads=1)
     assert m.info["holdout"]["models"] == [ids["left"]] and m.info["sample"]["pool"] == 600

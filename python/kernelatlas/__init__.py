@@ -19,10 +19,10 @@ from kernelatlas.engine import (
 )
 
 _LAZY = {  # need torch, pandas or matplotlib: imported on first use, so `import kernelatlas` stays light
-    "train": ("kernelatlas.training", "train"),
-    "clusters": ("kernelatlas.clustering", "clusters"),
-    "quality": ("kernelatlas.layer_quality", "quality"),
-    "shift": ("kernelatlas.distribution_shift", "shift"),
+    "train": ("kernelatlas.jobs.train", "train"),
+    "clusters": ("kernelatlas.jobs.clusters", "clusters"),
+    "quality": ("kernelatlas.jobs.quality", "quality"),
+    "shift": ("kernelatlas.jobs.shift", "shift"),
 }
 
 

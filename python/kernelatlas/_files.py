@@ -3,9 +3,9 @@ that a crash never leaves a half-written file under its final name."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import mmap
-import fcntl
 import os
 import queue
 import threading
@@ -238,7 +238,7 @@ class SequentialFile:
                     view = memoryview(block[:nbytes])
                     while len(view):
                         view = view[os.write(self._fd, view):]
-            except BaseException as exc:  # noqa: BLE001 -- reported to the writing thread by the next reserve / close
+            except BaseException as exc:
                 self._error = exc
             self._free.put(block)
 

@@ -1,6 +1,3 @@
-from importlib.metadata import PackageNotFoundError, version
+"""The package version: the one place it is written (pyproject.toml reads it at build time)."""
 
-try:
-    __version__ = version("kernelatlas")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
+__version__ = "0.1.0"

@@ -22,7 +22,7 @@ import numpy as np
 
 from kernelatlas import _core
 from kernelatlas._files import atomic_write as _atomic_write
-from kernelatlas.engine import _threads
+from kernelatlas.engine import thread_count
 
 __all__ = ["ACTIVATIONS", "Autoencoder", "Dense"]
 
@@ -80,7 +80,7 @@ class Autoencoder:
                 self.cluster_names = [f"cluster_{i}" for i in range(len(self.clusters))]
             if len(self.cluster_names) != len(self.clusters):
                 raise ValueError("cluster_names must name every interval")
-        self._engine  # validate now (shapes, widths, intervals), not at the first call
+        _ = self._engine  # validate now (shapes, widths, intervals), not at the first call
 
     # ------------------------------------------------------------------ properties
     @property
@@ -115,26 +115,25 @@ class Autoencoder:
 
     def with_clusters(self, clusters: Sequence[tuple[float, float]], names: Sequence[str] | None = None) -> Autoencoder:
         """The same network with other cluster intervals."""
-        return Autoencoder(
-            self.encoder, self.decoder, self.kernel_size, list(clusters), list(names) if names else None, dict(self.info)
-        )
+        return Autoencoder(self.encoder, self.decoder, self.kernel_size, list(clusters),
+                           list(names) if names else None, dict(self.info))
 
     # ------------------------------------------------------------------ inference
     def encode(
         self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite)."""
-        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=_threads(threads))
+        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=thread_count(threads))
 
     def decode(self, codes: np.ndarray, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Decode codes float32 [n] into patterns [n, d] (rows of NaN for non-finite codes)."""
-        return self._engine.decode(codes, out=out, threads=_threads(threads))
+        return self._engine.decode(codes, out=out, threads=thread_count(threads))
 
     def reconstruct(
         self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
         """decode(encode(x)): the model's reconstruction of each normalised kernel, [n, d]."""
-        return self._engine.reconstruct(x, out=out, min_abs=float(min_abs), threads=_threads(threads))
+        return self._engine.reconstruct(x, out=out, min_abs=float(min_abs), threads=thread_count(threads))
 
     # ------------------------------------------------------------------ construction
     @classmethod

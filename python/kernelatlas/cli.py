@@ -78,33 +78,10 @@ def _add_build_info(sub: Any) -> None:
 
 def _cmd_build_info(args: argparse.Namespace) -> int:
     import kernelatlas
+    from kernelatlas.jobs.build_info import build_info_text
 
     info = kernelatlas.build_info()
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    rows = [
-        ("kernelatlas", info.get("version")),
-        ("compiler", info.get("compiler")),
-        ("ISA in use", str(info.get("isa"))
-         + (f" (forced: {info['isa_forced']})" if info.get("isa_forced") else "")),
-        ("ISAs this CPU runs", ", ".join(info.get("isa_supported", []))),
-        ("ISAs compiled", ", ".join(info.get("isa_compiled", []))),
-        ("OpenMP", "yes" if info.get("openmp") else "no (single thread)"),
-        ("threads (default)", f"{info.get('threads')}"
-         + (f" (OMP_NUM_THREADS={info['omp_num_threads_env']})" if info.get("omp_num_threads_env") else "")),
-        ("CUDA module built", "yes" if info.get("cuda_built") else "no"),
-    ]
-    if info.get("cuda_built"):
-        devices = info.get("cuda_devices") or []
-        rows.append(("CUDA available", "yes" if info.get("cuda_available") else "no"))
-        if devices:
-            rows.append(("CUDA devices", "; ".join(str(d) for d in devices)))
-        if info.get("cuda_error"):
-            rows.append(("CUDA note", info["cuda_error"]))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print(json.dumps(info, indent=2) if args.json else build_info_text(info))
     return 0
 
 
@@ -112,7 +89,7 @@ def _cmd_build_info(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: Any) -> None:
-    from kernelatlas.bench import DEFAULT_CHUNK_SIZES, STAGES
+    from kernelatlas.jobs.bench import DEFAULT_CHUNK_SIZES, STAGES
 
     p = sub.add_parser(
         "bench",
@@ -170,7 +147,8 @@ def _default_threads() -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kernelatlas import bench
+    from kernelatlas.bench import allocator
+    from kernelatlas.jobs import bench
 
     threads = args.threads if args.threads is not None else _default_threads()
     params = dict(n=args.n, ks=args.k, threads=threads, rounds=args.rounds, dtype=args.dtype,
@@ -178,13 +156,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                   wait_idle=args.wait_idle)
     bench.check_params(n=args.n, ks=args.k, threads=threads, rounds=args.rounds, dtype=args.dtype,
                        chunk_sizes=args.chunk_sizes, stages=args.stages, allocator=args.allocator)
-    if args.allocator == "auto" and args.standalone and bench.needs_reexec():
+    if args.allocator == "auto" and args.standalone and allocator.needs_reexec():
         # This process is the command itself: replace it (progress bars keep their terminal).  When main() is
         # called from other Python code, run_bench measures in a child process instead.
-        print(f"[bench] re-executing with GLIBC_TUNABLES={bench.ALLOCATOR_SETTING} (glibc reads it only "
+        print(f"[bench] re-executing with GLIBC_TUNABLES={allocator.ALLOCATOR_SETTING} (glibc reads it only "
               "at start)", file=sys.stderr)
-        bench.exec_with_tunables([sys.executable, "-m", "kernelatlas.cli", "bench",
-                                  *bench.bench_cli_args(**params, json_path=args.json)])
+        allocator.exec_with_tunables([sys.executable, "-m", "kernelatlas.cli", "bench",
+                                  *allocator.bench_cli_args(**params, json_path=args.json)])
     bench.run_bench(**params, json_path=args.json, allocator=args.allocator)
     return 0
 
@@ -244,11 +222,11 @@ def _add_extract(sub: Any) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from kernelatlas.extract import extract
+    from kernelatlas.jobs.extract import extract
 
     if args.fold_bn and args.arch is None:
         raise ValueError("--fold-bn needs --arch: a checkpoint file holds no module graph to find Conv->BN pairs "
-                         "in (or use kernelatlas.extract.extract_module on a live module)")
+                         "in (or use kernelatlas.jobs.extract.extract_module on a live module)")
     report = extract(args.sources, args.out, sizes=args.sizes, all_convs=args.all_convs, dtype=args.dtype,
                      meta=_meta_pairs(args.meta), progress=not args.no_progress, commit_rows=args.commit_rows,
                      arch=args.arch, fold_bn=args.fold_bn)
@@ -285,26 +263,10 @@ def _add_info(sub: Any) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from kernelatlas.corpus import Corpus
+    from kernelatlas.jobs.info import info_text
 
     corpus = Corpus.open(args.corpus)
-    s = corpus.summary()
-    if args.json:
-        print(json.dumps(s, indent=2))
-        return 0
-    print(f"corpus      {s['path']}  ({s['dtype']}, {s['shards']} shards, {s['disk_bytes'] / 2**20:,.1f} MiB)")
-    print(f"models      {s['models']:,}")
-    print(f"layers      {s['layers']:,}  (" + ", ".join(f"{k} {v:,}" for k, v in sorted(s["layers_by_kind"].items()))
-          + ")")
-    print(f"kernels     {s['kernels_stored']:,} stored; all-zero {s['zero_kernels']:,}, non-finite "
-          f"{s['nonfinite_kernels']:,}")
-    print("by size     kind: kernels (stored)")
-    for size, kinds in sorted(s["kernels_by_size"].items(), key=lambda kv: [int(x) for x in kv[0].split("x")]):
-        parts = [f"{kind} {n:,} ({kinds.get(kind + '_stored', 0):,})" for kind, n in sorted(kinds.items())
-                 if not kind.endswith("_stored")]
-        print(f"  {size:<9} " + ", ".join(parts))
-    if args.models:
-        cols = ["model_id", "name", "format", "weight_set", "n_layers", "n_kernels"]
-        print(corpus.models[cols].to_string(index=False))
+    print(json.dumps(corpus.summary(), indent=2) if args.json else info_text(corpus, models=args.models))
     return 0
 
 
@@ -346,7 +308,7 @@ def _add_import_filterdb(sub: Any) -> None:
 
 
 def _cmd_import_filterdb(args: argparse.Namespace) -> int:
-    from kernelatlas.loaders.filterdb import import_filterdb
+    from kernelatlas.jobs.filterdb import import_filterdb
 
     report = import_filterdb(args.dataset, args.out, chunk_rows=args.chunk_rows, progress=not args.no_progress,
                              dtype=args.dtype, identity=args.identity, commit_rows=args.commit_rows)
@@ -385,7 +347,7 @@ def _add_export_filterdb(sub: Any) -> None:
 
 
 def _cmd_export_filterdb(args: argparse.Namespace) -> int:
-    from kernelatlas.loaders.filterdb import export_filterdb
+    from kernelatlas.jobs.filterdb import export_filterdb
 
     report = export_filterdb(args.corpus, args.out, kinds=args.kind, progress=not args.no_progress)
     print(f"{report.path}: {report.models} model(s), {report.layers} layers, {report.filters:,} filters"
@@ -433,7 +395,7 @@ def _add_report(sub: Any) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from kernelatlas.report import report
+    from kernelatlas.jobs.report import report
 
     page = report(args.corpus, args.out, runs=args.run, thresholds=args.thresholds, progress=not args.no_progress)
     print(f"{page}  (and {page.with_suffix('.md').name}, figures and CSV tables in {page.parent})")
@@ -453,7 +415,7 @@ def _add_zoo(sub: Any) -> None:
             "it, and extracts only the checkpoint files into the cache; files already cached with the right "
             "hashes are reused.  Use them with `kernelatlas extract zoo:NAME`.",
             "Cache: $KERNELATLAS_CACHE/zoo/NAME/ when KERNELATLAS_CACHE is set, else "
-            "~/.cache/kernelatlas/zoo/NAME/."),
+            "~/.cache/kernelatlas/jobs/zoo/NAME/."),
         epilog=_text("examples: kernelatlas zoo list  |  kernelatlas zoo pull default  |  "
                      "kernelatlas zoo pull mtcnn --dest ./weights"),
         formatter_class=_Formatter,
@@ -475,7 +437,7 @@ def _add_zoo(sub: Any) -> None:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from kernelatlas import zoo
+    from kernelatlas.jobs import zoo
 
     if args.zoo_action is None:
         print("kernelatlas zoo: choose an action: list or pull (kernelatlas zoo --help)", file=sys.stderr)
@@ -505,9 +467,9 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
                                                      if reg.group_descriptions.get(g) else ""))
         print(f"cache: {root}")
         return 0
-    names = args.names or ["default"]
-    zoo.resolve(names)  # unknown names fail before any download
-    for name in names:
+    wanted = args.names or ["default"]
+    zoo.resolve(wanted)  # unknown names fail before any download
+    for name in wanted:
         for path in zoo.pull(name, cache=args.dest, wheelhouse=args.wheelhouse,
                              log=lambda msg: print(msg, file=sys.stderr)):
             print(path)
@@ -555,13 +517,14 @@ def _add_assign(sub: Any) -> None:
 
 
 def _cmd_assign(args: argparse.Namespace) -> int:
-    from kernelatlas.engine import _check_device
-    from kernelatlas.runs import assign_corpus
+    from kernelatlas.engine import check_device
+    from kernelatlas.jobs.assign import assign_corpus
 
-    _check_device(args.device)
+    check_device(args.device)
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
                         kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
-                        models=args.models, progress=not args.no_progress, command=" ".join(["kernelatlas", *sys.argv[1:]]))
+                        models=args.models, progress=not args.no_progress,
+                        command=" ".join(["kernelatlas", *sys.argv[1:]]))
     print(f"run {rid}: {args.corpus / 'runs' / rid}")
     return 0
 
@@ -618,13 +581,14 @@ def _print_totals(path: Path, threshold: float) -> None:
     for row in pd.read_csv(path).to_dict("records"):
         if f"share_in_sample_{t}" not in row or row.get("live_held_out", -1) < 0:
             continue
-        print(f"{row['kernel_size']}x{row['kernel_size']} {row['kind']}: {row['live']:,} live kernels, classified at {t}: "
+        print(f"{row['kernel_size']}x{row['kernel_size']} {row['kind']}: {row['live']:,} live kernels, "
+              f"classified at {t}: "
               f"{100 * row[f'share_in_sample_{t}']:.1f}% in-sample / {100 * row[f'share_held_out_{t}']:.1f}% "
               f"held-out (random-kernel control {100 * row[f'control_{t}']:.1f}%)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kernelatlas.pipeline import run_pipeline
+    from kernelatlas.jobs.run import run_pipeline
 
     summary = run_pipeline(args.out, zoo=args.zoo, sources=args.src, threshold=args.threshold, seed=args.seed,
                            epochs=args.epochs, threads=args.threads, progress=not args.no_progress,
@@ -638,7 +602,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_quality(sub: Any) -> None:
-    from kernelatlas.layer_quality import (
+    from kernelatlas.jobs.quality import (
         DEGENERATE_LOW_ENTROPY,
         DEGENERATE_MARGIN,
         DEGENERATE_SPARSITY,
@@ -692,7 +656,7 @@ def _add_quality(sub: Any) -> None:
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:
-    from kernelatlas.layer_quality import quality_run
+    from kernelatlas.jobs.quality import quality_run
 
     run = quality_run(args.corpus, kind=args.kind, scale=args.scale, run_id=args.run, threads=args.threads,
                       chunk_rows=args.chunk_rows, progress=not args.no_progress, figures=not args.no_figures,
@@ -719,8 +683,8 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _add_shift(sub: Any) -> None:
-    from kernelatlas.distribution_shift import BINS, GROUPINGS
-    from kernelatlas.layer_quality import KINDS, SCALES
+    from kernelatlas.jobs.quality import KINDS, SCALES
+    from kernelatlas.jobs.shift import BINS, GROUPINGS
 
     p = sub.add_parser(
         "shift",
@@ -761,8 +725,8 @@ def _add_shift(sub: Any) -> None:
 
 
 def _cmd_shift(args: argparse.Namespace) -> int:
-    from kernelatlas.distribution_shift import shift_result
-    from kernelatlas.layer_quality import load_quality_run, quality_run
+    from kernelatlas.jobs.quality import load_quality_run, quality_run
+    from kernelatlas.jobs.shift import shift_result
 
     groupings = list(dict.fromkeys(g for part in args.by for g in part))
     if not groupings:
@@ -804,7 +768,7 @@ def _cmd_shift(args: argparse.Namespace) -> int:
 
 def _add_train(sub: Any) -> None:
     from kernelatlas.holdout import DEFAULT_SHARE
-    from kernelatlas.training import (
+    from kernelatlas.jobs.train import (
         DEFAULT_EVAL_EVERY,
         DEFAULT_LR_DROPS,
         DEFAULT_MAX_STEPS,
@@ -887,7 +851,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kernelatlas.training import train
+    from kernelatlas.jobs.train import train
 
     model = train(args.corpus, args.kernel_size, args.out, kind=args.kind, widths=args.widths, epochs=args.epochs,
                   max_steps=args.max_steps, schedule=args.schedule, eval_every=args.eval_every,
@@ -957,7 +921,7 @@ def _add_clusters(sub: Any) -> None:
 
 
 def _cmd_clusters(args: argparse.Namespace) -> int:
-    from kernelatlas.clustering import clusters
+    from kernelatlas.jobs.clusters import clusters
 
     extra = {name: value for name, value in (("bandwidth", args.bandwidth), ("min_prominence", args.min_prominence))
              if value is not None}

@@ -27,10 +27,11 @@ from kernelatlas import _core
 if TYPE_CHECKING:
     from kernelatlas.autoencoder import Autoencoder
 
-__all__ = ["assign", "assign_prototypes", "build_info", "normalize", "set_isa"]
+__all__ = ["assign", "assign_prototypes", "build_info", "check_device", "normalize", "set_isa", "thread_count"]
 
 
-def _threads(threads: int | None) -> int:
+def thread_count(threads: int | None) -> int:
+    """The engine's thread argument: None (all cores) is 0; anything below 1 is refused."""
     if threads is None:
         return 0
     if threads < 1:
@@ -38,7 +39,8 @@ def _threads(threads: int | None) -> int:
     return int(threads)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Refuse a device this build cannot run on, naming the fix."""
     if device in ("auto", "cpu"):
         return
     if device == "cuda":
@@ -61,7 +63,7 @@ def normalize(
     Returns ``(normalized, norms)``: float32 of x's shape, and float32 [n] with the centred norms (0 for dead
     or flat kernels, NaN for non-finite ones, whose rows are zero).
     """
-    return _core.normalize(x, out=out, norms=norms, min_abs=float(min_abs), threads=_threads(threads))
+    return _core.normalize(x, out=out, norms=norms, min_abs=float(min_abs), threads=thread_count(threads))
 
 
 def assign(
@@ -83,7 +85,7 @@ def assign(
     arrays (e.g. writable memmaps).  ``decoder``: 'auto' uses the exact piecewise-linear table of a ReLU
     decoder (see DESIGN.md), 'mlp' forces the decoder network, 'segments' requires the table.
     """
-    _check_device(device)
+    check_device(device)
     labels, scores, codes = out if out is not None else (None, None, None)
     return model._engine.assign(
         x,
@@ -92,7 +94,7 @@ def assign(
         scores=scores,
         codes=codes,
         min_abs=float(min_abs),
-        threads=_threads(threads),
+        threads=thread_count(threads),
         decoder=decoder,
     )
 
@@ -113,12 +115,11 @@ def assign_prototypes(
     ``prototypes``: an array [P, k*k] or [P, k, k] (1 <= P <= 256), or a ``_core.PrototypeEngine`` built once
     and reused.  Returns ``(labels int16, scores float32)``.
     """
-    _check_device(device)
+    check_device(device)
     engine = prototypes if isinstance(prototypes, _core.PrototypeEngine) else prototype_engine(prototypes)
     labels, scores = out if out is not None else (None, None)
-    return engine.assign(
-        x, threshold=float(threshold), labels=labels, scores=scores, min_abs=float(min_abs), threads=_threads(threads)
-    )
+    return engine.assign(x, threshold=float(threshold), labels=labels, scores=scores, min_abs=float(min_abs),
+                         threads=thread_count(threads))
 
 
 def prototype_engine(prototypes: np.ndarray) -> _core.PrototypeEngine:
@@ -146,7 +147,7 @@ def build_info() -> dict[str, Any]:
     info["cuda_devices"] = []
     if info["cuda_built"]:
         try:
-            from kernelatlas import _cuda  # type: ignore[attr-defined]
+            from kernelatlas import _cuda
         except ImportError as exc:  # built, but the CUDA runtime cannot load here
             info["cuda_error"] = str(exc)
         else:

@@ -1,0 +1,191 @@
+"""`kernelatlas extract`: checkpoints (files, folders, ``zoo:NAME``) -> the corpus.
+
+Each input file is hashed (sha256, streamed), skipped if the corpus already holds it, read by its loader and
+streamed into the corpus writer; commits happen every ``commit_rows`` kernels or ``commit_seconds`` and at the
+end, so an interrupted run keeps everything committed and a rerun completes the rest.  A file that cannot be
+read is reported (naming it and the reason) and the others are still extracted.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernelatlas._files import sha256_file
+from kernelatlas.corpus import CorpusWriter
+from kernelatlas.corpus.loaders import LoaderError, is_checkpoint, load_file, source_files
+from kernelatlas.corpus.loaders.architectures import load_with_architecture
+
+_CORPUS_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # errors of the corpus's filesystem, not of a file
+
+__all__ = ["ExtractReport", "expand_sources", "extract", "extract_module", "sha256_file", "source_identity"]
+
+
+@dataclass
+class ExtractReport:
+    added: list[dict[str, Any]] = field(default_factory=list)      # model rows added
+    skipped: list[str] = field(default_factory=list)               # already in the corpus
+    failed: list[tuple[str, str]] = field(default_factory=list)    # (file, reason)
+    empty: list[str] = field(default_factory=list)                 # read, but held no conv layer
+    empty_folders: list[str] = field(default_factory=list)         # folders holding no checkpoint file
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every input was read (some may have held no convs)."""
+        return not self.failed
+
+
+def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | None = None,
+                   empty_folders: list[str] | None = None) -> list[Path]:
+    """Files as given, folders searched recursively for known checkpoint suffixes (sorted), ``zoo:NAME``
+    resolved through the zoo cache (pulling the entry if needed).  Folders without any checkpoint are
+    appended to ``empty_folders``."""
+    files: list[Path] = []
+    for src in sources:
+        text = str(src)
+        if text.startswith("zoo:"):
+            from kernelatlas.jobs import zoo
+
+            files.extend(zoo.pull(text[4:], cache=cache))
+            continue
+        p = Path(text)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_checkpoint(f))
+            if not found and empty_folders is not None:
+                empty_folders.append(str(p))
+            files.extend(found)
+        else:
+            files.append(p)
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def source_identity(path: Path) -> str:
+    """The sha256 a model is keyed by: of the file itself, or -- when loading it reads other files too (ONNX
+    external data, safetensors shards) -- of the file's sha256 and each other file's name and sha256, so the
+    identity covers every byte its kernels come from."""
+    digest = sha256_file(path)
+    others = source_files(path)
+    if not others:
+        return digest
+    h = hashlib.sha256(f"kernelatlas-source:{digest}".encode())
+    for other in others:
+        h.update(f"\n{other.name}:{sha256_file(other)}".encode())
+    return h.hexdigest()
+
+
+def extract(
+    sources: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    sizes: Sequence[int] = (3, 5, 7),
+    all_convs: bool = False,
+    dtype: str = "float32",
+    meta: Mapping[str, str] | None = None,
+    progress: bool = True,
+    commit_rows: int = 1 << 24,
+    commit_seconds: float = 60.0,
+    zoo_cache: Path | None = None,
+    arch: str | None = None,
+    fold_bn: bool = False,
+) -> ExtractReport:
+    """Extract every conv layer of every input into the corpus at ``out`` (created if absent).
+
+    ``arch``: read every file as weights of that architecture (``timm:NAME``, ``torchvision:NAME``,
+    ``python:MODULE:CALLABLE``; see loaders/architectures.py): exact groups, and ``fold_bn`` folds BatchNorm."""
+    from tqdm import tqdm
+
+    report = ExtractReport()
+    files = expand_sources(sources, cache=zoo_cache, empty_folders=report.empty_folders)
+    with CorpusWriter(out, dtype=dtype, commit_rows=commit_rows, commit_seconds=commit_seconds) as writer:
+        bar = tqdm(files, desc="extract", unit="file", disable=not progress, file=sys.stderr)
+        for path in bar:
+            bar.set_postfix_str(path.name[-40:])
+            try:
+                digest = source_identity(path)
+            except OSError as exc:
+                report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
+                continue
+            except Exception as exc:
+                report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
+                                      f"{str(exc)[:300] or 'no detail'})"))
+                continue
+            if arch is not None:  # the same file read through an architecture is another corpus model
+                digest = hashlib.sha256(f"{digest}:arch={arch}:fold_bn={fold_bn}".encode()).hexdigest()
+            if writer.has_model(digest):
+                report.skipped.append(str(path))
+                continue
+            # one error boundary per file: whatever a loader or the reading of its tensors raises (a
+            # LoaderError, or a RecursionError / ValueError / MemoryError from a hostile file) fails this file
+            # alone -- add_model rewinds what it had written -- while KeyboardInterrupt and SystemExit still stop
+            try:
+                model = load_file(path) if arch is None else load_with_architecture(path, arch, fold_bn=fold_bn)
+                kernels = sum(layer.c_out * layer.c_in_per_group for layer in model.layers)
+                with tqdm(total=kernels, desc=f"  {path.name[-30:]}", unit="kernel", unit_scale=True, leave=False,
+                          disable=not progress or kernels < 1_000_000, file=sys.stderr) as inner:
+                    row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta,
+                                           on_layer=inner.update)
+            except LoaderError as exc:
+                report.failed.append((str(path), str(exc)))
+                continue
+            except OSError as exc:
+                if exc.errno in _CORPUS_FULL:  # the corpus's disk, not the checkpoint: stop, nothing committed
+                    raise
+                report.failed.append((str(path), f"{path}: cannot be read ({exc})"))
+                continue
+            except Exception as exc:
+                report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
+                                      f"{str(exc)[:300] or 'no detail'})"))
+                continue
+            report.warnings.extend(model.warnings)
+            if not model.layers:
+                report.empty.append(str(path))
+            report.added.append(row)
+            writer.maybe_commit()
+        bar.close()
+    return report
+
+
+def extract_module(
+    module: Any,
+    out: str | os.PathLike[str],
+    *,
+    name: str,
+    fold_bn: bool = False,
+    example_input: Any = None,
+    sizes: Sequence[int] = (3, 5, 7),
+    all_convs: bool = False,
+    dtype: str = "float32",
+    meta: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """Extract a live ``torch.nn.Module`` (groups, stride and dilation known exactly; ``fold_bn`` folds
+    BatchNorm into the convs it follows, as ONNX exports and CNN Filter DB do).  The model is keyed by the
+    sha256 of its conv weights and the options, so adding the same module twice adds it once.  Returns the
+    model row, or None when the corpus already holds it."""
+    from kernelatlas.corpus.loaders.torch_module import load_module
+
+    model = load_module(module, name=name, fold_bn=fold_bn, example_input=example_input)
+    h = hashlib.sha256(f"module:{name}:fold_bn={fold_bn}".encode())
+    for layer in model.layers:
+        h.update(layer.name.encode())
+        h.update(np.ascontiguousarray(layer.weight).tobytes())
+    digest = h.hexdigest()
+    with CorpusWriter(out, dtype=dtype) as writer:
+        if writer.has_model(digest):
+            return None
+        return writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta)

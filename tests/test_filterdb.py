@@ -244,7 +244,7 @@ def test_small_chunks_give_the_same_corpus(tmp_path: Path) -> None:
 
 
 def test_rerun_skips_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernelatlas.corpus.loaders import filterdb
+    from kernelatlas.jobs import filterdb
 
     path = tmp_path / "dataset.h5"
     build_dataset(path)

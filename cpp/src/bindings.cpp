@@ -100,14 +100,8 @@ bool use_segments_arg(const AutoencoderModel& m, const std::string& decoder) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kernelatlas native CPU engine (private; use the kernelatlas package)";
 
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const std::invalid_argument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
-  });
-
+  // No exception translator of our own: pybind11 already raises ValueError for std::invalid_argument (the
+  // engine's "bad argument" errors) and RuntimeError for std::runtime_error.
   m.def("normalize",
         [](const py::array& x, std::optional<py::array> out, std::optional<py::array> norms, double min_abs,
            int threads) {
@@ -331,7 +325,7 @@ PYBIND11_MODULE(_core, m) {
     info["isa"] = isa_name(active_isa());
     info["isa_forced"] = forced_isa();
     info["isa_supported"] = supported_isas();
-    info["isa_compiled"] = std::vector<std::string>{"scalar", "avx2", "avx512"};
+    info["isa_compiled"] = compiled_isas();
     info["openmp"] = openmp_enabled();
     info["threads"] = default_threads();
     info["cuda_built"] = static_cast<bool>(KERNELATLAS_CUDA_BUILT);

@@ -11,9 +11,10 @@
 namespace kernelatlas {
 
 // ---- instruction-set dispatch ----
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
-Isa best_supported_isa();                      // what this CPU (and OS) can run
+// (Isa is in types.h.)  The ISAs below are those of the compiled variants (the registry, dispatch.cpp).
+Isa best_supported_isa();                      // the highest compiled ISA this CPU (and OS) can run
 std::vector<std::string> supported_isas();     // e.g. {"scalar", "avx2", "avx512"}
+std::vector<std::string> compiled_isas();      // the variants in this build, lowest first
 Isa active_isa();                              // the forced one, else the best
 std::string isa_name(Isa isa);
 // Forces an ISA ("scalar", "avx2", "avx512") or restores automatic choice (""); returns the previous setting.

@@ -1,5 +1,5 @@
-// The engine's hot loops, written once and compiled per instruction set (tile_scalar/avx2/avx512.cpp define
-// KA_ISA and KA_NS, then include this file).  A tile of T kernels is transposed into "rows in lanes" layout
+// The engine's hot loops, written once and compiled per instruction set (isa/variant.cpp, compiled once per
+// ISA with KA_ISA and KA_NS defined, includes this file and exports the table).  A tile of T kernels is transposed into "rows in lanes" layout
 // ([entry][row]) so that every per-kernel reduction -- mean, norm, the 1-D code, the cosine -- is a vertical
 // SIMD operation, and every dense layer is a register-blocked outer product: BB output units x V vectors of
 // rows per micro-kernel, weights broadcast from a packed [in][block] panel.
@@ -387,21 +387,4 @@ static float fma_probe_entry(int64_t iters) {
 }
 
 }  // namespace KA_NS
-
-// The exported table: the only non-static symbol of this translation unit.
-const TileKernels& KA_TABLE_FN() {
-  static constexpr TileKernels table{
-      KA_ISA_NAME,
-      KA_NS::T,
-      &KA_NS::normalize_entry,
-      &KA_NS::encode_entry,
-      &KA_NS::decode_entry,
-      &KA_NS::assign_entry,
-      &KA_NS::assign_prototypes_entry,
-      &KA_NS::fma_probe_entry,
-      KA_NS::kProbeChains * KA_NS::W * 2,
-  };
-  return table;
-}
-
 }  // namespace kernelatlas

@@ -34,9 +34,8 @@ void normalize(const KernelsIn& x, float min_abs, float* normalized, float* norm
 
 void encode(const ModelView& m, const KernelsIn& x, float min_abs, float* codes, int threads) {
   const TileKernels& k = kernels();
-  for_each_tile(x.rows, k.tile_rows, m.max_width_pad, threads, [&](idx_t r0, int rows, const TileScratch& s) {
-    k.encode(m, x, r0, rows, min_abs, codes + r0, s);
-  });
+  for_each_tile(x.rows, k.tile_rows, m.max_width_pad, threads,
+                [&](idx_t r0, int rows, const TileScratch& s) { k.encode(m, x, r0, rows, min_abs, codes + r0, s); });
 }
 
 void decode(const ModelView& m, const float* codes, idx_t n, float* decoded, int threads) {
@@ -55,8 +54,8 @@ void reconstruct(const ModelView& m, const KernelsIn& x, float min_abs, float* d
   });
 }
 
-void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments,
-            int16_t* labels, float* scores, float* codes, int threads) {
+void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments, int16_t* labels,
+            float* scores, float* codes, int threads) {
   const TileKernels& k = kernels();
   AssignParams p;
   p.threshold = threshold;

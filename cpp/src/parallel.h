@@ -137,8 +137,8 @@ void for_each_tile(idx_t n, int tile_rows, int max_width_pad, int threads, Fn&& 
   if (n <= 0) return;
   const idx_t n_tiles = (n + tile_rows - 1) / tile_rows;
   const int workers = workers_for(n, n_tiles, threads);
-  const ScratchArena<TileScratch> scratch(
-      workers, [&](Slices& s) { return carve_tile_scratch(s, tile_rows, max_width_pad); });
+  const ScratchArena<TileScratch> scratch(workers,
+                                          [&](Slices& s) { return carve_tile_scratch(s, tile_rows, max_width_pad); });
   parallel_for(n_tiles, workers, 16, [&](int worker, idx_t t) {
     const idx_t r0 = t * tile_rows;
     fn(r0, static_cast<int>(std::min<idx_t>(tile_rows, n - r0)), scratch[worker]);

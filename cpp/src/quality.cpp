@@ -96,8 +96,8 @@ idx_t count_below(const float* rowmax, idx_t rows, float threshold) {
 // x[r0, r0 + rows) -- those with rowmax < threshold, the rule of count_below -- in row order.  Sparse rows are
 // a minority of the rows of nearly every layer and are read once more here while still in cache; plain scalar
 // float64, so the moments do not depend on the ISA path.
-void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
-                        double* sum, double* gram) {
+void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold, double* sum,
+                        double* gram) {
   const int d = x.d;
   double w[kMaxDim];
   for (idx_t r = 0; r < rows; ++r) {
@@ -302,9 +302,8 @@ struct CoefRun {
 
 }  // namespace
 
-void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments,
-                const double* mean, const double* basis, int n_components, bool scale_maxabs, double* lo, double* hi,
-                int threads) {
+void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments, const double* mean,
+                const double* basis, int n_components, bool scale_maxabs, double* lo, double* hi, int threads) {
   const QualityKernels& k = kernels();
   CoefRun run(x, starts, stops, segments, n_components, threads, [](idx_t) { return true; });
   CoefParams p;

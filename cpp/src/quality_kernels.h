@@ -38,18 +38,18 @@ struct PieceStats {
   idx_t zeros = 0;
   float max_abs = 0.f;     // over finite rows (0 if none)
   double* acc = nullptr;   // [2][dp][dp]: [0] plain, [1] max-abs-scaled; entry (i, j), i <= j < d, is
-                           // sum w_i w_j and (i, d) is sum w_i.  Entries below the diagonal are not written.
+                          // sum w_i w_j and (i, d) is sum w_i.  Entries below the diagonal are not written.
 };
 
 // The PCA projection shared by coef_range and coef_histograms.
 struct CoefParams {
   int n_components = 0;
   bool scale_maxabs = true;
-  const double* mean = nullptr;   // [d]
+  const double* mean = nullptr;  // [d]
   const double* basis = nullptr;  // [n_components, d]
-  const double* lo = nullptr;     // [n_components]  histogram only
+  const double* lo = nullptr;  // [n_components]  histogram only
   const double* inv_width = nullptr;  // [n_components]  bins / (hi - lo), histogram only
-  int bins = 0;                   // histogram only
+  int bins = 0;  // histogram only
 };
 
 struct QualityKernels {
@@ -69,8 +69,8 @@ struct QualityKernels {
   // The label statistics of assign outputs (engine.h label_counts) for rows [a, b) of one segment, added to
   // row [n_labels + 2]: label -1, each cluster, then the dead kernels (value NaN if nan_is_dead, else label -1
   // with value 0).  Labels outside [-1, n_labels) are not counted.
-  void (*count_labels)(const int16_t* labels, const float* values, idx_t a, idx_t b, int n_labels,
-                       bool nan_is_dead, int64_t* row);
+  void (*count_labels)(const int16_t* labels, const float* values, idx_t a, idx_t b, int n_labels, bool nan_is_dead,
+                       int64_t* row);
 };
 
 }  // namespace kernelatlas

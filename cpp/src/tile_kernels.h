@@ -35,8 +35,8 @@ struct TileKernels {
   // codes [rows] -> decoded [rows, d] (the decoder MLP; NaN rows for non-finite codes)
   void (*decode)(const ModelView& m, const float* codes, int rows, float* decoded, const TileScratch& s);
   // fused paper-mode assignment -> labels [rows], scores [rows], codes [rows]
-  void (*assign)(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, const AssignParams& p,
-                 int16_t* labels, float* scores, float* codes, const TileScratch& s);
+  void (*assign)(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, const AssignParams& p, int16_t* labels,
+                 float* scores, float* codes, const TileScratch& s);
   // prototype assignment -> labels [rows], scores [rows]
   void (*assign_prototypes)(const PrototypeView& p, const KernelsIn& x, idx_t r0, int rows, float threshold,
                             float min_abs, int16_t* labels, float* scores, const TileScratch& s);

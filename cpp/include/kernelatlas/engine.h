@@ -35,8 +35,8 @@ void decode(const ModelView& m, const float* codes, idx_t n, float* decoded, int
 // decoded: [n, d] = decode(encode(x))
 void reconstruct(const ModelView& m, const KernelsIn& x, float min_abs, float* decoded, int threads);
 // labels: [n] int16, scores: [n], codes: [n]
-void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments,
-            int16_t* labels, float* scores, float* codes, int threads);
+void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments, int16_t* labels,
+            float* scores, float* codes, int threads);
 // labels: [n] int16, scores: [n]
 void assign_prototypes(const PrototypeView& p, const KernelsIn& x, float threshold, float min_abs, int16_t* labels,
                        float* scores, int threads);

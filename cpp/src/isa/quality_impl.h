@@ -275,8 +275,7 @@ struct TrianglePass {
       for (int k = 0; k < kN; ++k)
 #pragma GCC unroll 32
         for (int j = kRows[k]; j < DP; ++j)
-          acc[offset(k) + j - kRows[k]] =
-              (flags & kFirst) ? vset(0.f) : vload(acc32 + (kRows[k] * DP + j) * kL + h);
+          acc[offset(k) + j - kRows[k]] = (flags & kFirst) ? vset(0.f) : vload(acc32 + (kRows[k] * DP + j) * kL + h);
       for (int g = 0; g < groups; ++g) {
         const float* base = X + g * kL + h;
         vf u[kN];
@@ -392,11 +391,11 @@ static void piece_rowmax(const KernelsIn& x, idx_t r0, idx_t rows, const Quality
 
 static_assert(kL % WD == 0, "a group of rows must be whole float64 vectors");
 
-// After prep of n rows into s.cols / s.rowmax (D: the kernel size if fixed): for every vector of WD rows in [0, n rounded up to kL) and every
-// component k, c = basis[k] . (w' - mean) with w' = w / max|w| when scaling (w itself for all-zero, non-finite
-// and padding rows, which the callers skip), handed to sink(k, row, c).  Multiplying by 1 / max|w| instead of
-// dividing differs from w / max|w| by at most 1 ulp of float64.  Every operation is spelled out (FMAs included),
-// so every ISA computes the same bits.
+// After prep of n rows into s.cols / s.rowmax (D: the kernel size if fixed): for every vector of WD rows in [0, n
+// rounded up to kL) and every component k, c = basis[k] . (w' - mean) with w' = w / max|w| when scaling (w itself for
+// all-zero, non-finite and padding rows, which the callers skip), handed to sink(k, row, c).  Multiplying by 1 / max|w|
+// instead of dividing differs from w / max|w| by at most 1 ulp of float64.  Every operation is spelled out (FMAs
+// included), so every ISA computes the same bits.
 template <int D, class Sink>
 static void coefs(int d_runtime, int n, int ld, const CoefParams& p, const QualityScratch& s, Sink&& sink) {
   const int d = D > 0 ? D : d_runtime;
@@ -409,7 +408,8 @@ static void coefs(int d_runtime, int n, int ld, const CoefParams& p, const Quali
     const vd inv = dload(s.inv + r);
     vd y[D > 0 ? D : kMaxDim];
 #pragma GCC unroll 16
-    for (int i = 0; i < d; ++i) y[i] = dfma(dfrom(s.cols + i * ld + r), inv, dset(-p.mean[i]));  // one rounding, every ISA
+    for (int i = 0; i < d; ++i)
+      y[i] = dfma(dfrom(s.cols + i * ld + r), inv, dset(-p.mean[i]));  // one rounding, every ISA
     // one component at a time: out-of-order execution overlaps a component's FMA chain with the previous
     // component's sink (interleaving several chains by hand measured slower)
     for (int k = 0; k < p.n_components; ++k) {
@@ -514,8 +514,8 @@ static void coef_hist(const KernelsIn& x, idx_t r0, idx_t rows, const CoefParams
 constexpr idx_t kCountBlock = 4096;
 constexpr int kFewLabels = 32;
 
-static void count_labels(const int16_t* labels, const float* values, idx_t a, idx_t b, int n_labels,
-                         bool nan_is_dead, int64_t* row) {
+static void count_labels(const int16_t* labels, const float* values, idx_t a, idx_t b, int n_labels, bool nan_is_dead,
+                         int64_t* row) {
   const int width = n_labels + 2;
   int64_t dead = 0;
   for (idx_t r0 = a; r0 < b; r0 += kCountBlock) {

@@ -260,7 +260,9 @@ static inline void add_f64(double* p, vf a) {
 #elif KA_ISA == 1
 static inline vi abs_bits(vf a) { return _mm256_and_si256(_mm256_castps_si256(a), _mm256_set1_epi32(0x7fffffff)); }
 static inline vi max_bits(vi a, vi b) { return _mm256_max_epi32(a, b); }
-static inline vm bits_below(vi a, int32_t t) { return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(t), a)); }
+static inline vm bits_below(vi a, int32_t t) {
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(t), a));
+}
 static inline vm bits_zero(vi a) { return _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_setzero_si256())); }
 static inline vf bits_float(vi a) { return _mm256_castsi256_ps(a); }
 static inline vm lanes_live(int n) { return _mm256_castsi256_ps(lanes_below(n)); }

@@ -26,7 +26,8 @@ py::dict device_info() {
   for (int i = 0; i < count; ++i) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, i) == cudaSuccess) {
-      names.append(py::str(prop.name) + py::str(" (sm_") + py::str(std::to_string(prop.major * 10 + prop.minor)) + py::str(")"));
+      names.append(py::str(prop.name) + py::str(" (sm_") + py::str(std::to_string(prop.major * 10 + prop.minor)) +
+                   py::str(")"));
     }
   }
   info["devices"] = names;

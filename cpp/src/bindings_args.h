@@ -106,8 +106,10 @@ inline KernelsIn kernels_arg(const py::array& x, int expected_d, const char* nam
     throw py::value_error(std::string(name) + " holds " + kernel_size_name(d) + " kernels but the model is for " +
                           kernel_size_name(expected_d) + " kernels: use the model trained for this kernel size");
   if (!is_c_contiguous(x))
-    throw py::value_error(std::string(name) + " is not C-contiguous (a transposed view or strided slice?): pass "
-                          "np.ascontiguousarray(" + name + "); kernelatlas never copies large inputs silently");
+    throw py::value_error(std::string(name) +
+                          " is not C-contiguous (a transposed view or strided slice?): pass "
+                          "np.ascontiguousarray(" +
+                          name + "); kernelatlas never copies large inputs silently");
   in.data = x.data();
   in.rows = x.shape(0);
   in.d = d;

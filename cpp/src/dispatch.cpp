@@ -1,10 +1,12 @@
 // Picks the instruction set: cpuid + xgetbv (the OS must save the wide registers), once per process for the
-// capability, once per call for the choice (a forced ISA from $KERNELATLAS_ISA or set_isa() wins).
+// capability, once per call for the choice (a forced ISA from $KERNELATLAS_ISA or set_isa() wins) -- and holds
+// the registry of compiled variants (isa_registry.h) that every kernel driver takes its tables from.
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 
+#include "isa_registry.h"
 #include "kernelatlas/engine.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -39,6 +41,23 @@ Isa detect() {
 Isa detect() { return Isa::scalar; }
 #endif
 
+// The compiled variants, lowest ISA first; scalar is always built (CMakeLists.txt, ka_isa_variant).
+const IsaVariant* const kVariants[] = {
+    &isa_scalar::variant(),
+#if KA_VARIANT_AVX2
+    &isa_avx2::variant(),
+#endif
+#if KA_VARIANT_AVX512
+    &isa_avx512::variant(),
+#endif
+};
+
+const IsaVariant* find_variant(Isa isa) {
+  for (const IsaVariant* v : kVariants)
+    if (v->isa == isa) return v;
+  return nullptr;
+}
+
 constexpr int kAuto = -1;
 std::atomic<int> g_forced{kAuto};
 std::once_flag g_env_once;
@@ -50,12 +69,17 @@ Isa parse(const std::string& name) {
   throw std::invalid_argument("unknown ISA '" + name + "': use scalar, avx2 or avx512 (or unset KERNELATLAS_ISA)");
 }
 
+// Compiled into this build and within what the CPU runs.
+bool runnable(Isa isa) {
+  return find_variant(isa) != nullptr && static_cast<int>(isa) <= static_cast<int>(best_supported_isa());
+}
+
 void init_from_env() {
   std::call_once(g_env_once, [] {
     const char* env = std::getenv("KERNELATLAS_ISA");
     if (env && *env && std::string(env) != "auto") {
       const Isa want = parse(env);
-      if (static_cast<int>(want) > static_cast<int>(best_supported_isa()))
+      if (!runnable(want))
         throw std::invalid_argument(std::string("KERNELATLAS_ISA=") + env + " but this CPU supports at most " +
                                     isa_name(best_supported_isa()) + ": unset it or choose a lower level");
       g_forced = static_cast<int>(want);
@@ -66,8 +90,20 @@ void init_from_env() {
 }  // namespace
 
 Isa best_supported_isa() {
-  static const Isa best = detect();
+  static const Isa best = [] {
+    const Isa cpu = detect();
+    Isa out = Isa::scalar;
+    for (const IsaVariant* v : kVariants)
+      if (static_cast<int>(v->isa) <= static_cast<int>(cpu)) out = v->isa;
+    return out;
+  }();
   return best;
+}
+
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> out;
+  for (const IsaVariant* v : kVariants) out.push_back(isa_name(v->isa));
+  return out;
 }
 
 std::string isa_name(Isa isa) {
@@ -81,7 +117,8 @@ std::string isa_name(Isa isa) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (int i = 0; i <= static_cast<int>(best_supported_isa()); ++i) out.push_back(isa_name(static_cast<Isa>(i)));
+  for (const IsaVariant* v : kVariants)
+    if (static_cast<int>(v->isa) <= static_cast<int>(best_supported_isa())) out.push_back(isa_name(v->isa));
   return out;
 }
 
@@ -98,10 +135,11 @@ std::string set_isa(const std::string& name) {
     return previous;
   }
   const Isa want = parse(name);
-  if (static_cast<int>(want) > static_cast<int>(best_supported_isa()))
-    throw std::invalid_argument("this CPU cannot run the " + name + " path; supported: " + isa_name(Isa::scalar) +
-                                (best_supported_isa() >= Isa::avx2 ? ", avx2" : "") +
-                                (best_supported_isa() >= Isa::avx512 ? ", avx512" : ""));
+  if (!runnable(want)) {
+    std::string supported;
+    for (const std::string& s : supported_isas()) supported += (supported.empty() ? "" : ", ") + s;
+    throw std::invalid_argument("this CPU cannot run the " + name + " path; supported: " + supported);
+  }
   g_forced = static_cast<int>(want);
   return previous;
 }
@@ -110,6 +148,11 @@ Isa active_isa() {
   init_from_env();
   const int f = g_forced.load();
   return f == kAuto ? best_supported_isa() : static_cast<Isa>(f);
+}
+
+const IsaVariant& active_variant() {
+  const IsaVariant* v = find_variant(active_isa());
+  return v ? *v : *kVariants[0];  // set_isa() admits only compiled variants: not reached
 }
 
 }  // namespace kernelatlas

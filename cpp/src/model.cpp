@@ -60,7 +60,8 @@ PackedLayer pack(const DenseSpec& L) {
   for (int o = 0; o < L.out; ++o) {
     const int ob = o / block * block, b = o % block;
     for (int j = 0; j < L.in; ++j)
-      p.w[static_cast<size_t>(ob) * L.in + static_cast<size_t>(j) * block + b] = L.weight[static_cast<size_t>(o) * L.in + j];
+      p.w[static_cast<size_t>(ob) * L.in + static_cast<size_t>(j) * block + b] =
+          L.weight[static_cast<size_t>(o) * L.in + j];
     p.b[o] = L.bias[o];
   }
   p.view.in = L.in;
@@ -104,11 +105,11 @@ AutoencoderModel::AutoencoderModel(int d, std::vector<DenseSpec> encoder, std::v
       const std::string where = std::string(name) + " layer " + std::to_string(i);
       check_layer(side[i], where);
       if (side[i].in != prev)
-        throw std::invalid_argument(where + " takes " + std::to_string(side[i].in) + " inputs but the previous layer gives " +
-                                    std::to_string(prev));
+        throw std::invalid_argument(where + " takes " + std::to_string(side[i].in) +
+                                    " inputs but the previous layer gives " + std::to_string(prev));
       if (side[i].out > kMaxWidth)
-        throw std::invalid_argument(where + " is " + std::to_string(side[i].out) + " wide; the engine supports widths up to " +
-                                    std::to_string(kMaxWidth));
+        throw std::invalid_argument(where + " is " + std::to_string(side[i].out) +
+                                    " wide; the engine supports widths up to " + std::to_string(kMaxWidth));
       prev = side[i].out;
     }
     if (prev != last_out)
@@ -124,8 +125,8 @@ AutoencoderModel::AutoencoderModel(int d, std::vector<DenseSpec> encoder, std::v
       throw std::invalid_argument("cluster interval " + std::to_string(i) + " = [" + std::to_string(int_lo[i]) + ", " +
                                   std::to_string(int_hi[i]) + ") must be finite with lo < hi");
     if (i > 0 && int_lo[i] < int_hi[i - 1])
-      throw std::invalid_argument("cluster intervals must be sorted and must not overlap: interval " + std::to_string(i) +
-                                  " starts before interval " + std::to_string(i - 1) + " ends");
+      throw std::invalid_argument("cluster intervals must be sorted and must not overlap: interval " +
+                                  std::to_string(i) + " starts before interval " + std::to_string(i - 1) + " ends");
   }
   if (int_lo.size() > 32767) throw std::invalid_argument("too many cluster intervals (labels are int16)");
   int_lo_ = std::move(int_lo);
@@ -254,7 +255,8 @@ void AutoencoderModel::build_segments(const std::vector<DenseSpec>& decoder, Act
 PrototypeSet::PrototypeSet(int d, int n_proto, const float* prototypes) {
   if (d < 1 || d > kMaxDim) throw std::invalid_argument("prototype size d out of range 1.." + std::to_string(kMaxDim));
   if (n_proto < 1 || n_proto > kMaxPrototypes)
-    throw std::invalid_argument("need 1.." + std::to_string(kMaxPrototypes) + " prototypes, got " + std::to_string(n_proto));
+    throw std::invalid_argument("need 1.." + std::to_string(kMaxPrototypes) + " prototypes, got " +
+                                std::to_string(n_proto));
   normalized_.resize(static_cast<size_t>(n_proto) * d);
   DenseSpec spec;
   spec.in = d;
@@ -275,7 +277,8 @@ PrototypeSet::PrototypeSet(int d, int n_proto, const float* prototypes) {
     if (!(norm > 1e-5 * amax) || norm == 0.0)
       throw std::invalid_argument("prototype " + std::to_string(p) +
                                   " is constant or all zero: it has no pattern to compare kernels with");
-    for (int j = 0; j < d; ++j) normalized_[static_cast<size_t>(p) * d + j] = static_cast<float>((row[j] - mean) / norm);
+    for (int j = 0; j < d; ++j)
+      normalized_[static_cast<size_t>(p) * d + j] = static_cast<float>((row[j] - mean) / norm);
   }
   spec.weight = normalized_;
   layer_ = pack(spec);

@@ -1,7 +1,8 @@
 // Drivers of the per-layer statistics (kernelatlas/quality.h): split segments into pieces of at most
 // kQualityPieceRows rows (always counted from the segment's start, so a segment's results never depend on the
-// thread count or on its neighbours), run the ISA's kernels over the pieces in one OpenMP loop, and combine
-// the pieces of each segment in order.
+// thread count or on its neighbours), run the ISA's kernels over the pieces in the one parallel-for
+// (parallel.h), and combine the pieces of each segment in order.  Also the per-segment label counts of assign
+// outputs (label_counts), the same split into pieces over the same kernel table.
 //
 // Sparsity needs a segment's max|w| before its rows can be counted.  The piece kernel leaves every row's max|w|
 // in per-thread scratch, so a segment that fits in one piece (nearly every layer: the CNN Filter DB averages
@@ -15,26 +16,16 @@
 #include <memory>
 #include <vector>
 
+#include "isa_registry.h"
 #include "kernelatlas/engine.h"
 #include "kernelatlas/vecmath.h"
 #include "parallel.h"
 #include "quality_kernels.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace kernelatlas {
 namespace {
 
-const QualityKernels& kernels() {
-  switch (active_isa()) {
-    case Isa::avx512: return quality_kernels_avx512();
-    case Isa::avx2: return quality_kernels_avx2();
-    case Isa::scalar: break;
-  }
-  return quality_kernels_scalar();
-}
+const QualityKernels& kernels() { return *active_variant().quality; }
 
 // Rows transposed at a time: the plain and the scaled copy of a sub-block together stay within 32 KB (L1).
 int sub_rows_for(int d) {
@@ -43,51 +34,27 @@ int sub_rows_for(int d) {
   return sub;
 }
 
-// One thread's QualityScratch, carved from one allocation in 64-byte aligned slices.
-class ScratchOwner {
- public:
-  // stats: room for piece_stats (Gram partials, a piece of row maxima); else for the coefficient kernels.
-  ScratchOwner(int d, int n_components, bool stats) {
-    const size_t dp = static_cast<size_t>(d) + 1, lanes = kQualityLanes;
-    const int sub = sub_rows_for(d);
-    const size_t sub_z = static_cast<size_t>(sub);
-    const size_t rowmax = (stats ? static_cast<size_t>(kQualityPieceRows) : sub_z) + lanes;
-    const size_t acc = stats ? 2 * dp * dp * lanes : 0;
-    const size_t nc = static_cast<size_t>(n_components);
-    const size_t sizes[] = {
-        2 * dp * sub_z * sizeof(float),                  // cols
-        rowmax * sizeof(float),                          // rowmax
-        acc * sizeof(float),                             // acc32
-        acc * sizeof(double),                            // acc64
-        (stats ? 0 : sub_z) * sizeof(double),            // inv
-        (stats ? 0 : nc * sub_z) * sizeof(double),       // coef
-        (stats ? 0 : nc * sub_z) * sizeof(int32_t),      // bin
-    };
-    size_t total = 64;
-    for (size_t bytes : sizes) total += (bytes + 63) / 64 * 64;
-    mem_.reset(new unsigned char[total]());
-    unsigned char* p = mem_.get();
-    p += (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64;
-    void* slots[7];
-    for (int i = 0; i < 7; ++i) {
-      slots[i] = p;
-      p += (sizes[i] + 63) / 64 * 64;
-    }
-    s_.sub_rows = sub;
-    s_.cols = static_cast<float*>(slots[0]);
-    s_.rowmax = static_cast<float*>(slots[1]);
-    s_.acc32 = static_cast<float*>(slots[2]);
-    s_.acc64 = static_cast<double*>(slots[3]);
-    s_.inv = static_cast<double*>(slots[4]);
-    s_.coef = static_cast<double*>(slots[5]);
-    s_.bin = static_cast<int32_t*>(slots[6]);
-  }
-  const QualityScratch& get() const { return s_; }
+// One worker's QualityScratch.  stats: room for piece_stats (Gram partials, a piece of row maxima); else for
+// the coefficient kernels.
+QualityScratch carve_quality_scratch(Slices& slices, int d, int n_components, bool stats) {
+  const size_t dp = static_cast<size_t>(d) + 1, lanes = kQualityLanes;
+  const int sub = sub_rows_for(d);
+  const size_t sub_z = static_cast<size_t>(sub);
+  const size_t acc = stats ? 2 * dp * dp * lanes : 0;
+  const size_t nc = static_cast<size_t>(n_components);
+  QualityScratch s;
+  s.sub_rows = sub;
+  s.cols = slices.take<float>(2 * dp * sub_z);
+  s.rowmax = slices.take<float>((stats ? static_cast<size_t>(kQualityPieceRows) : sub_z) + lanes);
+  s.acc32 = slices.take<float>(acc);
+  s.acc64 = slices.take<double>(acc);
+  s.inv = slices.take<double>(stats ? 0 : sub_z);
+  s.coef = slices.take<double>(stats ? 0 : nc * sub_z);
+  s.bin = slices.take<int32_t>(stats ? 0 : nc * sub_z);
+  return s;
+}
 
- private:
-  std::unique_ptr<unsigned char[]> mem_;
-  QualityScratch s_{};
-};
+using QualityArena = ScratchArena<QualityScratch>;
 
 struct Piece {
   idx_t segment;
@@ -107,26 +74,6 @@ idx_t split(const int64_t* starts, const int64_t* stops, idx_t segments, Keep&& 
     rows += stops[j] - starts[j];
   }
   return rows;
-}
-
-int threads_for(idx_t rows, size_t items, int threads) {
-  if (rows < kSerialRows || items < 2) return 1;
-  return std::max(1, std::min(resolve_threads(threads), static_cast<int>(std::min<size_t>(items, 1 << 20))));
-}
-
-// fn(thread, item) for every item; dynamic scheduling (pieces differ in size at segment ends).  Nothing in fn
-// throws: scratch is allocated before, on the calling thread.
-template <class Fn>
-void for_each_item(size_t items, int threads, Fn&& fn) {
-  const auto n = static_cast<idx_t>(items);
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (idx_t i = 0; i < n; ++i) fn(omp_get_thread_num(), i);
-    return;
-  }
-#endif
-  for (idx_t i = 0; i < n; ++i) fn(0, i);
 }
 
 // Rows are sparse when max|w| < 0.01 * the segment's max|w|, in float64 as the reference computes it: for a
@@ -149,8 +96,8 @@ idx_t count_below(const float* rowmax, idx_t rows, float threshold) {
 // x[r0, r0 + rows) -- those with rowmax < threshold, the rule of count_below -- in row order.  Sparse rows are
 // a minority of the rows of nearly every layer and are read once more here while still in cache; plain scalar
 // float64, so the moments do not depend on the ISA path.
-void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
-                        double* sum, double* gram) {
+void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold, double* sum,
+                        double* gram) {
   const int d = x.d;
   double w[kMaxDim];
   for (idx_t r = 0; r < rows; ++r) {
@@ -236,14 +183,14 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
   std::vector<double> slot_acc(static_cast<size_t>(slots) * acc_n);
   std::vector<SegmentTotals> slot_totals(static_cast<size_t>(slots));
 
-  threads = threads_for(rows, pieces.size(), threads);
-  std::vector<std::unique_ptr<ScratchOwner>> scratch;
+  threads = workers_for(rows, static_cast<idx_t>(pieces.size()), threads);
+  const QualityArena scratch(threads, [&](Slices& sl) { return carve_quality_scratch(sl, d, 0, true); });
   std::vector<double> thread_acc(static_cast<size_t>(threads) * acc_n);
-  for (int t = 0; t < threads; ++t) scratch.push_back(std::make_unique<ScratchOwner>(d, 0, true));
 
-  for_each_item(pieces.size(), threads, [&](int t, idx_t i) {
+  // dynamic scheduling, one piece at a time: pieces differ in size at segment ends
+  parallel_for(static_cast<idx_t>(pieces.size()), threads, 1, [&](int t, idx_t i) {
     const Piece& p = pieces[static_cast<size_t>(i)];
-    const QualityScratch& s = scratch[static_cast<size_t>(t)]->get();
+    const QualityScratch& s = scratch[t];
     const idx_t slot0 = first_slot[static_cast<size_t>(p.segment)];
     PieceStats ps;
     ps.acc = slot0 < 0 ? thread_acc.data() + static_cast<size_t>(t) * acc_n
@@ -307,9 +254,9 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
   const size_t moments = static_cast<size_t>(d) + dd;
   std::vector<idx_t> sparse(recount.size(), 0);
   std::vector<double> piece_moments(recount.size() * moments, 0.0);
-  for_each_item(recount.size(), threads, [&](int t, idx_t i) {
+  parallel_for(static_cast<idx_t>(recount.size()), threads, 1, [&](int t, idx_t i) {
     const Piece& p = recount[static_cast<size_t>(i)];
-    const QualityScratch& s = scratch[static_cast<size_t>(t)]->get();
+    const QualityScratch& s = scratch[t];
     const float threshold = thresholds[static_cast<size_t>(p.segment)];
     k.piece_rowmax(x, p.r0, p.rows, s);
     sparse[static_cast<size_t>(i)] = count_below(s.rowmax, p.rows, threshold);
@@ -332,26 +279,31 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
 
 namespace {
 
-// The shared setup of the two coefficient passes: pieces, threads, scratch.
+// The shared setup of the two coefficient passes: pieces, workers, scratch.
 struct CoefRun {
   std::vector<Piece> pieces;
   int threads = 1;
-  std::vector<std::unique_ptr<ScratchOwner>> scratch;
+  std::unique_ptr<QualityArena> scratch;
 
   template <class Keep>
   CoefRun(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments, int n_components,
           int requested_threads, Keep&& keep) {
     const idx_t rows = split(starts, stops, segments, keep, pieces);
-    threads = threads_for(rows, pieces.size(), requested_threads);
-    for (int t = 0; t < threads; ++t) scratch.push_back(std::make_unique<ScratchOwner>(x.d, n_components, false));
+    threads = workers_for(rows, static_cast<idx_t>(pieces.size()), requested_threads);
+    scratch = std::make_unique<QualityArena>(
+        threads, [&](Slices& sl) { return carve_quality_scratch(sl, x.d, n_components, false); });
+  }
+  template <class Fn>
+  void for_each_piece(Fn&& fn) const {
+    parallel_for(static_cast<idx_t>(pieces.size()), threads, 1,
+                 [&](int t, idx_t i) { fn(t, pieces[static_cast<size_t>(i)], (*scratch)[t]); });
   }
 };
 
 }  // namespace
 
-void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments,
-                const double* mean, const double* basis, int n_components, bool scale_maxabs, double* lo, double* hi,
-                int threads) {
+void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments, const double* mean,
+                const double* basis, int n_components, bool scale_maxabs, double* lo, double* hi, int threads) {
   const QualityKernels& k = kernels();
   CoefRun run(x, starts, stops, segments, n_components, threads, [](idx_t) { return true; });
   CoefParams p;
@@ -362,10 +314,9 @@ void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops,
   const size_t nc = static_cast<size_t>(n_components);
   std::vector<double> t_lo(static_cast<size_t>(run.threads) * nc, std::numeric_limits<double>::infinity());
   std::vector<double> t_hi(static_cast<size_t>(run.threads) * nc, -std::numeric_limits<double>::infinity());
-  for_each_item(run.pieces.size(), run.threads, [&](int t, idx_t i) {
-    const Piece& piece = run.pieces[static_cast<size_t>(i)];
-    k.coef_minmax(x, piece.r0, piece.rows, p, run.scratch[static_cast<size_t>(t)]->get(),
-                  t_lo.data() + static_cast<size_t>(t) * nc, t_hi.data() + static_cast<size_t>(t) * nc);
+  run.for_each_piece([&](int t, const Piece& piece, const QualityScratch& s) {
+    k.coef_minmax(x, piece.r0, piece.rows, p, s, t_lo.data() + static_cast<size_t>(t) * nc,
+                  t_hi.data() + static_cast<size_t>(t) * nc);
   });
   for (size_t c = 0; c < nc; ++c) {
     lo[c] = std::numeric_limits<double>::infinity();
@@ -398,11 +349,10 @@ void coef_histograms(const KernelsIn& x, const int64_t* starts, const int64_t* s
   // 2^18 rows; the extra slot collects skipped rows)
   const size_t copy = per_group + 1;
   std::vector<uint32_t> local(static_cast<size_t>(run.threads) * 4 * copy);
-  for_each_item(run.pieces.size(), run.threads, [&](int t, idx_t i) {
-    const Piece& piece = run.pieces[static_cast<size_t>(i)];
+  run.for_each_piece([&](int t, const Piece& piece, const QualityScratch& s) {
     uint32_t* h = local.data() + static_cast<size_t>(t) * 4 * copy;
     std::fill(h, h + 4 * copy, 0u);
-    k.coef_hist(x, piece.r0, piece.rows, p, run.scratch[static_cast<size_t>(t)]->get(), h);
+    k.coef_hist(x, piece.r0, piece.rows, p, s, h);
     int64_t* dst = hist + static_cast<size_t>(groups[piece.segment]) * per_group;
     // integer counts: the order in which pieces are added does not matter
 #ifdef _OPENMP
@@ -411,6 +361,43 @@ void coef_histograms(const KernelsIn& x, const int64_t* starts, const int64_t* s
     for (size_t e = 0; e < per_group; ++e)
       dst[e] += static_cast<int64_t>(h[e]) + h[copy + e] + h[2 * copy + e] + h[3 * copy + e];
   });
+}
+
+int64_t label_counts(const int16_t* labels, const float* values, const int64_t* starts, const int64_t* stops,
+                     idx_t segments, int n_labels, bool nan_is_dead, int64_t* counts, int threads) {
+  const QualityKernels& k = kernels();
+  const size_t width = static_cast<size_t>(n_labels) + 2;
+  // work items: (segment, piece of <= kCountPiece rows), spread over the workers, each with its own table
+  constexpr idx_t kCountPiece = 1 << 15;
+  std::vector<std::pair<idx_t, idx_t>> items;  // (segment, first row)
+  idx_t rows = 0;
+  for (idx_t j = 0; j < segments; ++j) {
+    for (idx_t r = starts[j]; r < stops[j]; r += kCountPiece) items.emplace_back(j, r);
+    rows += stops[j] - starts[j];
+  }
+  const auto n_items = static_cast<idx_t>(items.size());
+  threads = workers_for(rows, n_items, threads, 4 * kCountPiece);
+  const size_t table = static_cast<size_t>(segments) * width;
+  std::vector<int64_t> tables(static_cast<size_t>(threads) * table, 0);
+  // static schedule: pieces are equal but for segment ends, and integer counts add up in any order
+  parallel_for(n_items, threads, 0, [&](int t, idx_t i) {
+    const auto [j, r] = items[static_cast<size_t>(i)];
+    int64_t* row = tables.data() + static_cast<size_t>(t) * table + static_cast<size_t>(j) * width;
+    k.count_labels(labels, values, r, std::min<idx_t>(stops[j], r + kCountPiece), n_labels, nan_is_dead, row);
+  });
+  int64_t bad = 0;
+  for (idx_t j = 0; j < segments; ++j) {
+    int64_t* out = counts + static_cast<size_t>(j) * width;
+    std::fill(out, out + width, 0);
+    for (int t = 0; t < threads; ++t) {
+      const int64_t* row = tables.data() + static_cast<size_t>(t) * table + static_cast<size_t>(j) * width;
+      for (size_t c = 0; c < width; ++c) out[c] += row[c];
+    }
+    int64_t counted = 0;
+    for (size_t c = 0; c + 1 < width; ++c) counted += out[c];
+    bad += (stops[j] - starts[j]) - counted;
+  }
+  return bad;
 }
 
 }  // namespace kernelatlas

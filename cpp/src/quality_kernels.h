@@ -1,5 +1,6 @@
-// The table of per-ISA kernels behind the per-layer statistics (quality.cpp): one generic source
-// (isa/quality_impl.h) compiled per instruction set next to the tile kernels, picked once per call.
+// The table of per-ISA kernels behind the per-layer statistics (quality.cpp): generic code in
+// isa/quality_impl.h, built per instruction set into the same variants as the tile kernels (isa/variant.cpp)
+// and taken from the registry (isa_registry.h) once per call.
 //
 // A work item is one piece of one segment (layer): at most kQualityPieceRows rows starting at the segment's
 // start plus a multiple of kQualityPieceRows.  Kernels see one piece at a time, raw pointers into per-thread
@@ -37,22 +38,21 @@ struct PieceStats {
   idx_t zeros = 0;
   float max_abs = 0.f;     // over finite rows (0 if none)
   double* acc = nullptr;   // [2][dp][dp]: [0] plain, [1] max-abs-scaled; entry (i, j), i <= j < d, is
-                           // sum w_i w_j and (i, d) is sum w_i.  Entries below the diagonal are not written.
+                          // sum w_i w_j and (i, d) is sum w_i.  Entries below the diagonal are not written.
 };
 
 // The PCA projection shared by coef_range and coef_histograms.
 struct CoefParams {
   int n_components = 0;
   bool scale_maxabs = true;
-  const double* mean = nullptr;   // [d]
+  const double* mean = nullptr;  // [d]
   const double* basis = nullptr;  // [n_components, d]
-  const double* lo = nullptr;     // [n_components]  histogram only
+  const double* lo = nullptr;  // [n_components]  histogram only
   const double* inv_width = nullptr;  // [n_components]  bins / (hi - lo), histogram only
-  int bins = 0;                   // histogram only
+  int bins = 0;  // histogram only
 };
 
 struct QualityKernels {
-  const char* name;
   // Statistics of x rows [r0, r0 + rows), rows <= kQualityPieceRows, r0 = segment start + k * piece:
   // out.acc is overwritten; s.rowmax[0, rows) receives the max|w| of every row (NaN for non-finite rows).
   void (*piece_stats)(const KernelsIn& x, idx_t r0, idx_t rows, const QualityScratch& s, PieceStats& out);
@@ -66,10 +66,11 @@ struct QualityKernels {
   // collects the skipped rows (to be ignored).
   void (*coef_hist)(const KernelsIn& x, idx_t r0, idx_t rows, const CoefParams& p, const QualityScratch& s,
                     uint32_t* hist);
+  // The label statistics of assign outputs (engine.h label_counts) for rows [a, b) of one segment, added to
+  // row [n_labels + 2]: label -1, each cluster, then the dead kernels (value NaN if nan_is_dead, else label -1
+  // with value 0).  Labels outside [-1, n_labels) are not counted.
+  void (*count_labels)(const int16_t* labels, const float* values, idx_t a, idx_t b, int n_labels, bool nan_is_dead,
+                       int64_t* row);
 };
-
-const QualityKernels& quality_kernels_scalar();
-const QualityKernels& quality_kernels_avx2();
-const QualityKernels& quality_kernels_avx512();
 
 }  // namespace kernelatlas

@@ -1,6 +1,6 @@
-// The table of per-ISA tile kernels.  Each ISA variant (isa/tile_*.cpp) compiles the same generic code
-// (isa/tile_impl.h) with its own flags and exports one TileKernels table; engine.cpp picks the table once per
-// call (dispatch.cpp) and runs it over tiles of rows inside the one parallel-for.
+// The table of per-ISA tile kernels.  Each ISA variant (isa/variant.cpp, compiled once per ISA) builds one
+// TileKernels table from the generic code in isa/tile_impl.h; engine.cpp takes the active variant's table
+// from the registry (isa_registry.h) once per call and runs it over tiles of rows inside the one parallel-for.
 //
 // A tile holds up to `tile_rows` kernels, transposed so that rows sit in SIMD lanes ("rows in lanes"): every
 // per-row reduction (mean, norm, code, cosine) is then a plain vertical SIMD operation.  Tile kernels use no
@@ -25,7 +25,6 @@ struct AssignParams {
 };
 
 struct TileKernels {
-  const char* name;
   int tile_rows;
   // x rows [r0, r0+rows) -> normalized [rows, d] and norms [rows]
   void (*normalize)(const KernelsIn& x, idx_t r0, int rows, float min_abs, float* normalized, float* norms,
@@ -36,8 +35,8 @@ struct TileKernels {
   // codes [rows] -> decoded [rows, d] (the decoder MLP; NaN rows for non-finite codes)
   void (*decode)(const ModelView& m, const float* codes, int rows, float* decoded, const TileScratch& s);
   // fused paper-mode assignment -> labels [rows], scores [rows], codes [rows]
-  void (*assign)(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, const AssignParams& p,
-                 int16_t* labels, float* scores, float* codes, const TileScratch& s);
+  void (*assign)(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, const AssignParams& p, int16_t* labels,
+                 float* scores, float* codes, const TileScratch& s);
   // prototype assignment -> labels [rows], scores [rows]
   void (*assign_prototypes)(const PrototypeView& p, const KernelsIn& x, idx_t r0, int rows, float threshold,
                             float min_abs, int16_t* labels, float* scores, const TileScratch& s);
@@ -45,9 +44,5 @@ struct TileKernels {
   float (*fma_probe)(int64_t iters);
   int fma_flops_per_iter;
 };
-
-const TileKernels& tile_kernels_scalar();
-const TileKernels& tile_kernels_avx2();
-const TileKernels& tile_kernels_avx512();
 
 }  // namespace kernelatlas

@@ -11,9 +11,10 @@
 namespace kernelatlas {
 
 // ---- instruction-set dispatch ----
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
-Isa best_supported_isa();                      // what this CPU (and OS) can run
+// (Isa is in types.h.)  The ISAs below are those of the compiled variants (the registry, dispatch.cpp).
+Isa best_supported_isa();                      // the highest compiled ISA this CPU (and OS) can run
 std::vector<std::string> supported_isas();     // e.g. {"scalar", "avx2", "avx512"}
+std::vector<std::string> compiled_isas();      // the variants in this build, lowest first
 Isa active_isa();                              // the forced one, else the best
 std::string isa_name(Isa isa);
 // Forces an ISA ("scalar", "avx2", "avx512") or restores automatic choice (""); returns the previous setting.
@@ -34,8 +35,8 @@ void decode(const ModelView& m, const float* codes, idx_t n, float* decoded, int
 // decoded: [n, d] = decode(encode(x))
 void reconstruct(const ModelView& m, const KernelsIn& x, float min_abs, float* decoded, int threads);
 // labels: [n] int16, scores: [n], codes: [n]
-void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments,
-            int16_t* labels, float* scores, float* codes, int threads);
+void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments, int16_t* labels,
+            float* scores, float* codes, int threads);
 // labels: [n] int16, scores: [n]
 void assign_prototypes(const PrototypeView& p, const KernelsIn& x, float threshold, float min_abs, int16_t* labels,
                        float* scores, int threads);

@@ -48,9 +48,8 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
 // when scale_maxabs (all-zero rows unchanged), else w; computed in float64.
 // lo, hi: [n_components] min and max of c over the rows (+inf / -inf when there are none).
 // mean: [d], basis: [n_components, d].
-void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments,
-                const double* mean, const double* basis, int n_components, bool scale_maxabs, double* lo, double* hi,
-                int threads);
+void coef_range(const KernelsIn& x, const int64_t* starts, const int64_t* stops, idx_t segments, const double* mean,
+                const double* basis, int n_components, bool scale_maxabs, double* lo, double* hi, int threads);
 
 // hist: [n_groups, n_components, bins] int64 (overwritten).  The rows of segment j go to group groups[j]
 // (-1: skipped).  bin = floor((c - lo) / (hi - lo) * bins) clamped into [0, bins - 1]: values outside

@@ -11,6 +11,9 @@ enum class Activation : int32_t { identity = 0, relu = 1, sigmoid = 2, tanh = 3,
 
 enum class DType : int32_t { float32 = 0, float16 = 1 };
 
+// Instruction-set levels of the CPU kernels, lowest first (cpp/src/dispatch.cpp picks one per call).
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
 constexpr int kMaxLayersPerSide = 5;   // up to 4 hidden layers + the code / output layer
 constexpr int kMaxWidth = 256;         // widest hidden layer
 constexpr int kMaxDim = 64;            // kernel entries per row (7x7 = 49; 8x8 is the largest we accept)

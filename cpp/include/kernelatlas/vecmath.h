@@ -40,20 +40,5 @@ KA_HD inline float half_to_float(uint16_t h) {
   return out;
 }
 
-KA_HD inline float activate_scalar(Activation act, float x) {
-  switch (act) {
-    case Activation::identity: return x;
-    case Activation::relu: return x > 0.f ? x : 0.f;
-    case Activation::sigmoid: return 1.f / (1.f + std::exp(-x));
-    case Activation::tanh: return std::tanh(x);
-    case Activation::gelu: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-    case Activation::gelu_tanh: {
-      const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-      return 0.5f * x * (1.f + std::tanh(inner));
-    }
-  }
-  return x;
-}
-
 }  // namespace
 }  // namespace kernelatlas

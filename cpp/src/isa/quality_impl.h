@@ -1,5 +1,5 @@
 // The per-layer statistics' hot loops (quality.cpp drives them), written once and compiled per instruction set:
-// quality_scalar/avx2/avx512.cpp define KA_ISA and KA_NS, then include this file.
+// isa/variant.cpp (compiled once per ISA with KA_ISA and KA_NS defined) includes this file and exports the table.
 //
 // Rows in lanes, as in tile_impl.h: a sub-block of rows (<= 256, so that it stays in L1) is transposed to
 // [entry][row], with a column of ones appended (its products with the entries are the row sums) and a second
@@ -37,68 +37,6 @@ constexpr int TI = 2, TJ = 5;   // 13 of 16 ymm (the two 8-lane halves of a grou
 constexpr int TI = 2, TJ = 4;
 #endif
 
-// ---- |w| as integer bits: the max over a row is one integer max per entry, and NaN/Inf (exponent all ones)
-// compare above every finite value, so "row is finite" is one compare of the row's max bits ----
-constexpr int32_t kInfBits = 0x7f800000;
-#if KA_ISA == 2
-static inline vi abs_bits(vf a) { return _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)); }
-static inline vi max_bits(vi a, vi b) { return _mm512_max_epi32(a, b); }  // sign bits are clear: signed max is fine
-static inline vm bits_below(vi a, int32_t t) { return _mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(t)); }
-static inline vm bits_zero(vi a) { return _mm512_testn_epi32_mask(a, a); }
-static inline vf bits_float(vi a) { return _mm512_castsi512_ps(a); }
-static inline vm lanes_live(int n) { return n >= W ? mtrue() : static_cast<vm>((1u << (n > 0 ? n : 0)) - 1u); }
-static inline bool any(vm m) { return m != 0; }
-static inline bool all(vm m) { return m == 0xffff; }
-// p[0, W) += a, in float64
-static inline void add_f64(double* p, vf a) {
-  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
-  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-  _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), lo));
-  _mm512_storeu_pd(p + 8, _mm512_add_pd(_mm512_loadu_pd(p + 8), hi));
-}
-#elif KA_ISA == 1
-static inline vi abs_bits(vf a) { return _mm256_and_si256(_mm256_castps_si256(a), _mm256_set1_epi32(0x7fffffff)); }
-static inline vi max_bits(vi a, vi b) { return _mm256_max_epi32(a, b); }
-static inline vm bits_below(vi a, int32_t t) { return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(t), a)); }
-static inline vm bits_zero(vi a) { return _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_setzero_si256())); }
-static inline vf bits_float(vi a) { return _mm256_castsi256_ps(a); }
-static inline vm lanes_live(int n) { return _mm256_castsi256_ps(lanes_below(n)); }
-static inline bool any(vm m) { return _mm256_movemask_ps(m) != 0; }
-static inline bool all(vm m) { return _mm256_movemask_ps(m) == 0xff; }
-static inline void add_f64(double* p, vf a) {
-  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
-  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
-  _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), lo));
-  _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4), hi));
-}
-#else
-static inline vi abs_bits(vf a) {
-  uint32_t b;
-  std::memcpy(&b, &a, sizeof(b));
-  return static_cast<vi>(b & 0x7fffffffu);
-}
-static inline vi max_bits(vi a, vi b) { return a > b ? a : b; }
-static inline vm bits_below(vi a, int32_t t) { return a < t; }
-static inline vm bits_zero(vi a) { return a == 0; }
-static inline vf bits_float(vi a) {
-  float f;
-  std::memcpy(&f, &a, sizeof(f));
-  return f;
-}
-static inline vm lanes_live(int n) { return n > 0; }
-static inline bool any(vm m) { return m; }
-static inline bool all(vm m) { return m; }
-static inline void add_f64(double* p, vf a) { *p += static_cast<double>(a); }
-#endif
-
-static inline float hmax(vf a) {
-  float lanes[W];
-  vstore(lanes, a);
-  float m = lanes[0];
-  for (int i = 1; i < W; ++i) m = lanes[i] > m ? lanes[i] : m;
-  return m;
-}
-
 // ---- loading rows as columns ----
 
 // Entries [cb, cb + nc) of rows [row, row + W) of x as columns: out[c] holds entry cb + c of the W rows.
@@ -118,7 +56,7 @@ static inline void load_cols(const KernelsIn& x, idx_t row, int avail, int cb, i
       // AVX2 has no masked 16-bit load (simd.h's load_part copies through a buffer): read a whole vector when
       // the array goes on that far -- the entries past nc belong to the next row and are never used
       if (total - off >= W) {
-        out[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x.data) + off)));
+        out[i] = load_half_vec(static_cast<const uint16_t*>(x.data) + off);
         continue;
       }
 #endif
@@ -139,55 +77,6 @@ static inline void load_cols(const KernelsIn& x, idx_t row, int avail, int cb, i
   }
 #endif
 }
-
-#if KA_ISA == 2
-// The 3x3 fp16 corpus case: 16 rows of 9 halves (288 contiguous bytes) -> 9 columns by word permutes instead of
-// a 16x16 float transpose.  Output k holds entries 2k (words 0-15, one per row) and 2k + 1 (words 16-31); each
-// word comes from one of three windows of the input (halves [0, 64), [64, 128), [128, 144)), merged by masks.
-struct F16x9Permutes {
-  uint16_t idx[5][32];
-  uint32_t from64[5];   // words whose source index is >= 64
-  uint32_t from128[5];  // ... >= 128
-};
-static constexpr F16x9Permutes make_f16x9_permutes() {
-  F16x9Permutes t{};
-  for (int k = 0; k < 5; ++k) {
-    for (int w = 0; w < 32; ++w) {
-      int entry = 2 * k + (w >= 16 ? 1 : 0);
-      if (entry > 8) entry = 8;  // k = 4: the upper half is unused
-      const int src = 9 * (w & 15) + entry;
-      t.idx[k][w] = static_cast<uint16_t>(src);
-      if (src >= 64) t.from64[k] |= 1u << w;
-      if (src >= 128) t.from128[k] |= 1u << w;
-    }
-  }
-  return t;
-}
-static constexpr F16x9Permutes kF16x9 = make_f16x9_permutes();
-
-// Also returns the rows' max|w| as fp32 bits (what the generic path computes from the columns), taken in the
-// fp16 domain: |h| as 16-bit integers orders like the values, NaN/Inf above all, and converts exactly.
-static inline vi load16_f16x9(const uint16_t* p, vf col[W]) {
-  const __m512i a0 = _mm512_loadu_si512(p), a1 = _mm512_loadu_si512(p + 32);
-  const __m512i a2 = _mm512_loadu_si512(p + 64), a3 = _mm512_loadu_si512(p + 96);
-  const __m512i a4 = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128)));
-  const __m512i abs_mask = _mm512_set1_epi16(0x7fff);
-  __m512i mh = _mm512_setzero_si512();
-#pragma GCC unroll 5
-  for (int k = 0; k < 5; ++k) {
-    const __m512i idx = _mm512_loadu_si512(kF16x9.idx[k]);
-    // permutes read only the index bits they need: 6 for the two-table forms, 5 for the one-table form
-    __m512i w = _mm512_permutex2var_epi16(a0, idx, a1);
-    w = _mm512_mask_blend_epi16(kF16x9.from64[k], w, _mm512_permutex2var_epi16(a2, idx, a3));
-    w = _mm512_mask_blend_epi16(kF16x9.from128[k], w, _mm512_permutexvar_epi16(idx, a4));
-    mh = _mm512_max_epu16(mh, _mm512_and_si512(w, abs_mask));  // k = 4: the upper half repeats entry 8
-    col[2 * k] = _mm512_cvtph_ps(_mm512_castsi512_si256(w));
-    if (k < 4) col[2 * k + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
-  }
-  const __m256i m16 = _mm256_max_epu16(_mm512_castsi512_si256(mh), _mm512_extracti64x4_epi64(mh, 1));
-  return _mm512_castps_si512(_mm512_cvtph_ps(m16));
-}
-#endif
 
 // ---- the transposed sub-block ----
 
@@ -224,7 +113,7 @@ static void prep(const KernelsIn& x, idx_t row0, int n, int ld, float* xc, float
       // (addresses past the end are harmless: prefetches never fault)
       const int item = x.dtype == DType::float32 ? 4 : 2;
       const uintptr_t next = reinterpret_cast<uintptr_t>(x.data) + static_cast<uintptr_t>((row0 + rb + ld) * d * item);
-      for (int b = 0; b < W * d * item; b += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T0);
+      for (int b = 0; b < W * d * item; b += 64) prefetch_l1(reinterpret_cast<const void*>(next + b));
     }
 #endif
     if (in_registers) {
@@ -386,8 +275,7 @@ struct TrianglePass {
       for (int k = 0; k < kN; ++k)
 #pragma GCC unroll 32
         for (int j = kRows[k]; j < DP; ++j)
-          acc[offset(k) + j - kRows[k]] =
-              (flags & kFirst) ? vset(0.f) : vload(acc32 + (kRows[k] * DP + j) * kL + h);
+          acc[offset(k) + j - kRows[k]] = (flags & kFirst) ? vset(0.f) : vload(acc32 + (kRows[k] * DP + j) * kL + h);
       for (int g = 0; g < groups; ++g) {
         const float* base = X + g * kL + h;
         vf u[kN];
@@ -501,67 +389,13 @@ static void piece_rowmax(const KernelsIn& x, idx_t r0, idx_t rows, const Quality
 
 // ---- PCA coefficients, in float64 ----
 
-#if KA_ISA == 2
-constexpr int WD = 8;
-using vd = __m512d;
-static inline vd dset(double a) { return _mm512_set1_pd(a); }
-static inline vd dload(const double* p) { return _mm512_loadu_pd(p); }
-static inline void dstore(double* p, vd a) { _mm512_storeu_pd(p, a); }
-static inline vd dfrom(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
-static inline vd dsub(vd a, vd b) { return _mm512_sub_pd(a, b); }
-static inline vd dmul(vd a, vd b) { return _mm512_mul_pd(a, b); }
-static inline vd dfma(vd a, vd b, vd c) { return _mm512_fmadd_pd(a, b, c); }
-static inline vd dmax(vd a, vd b) { return _mm512_max_pd(a, b); }
-static inline vd dmin(vd a, vd b) { return _mm512_min_pd(a, b); }
-static inline void dstore_i32(int32_t* p, vd a) {  // truncation
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvttpd_epi32(a));
-}
-// a where rowmax[0, WD) is a number (a finite row), else fill
-static inline vd dfinite_or(vd a, const float* rowmax, double fill) {
-  const vd m = dfrom(rowmax);
-  return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(m, m, _CMP_ORD_Q), _mm512_set1_pd(fill), a);
-}
-#elif KA_ISA == 1
-constexpr int WD = 4;
-using vd = __m256d;
-static inline vd dset(double a) { return _mm256_set1_pd(a); }
-static inline vd dload(const double* p) { return _mm256_loadu_pd(p); }
-static inline void dstore(double* p, vd a) { _mm256_storeu_pd(p, a); }
-static inline vd dfrom(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
-static inline vd dsub(vd a, vd b) { return _mm256_sub_pd(a, b); }
-static inline vd dmul(vd a, vd b) { return _mm256_mul_pd(a, b); }
-static inline vd dfma(vd a, vd b, vd c) { return _mm256_fmadd_pd(a, b, c); }
-static inline vd dmax(vd a, vd b) { return _mm256_max_pd(a, b); }
-static inline vd dmin(vd a, vd b) { return _mm256_min_pd(a, b); }
-static inline void dstore_i32(int32_t* p, vd a) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvttpd_epi32(a));
-}
-static inline vd dfinite_or(vd a, const float* rowmax, double fill) {
-  const vd m = dfrom(rowmax);
-  return _mm256_blendv_pd(_mm256_set1_pd(fill), a, _mm256_cmp_pd(m, m, _CMP_ORD_Q));
-}
-#else
-constexpr int WD = 1;
-using vd = double;
-static inline vd dset(double a) { return a; }
-static inline vd dload(const double* p) { return *p; }
-static inline void dstore(double* p, vd a) { *p = a; }
-static inline vd dfrom(const float* p) { return static_cast<double>(*p); }
-static inline vd dsub(vd a, vd b) { return a - b; }
-static inline vd dmul(vd a, vd b) { return a * b; }
-static inline vd dfma(vd a, vd b, vd c) { return std::fma(a, b, c); }
-static inline vd dmax(vd a, vd b) { return a > b ? a : b; }
-static inline vd dmin(vd a, vd b) { return a < b ? a : b; }
-static inline void dstore_i32(int32_t* p, vd a) { *p = static_cast<int32_t>(a); }
-static inline vd dfinite_or(vd a, const float* rowmax, double fill) { return *rowmax == *rowmax ? a : fill; }
-#endif
 static_assert(kL % WD == 0, "a group of rows must be whole float64 vectors");
 
-// After prep of n rows into s.cols / s.rowmax (D: the kernel size if fixed): for every vector of WD rows in [0, n rounded up to kL) and every
-// component k, c = basis[k] . (w' - mean) with w' = w / max|w| when scaling (w itself for all-zero, non-finite
-// and padding rows, which the callers skip), handed to sink(k, row, c).  Multiplying by 1 / max|w| instead of
-// dividing differs from w / max|w| by at most 1 ulp of float64.  Every operation is spelled out (FMAs included),
-// so every ISA computes the same bits.
+// After prep of n rows into s.cols / s.rowmax (D: the kernel size if fixed): for every vector of WD rows in [0, n
+// rounded up to kL) and every component k, c = basis[k] . (w' - mean) with w' = w / max|w| when scaling (w itself for
+// all-zero, non-finite and padding rows, which the callers skip), handed to sink(k, row, c).  Multiplying by 1 / max|w|
+// instead of dividing differs from w / max|w| by at most 1 ulp of float64.  Every operation is spelled out (FMAs
+// included), so every ISA computes the same bits.
 template <int D, class Sink>
 static void coefs(int d_runtime, int n, int ld, const CoefParams& p, const QualityScratch& s, Sink&& sink) {
   const int d = D > 0 ? D : d_runtime;
@@ -574,7 +408,8 @@ static void coefs(int d_runtime, int n, int ld, const CoefParams& p, const Quali
     const vd inv = dload(s.inv + r);
     vd y[D > 0 ? D : kMaxDim];
 #pragma GCC unroll 16
-    for (int i = 0; i < d; ++i) y[i] = dfma(dfrom(s.cols + i * ld + r), inv, dset(-p.mean[i]));  // one rounding, every ISA
+    for (int i = 0; i < d; ++i)
+      y[i] = dfma(dfrom(s.cols + i * ld + r), inv, dset(-p.mean[i]));  // one rounding, every ISA
     // one component at a time: out-of-order execution overlaps a component's FMA chain with the previous
     // component's sink (interleaving several chains by hand measured slower)
     for (int k = 0; k < p.n_components; ++k) {
@@ -671,12 +506,43 @@ static void coef_hist(const KernelsIn& x, idx_t r0, idx_t rows, const CoefParams
   coef_hist_d<0>(x, r0, rows, p, s, hist);
 }
 
-}  // namespace KA_NS
+// ---- label counts of assign outputs ----
 
-const QualityKernels& KA_TABLE_FN() {
-  static const QualityKernels k = {KA_ISA_NAME, &KA_NS::piece_stats, &KA_NS::piece_rowmax, &KA_NS::coef_minmax,
-                                   &KA_NS::coef_hist};
-  return k;
+// Rows of one segment in blocks that stay in L1: with few labels, one compare-and-count pass per label value
+// over the block (the compiler vectorises it at this variant's width) beats a scattered histogram, whose
+// increments serialise on repeated labels.
+constexpr idx_t kCountBlock = 4096;
+constexpr int kFewLabels = 32;
+
+static void count_labels(const int16_t* labels, const float* values, idx_t a, idx_t b, int n_labels, bool nan_is_dead,
+                         int64_t* row) {
+  const int width = n_labels + 2;
+  int64_t dead = 0;
+  for (idx_t r0 = a; r0 < b; r0 += kCountBlock) {
+    const idx_t r1 = b - r0 < kCountBlock ? b : r0 + kCountBlock;
+    if (n_labels + 1 <= kFewLabels) {
+      for (int v = -1; v < n_labels; ++v) {
+        uint16_t c = 0;  // <= kCountBlock: int16 lanes, no widening in the loop
+        const int16_t vv = static_cast<int16_t>(v);
+        for (idx_t r = r0; r < r1; ++r) c = static_cast<uint16_t>(c + (labels[r] == vv));
+        row[v + 1] += c;
+      }
+    } else {
+      for (idx_t r = r0; r < r1; ++r) {
+        const int lab = labels[r] + 1;
+        if (lab >= 0 && lab <= n_labels) row[lab] += 1;
+      }
+    }
+    int32_t d = 0;
+    if (nan_is_dead) {
+      for (idx_t r = r0; r < r1; ++r) d += values[r] != values[r];
+    } else {
+      for (idx_t r = r0; r < r1; ++r) d += (labels[r] == -1) & (values[r] == 0.0f);
+    }
+    dead += d;
+  }
+  row[width - 1] += dead;
 }
 
+}  // namespace KA_NS
 }  // namespace kernelatlas

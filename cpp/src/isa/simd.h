@@ -1,9 +1,11 @@
-// A minimal SIMD vocabulary with one meaning per ISA level, so that tile_impl.h is written once.
+// Every per-ISA primitive the kernels use, with one meaning per ISA level, so that tile_impl.h and
+// quality_impl.h are written once and hold no intrinsics.
 // KA_ISA selects the level: 0 scalar (W = 1), 1 AVX2+FMA+F16C (W = 8), 2 AVX-512 F/BW/DQ/VL (W = 16).
 // Every function is static inline inside the ISA's own namespace: no symbol is shared between variants.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if KA_ISA >= 1
@@ -234,6 +236,185 @@ static inline vf vfrom_exponent_field(vi e) {
 }
 static inline vi iclamp(vi a, int lo, int hi) { return a < lo ? lo : (a > hi ? hi : a); }
 static inline vi isub(vi a, vi b) { return a - b; }
+#endif
+
+// ---- |w| as integer bits: the max over a row is one integer max per entry, and NaN/Inf (exponent all ones)
+// compare above every finite value, so "row is finite" is one compare of the row's max bits ----
+constexpr int32_t kInfBits = 0x7f800000;
+#if KA_ISA == 2
+static inline vi abs_bits(vf a) { return _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)); }
+static inline vi max_bits(vi a, vi b) { return _mm512_max_epi32(a, b); }  // sign bits are clear: signed max is fine
+static inline vm bits_below(vi a, int32_t t) { return _mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(t)); }
+static inline vm bits_zero(vi a) { return _mm512_testn_epi32_mask(a, a); }
+static inline vf bits_float(vi a) { return _mm512_castsi512_ps(a); }
+static inline vm lanes_live(int n) { return n >= W ? mtrue() : static_cast<vm>((1u << (n > 0 ? n : 0)) - 1u); }
+static inline bool any(vm m) { return m != 0; }
+static inline bool all(vm m) { return m == 0xffff; }
+// p[0, W) += a, in float64
+static inline void add_f64(double* p, vf a) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), lo));
+  _mm512_storeu_pd(p + 8, _mm512_add_pd(_mm512_loadu_pd(p + 8), hi));
+}
+#elif KA_ISA == 1
+static inline vi abs_bits(vf a) { return _mm256_and_si256(_mm256_castps_si256(a), _mm256_set1_epi32(0x7fffffff)); }
+static inline vi max_bits(vi a, vi b) { return _mm256_max_epi32(a, b); }
+static inline vm bits_below(vi a, int32_t t) {
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(t), a));
+}
+static inline vm bits_zero(vi a) { return _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_setzero_si256())); }
+static inline vf bits_float(vi a) { return _mm256_castsi256_ps(a); }
+static inline vm lanes_live(int n) { return _mm256_castsi256_ps(lanes_below(n)); }
+static inline bool any(vm m) { return _mm256_movemask_ps(m) != 0; }
+static inline bool all(vm m) { return _mm256_movemask_ps(m) == 0xff; }
+static inline void add_f64(double* p, vf a) {
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
+  _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), lo));
+  _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4), hi));
+}
+#else
+static inline vi abs_bits(vf a) {
+  uint32_t b;
+  std::memcpy(&b, &a, sizeof(b));
+  return static_cast<vi>(b & 0x7fffffffu);
+}
+static inline vi max_bits(vi a, vi b) { return a > b ? a : b; }
+static inline vm bits_below(vi a, int32_t t) { return a < t; }
+static inline vm bits_zero(vi a) { return a == 0; }
+static inline vf bits_float(vi a) {
+  float f;
+  std::memcpy(&f, &a, sizeof(f));
+  return f;
+}
+static inline vm lanes_live(int n) { return n > 0; }
+static inline bool any(vm m) { return m; }
+static inline bool all(vm m) { return m; }
+static inline void add_f64(double* p, vf a) { *p += static_cast<double>(a); }
+#endif
+
+static inline float hmax(vf a) {
+  float lanes[W];
+  vstore(lanes, a);
+  float m = lanes[0];
+  for (int i = 1; i < W; ++i) m = lanes[i] > m ? lanes[i] : m;
+  return m;
+}
+
+// ---- float64 vectors (WD lanes), for the PCA coefficients of the statistics kernels ----
+#if KA_ISA == 2
+constexpr int WD = 8;
+using vd = __m512d;
+static inline vd dset(double a) { return _mm512_set1_pd(a); }
+static inline vd dload(const double* p) { return _mm512_loadu_pd(p); }
+static inline void dstore(double* p, vd a) { _mm512_storeu_pd(p, a); }
+static inline vd dfrom(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+static inline vd dsub(vd a, vd b) { return _mm512_sub_pd(a, b); }
+static inline vd dmul(vd a, vd b) { return _mm512_mul_pd(a, b); }
+static inline vd dfma(vd a, vd b, vd c) { return _mm512_fmadd_pd(a, b, c); }
+static inline vd dmax(vd a, vd b) { return _mm512_max_pd(a, b); }
+static inline vd dmin(vd a, vd b) { return _mm512_min_pd(a, b); }
+static inline void dstore_i32(int32_t* p, vd a) {  // truncation
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvttpd_epi32(a));
+}
+// a where rowmax[0, WD) is a number (a finite row), else fill
+static inline vd dfinite_or(vd a, const float* rowmax, double fill) {
+  const vd m = dfrom(rowmax);
+  return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(m, m, _CMP_ORD_Q), _mm512_set1_pd(fill), a);
+}
+#elif KA_ISA == 1
+constexpr int WD = 4;
+using vd = __m256d;
+static inline vd dset(double a) { return _mm256_set1_pd(a); }
+static inline vd dload(const double* p) { return _mm256_loadu_pd(p); }
+static inline void dstore(double* p, vd a) { _mm256_storeu_pd(p, a); }
+static inline vd dfrom(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+static inline vd dsub(vd a, vd b) { return _mm256_sub_pd(a, b); }
+static inline vd dmul(vd a, vd b) { return _mm256_mul_pd(a, b); }
+static inline vd dfma(vd a, vd b, vd c) { return _mm256_fmadd_pd(a, b, c); }
+static inline vd dmax(vd a, vd b) { return _mm256_max_pd(a, b); }
+static inline vd dmin(vd a, vd b) { return _mm256_min_pd(a, b); }
+static inline void dstore_i32(int32_t* p, vd a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvttpd_epi32(a));
+}
+static inline vd dfinite_or(vd a, const float* rowmax, double fill) {
+  const vd m = dfrom(rowmax);
+  return _mm256_blendv_pd(_mm256_set1_pd(fill), a, _mm256_cmp_pd(m, m, _CMP_ORD_Q));
+}
+#else
+constexpr int WD = 1;
+using vd = double;
+static inline vd dset(double a) { return a; }
+static inline vd dload(const double* p) { return *p; }
+static inline void dstore(double* p, vd a) { *p = a; }
+static inline vd dfrom(const float* p) { return static_cast<double>(*p); }
+static inline vd dsub(vd a, vd b) { return a - b; }
+static inline vd dmul(vd a, vd b) { return a * b; }
+static inline vd dfma(vd a, vd b, vd c) { return std::fma(a, b, c); }
+static inline vd dmax(vd a, vd b) { return a > b ? a : b; }
+static inline vd dmin(vd a, vd b) { return a < b ? a : b; }
+static inline void dstore_i32(int32_t* p, vd a) { *p = static_cast<int32_t>(a); }
+static inline vd dfinite_or(vd a, const float* rowmax, double fill) { return *rowmax == *rowmax ? a : fill; }
+#endif
+
+#if KA_ISA == 2
+// The 3x3 fp16 corpus case: 16 rows of 9 halves (288 contiguous bytes) -> 9 columns by word permutes instead of
+// a 16x16 float transpose.  Output k holds entries 2k (words 0-15, one per row) and 2k + 1 (words 16-31); each
+// word comes from one of three windows of the input (halves [0, 64), [64, 128), [128, 144)), merged by masks.
+struct F16x9Permutes {
+  uint16_t idx[5][32];
+  uint32_t from64[5];   // words whose source index is >= 64
+  uint32_t from128[5];  // ... >= 128
+};
+static constexpr F16x9Permutes make_f16x9_permutes() {
+  F16x9Permutes t{};
+  for (int k = 0; k < 5; ++k) {
+    for (int w = 0; w < 32; ++w) {
+      int entry = 2 * k + (w >= 16 ? 1 : 0);
+      if (entry > 8) entry = 8;  // k = 4: the upper half is unused
+      const int src = 9 * (w & 15) + entry;
+      t.idx[k][w] = static_cast<uint16_t>(src);
+      if (src >= 64) t.from64[k] |= 1u << w;
+      if (src >= 128) t.from128[k] |= 1u << w;
+    }
+  }
+  return t;
+}
+static constexpr F16x9Permutes kF16x9 = make_f16x9_permutes();
+
+// Also returns the rows' max|w| as fp32 bits (what the generic path computes from the columns), taken in the
+// fp16 domain: |h| as 16-bit integers orders like the values, NaN/Inf above all, and converts exactly.
+static inline vi load16_f16x9(const uint16_t* p, vf col[W]) {
+  const __m512i a0 = _mm512_loadu_si512(p), a1 = _mm512_loadu_si512(p + 32);
+  const __m512i a2 = _mm512_loadu_si512(p + 64), a3 = _mm512_loadu_si512(p + 96);
+  const __m512i a4 = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128)));
+  const __m512i abs_mask = _mm512_set1_epi16(0x7fff);
+  __m512i mh = _mm512_setzero_si512();
+#pragma GCC unroll 5
+  for (int k = 0; k < 5; ++k) {
+    const __m512i idx = _mm512_loadu_si512(kF16x9.idx[k]);
+    // permutes read only the index bits they need: 6 for the two-table forms, 5 for the one-table form
+    __m512i w = _mm512_permutex2var_epi16(a0, idx, a1);
+    w = _mm512_mask_blend_epi16(kF16x9.from64[k], w, _mm512_permutex2var_epi16(a2, idx, a3));
+    w = _mm512_mask_blend_epi16(kF16x9.from128[k], w, _mm512_permutexvar_epi16(idx, a4));
+    mh = _mm512_max_epu16(mh, _mm512_and_si512(w, abs_mask));  // k = 4: the upper half repeats entry 8
+    col[2 * k] = _mm512_cvtph_ps(_mm512_castsi512_si256(w));
+    if (k < 4) col[2 * k + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
+  }
+  const __m256i m16 = _mm256_max_epu16(_mm512_castsi512_si256(mh), _mm512_extracti64x4_epi64(mh, 1));
+  return _mm512_castps_si512(_mm512_cvtph_ps(m16));
+}
+#endif
+
+// ---- memory hints and whole-vector fp16 loads ----
+// Prefetch into L1 (every level: a hint with no effect on the results).
+static inline void prefetch_l1(const void* p) { __builtin_prefetch(p, 0, 3); }
+#if KA_ISA == 1
+// W halves from p, converted (the caller guarantees W readable halves; AVX2 has no masked 16-bit load).
+static inline vf load_half_vec(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 #endif
 
 // ---- transcendental functions, vectorised (the scalar level uses libm, which is the reference) ----

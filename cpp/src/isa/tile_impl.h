@@ -1,8 +1,9 @@
-// The engine's hot loops, written once and compiled per instruction set (tile_scalar/avx2/avx512.cpp define
-// KA_ISA and KA_NS, then include this file).  A tile of T kernels is transposed into "rows in lanes" layout
-// ([entry][row]) so that every per-kernel reduction -- mean, norm, the 1-D code, the cosine -- is a vertical
-// SIMD operation, and every dense layer is a register-blocked outer product: BB output units x V vectors of
-// rows per micro-kernel, weights broadcast from a packed [in][block] panel.
+// The engine's hot loops, written once and compiled per instruction set (isa/variant.cpp, compiled once per
+// ISA with KA_ISA and KA_NS defined, includes this file and exports the table).  A tile of T kernels is
+// transposed into "rows in lanes" layout ([entry][row]) so that every per-kernel reduction -- mean, norm, the
+// 1-D code, the cosine -- is a vertical SIMD operation, and every dense layer is a register-blocked outer
+// product: BB output units x V vectors of rows per micro-kernel, weights broadcast from a packed [in][block]
+// panel.
 //
 // The fused assign pass per tile: load (fp32/fp16) -> centre + L2-normalise -> encoder MLP -> code ->
 // decoded pattern (piecewise-linear segment table, or the decoder MLP) -> cosine -> interval label.
@@ -19,8 +20,8 @@ namespace kernelatlas {
 namespace KA_NS {
 
 #if KA_ISA == 2
-constexpr int T = 96;        // kernels per tile
-constexpr int BB = 8, V = 3; // 24 accumulators of 32 zmm
+constexpr int T = 96;  // kernels per tile
+constexpr int BB = 8, V = 3;  // 24 accumulators of 32 zmm
 #elif KA_ISA == 1
 constexpr int T = 64;
 constexpr int BB = 4, V = 2; // 8 accumulators of 16 ymm
@@ -28,7 +29,7 @@ constexpr int BB = 4, V = 2; // 8 accumulators of 16 ymm
 constexpr int T = 64;
 constexpr int BB = 4, V = 4;
 #endif
-constexpr int NV = T / W;    // SIMD vectors of rows per tile
+constexpr int NV = T / W;  // SIMD vectors of rows per tile
 static_assert(NV % V == 0, "tile must hold whole register blocks");
 static_assert(kBlockOut % BB == 0, "packed block must split into micro-kernel blocks");
 
@@ -86,7 +87,8 @@ static void store_rows(const float* xt, int d, int rows, float* out) {
       vf r[W];
       for (int c = 0; c < W; ++c) r[c] = c < nc ? vload(xt + (cb + c) * T + v * W) : vset(0.f);
       transpose(r);
-      for (int i = 0; i < W && v * W + i < rows; ++i) store_part(out + static_cast<idx_t>(v * W + i) * d + cb, r[i], nc);
+      for (int i = 0; i < W && v * W + i < rows; ++i)
+        store_part(out + static_cast<idx_t>(v * W + i) * d + cb, r[i], nc);
     }
   }
 #else
@@ -139,9 +141,12 @@ static void normalize_tile(float* xt, int d, float min_abs, float* good, float* 
 // Activation as a compile-time parameter, so the micro-kernel epilogue stays in registers.
 template <Activation A>
 static inline vf act(vf x) {
-  if constexpr (A == Activation::identity) return x;
-  else if constexpr (A == Activation::relu) return vmax(x, vset(0.f));
-  else return vactivate(A, x);
+  if constexpr (A == Activation::identity)
+    return x;
+  else if constexpr (A == Activation::relu)
+    return vmax(x, vset(0.f));
+  else
+    return vactivate(A, x);
 }
 
 // dst[b][v0+v] = act(bias[b] + sum_j w[j*stride + b] * src[j][v0+v])  for NB units and NVB row vectors.
@@ -387,21 +392,4 @@ static float fma_probe_entry(int64_t iters) {
 }
 
 }  // namespace KA_NS
-
-// The exported table: the only non-static symbol of this translation unit.
-const TileKernels& KA_TABLE_FN() {
-  static constexpr TileKernels table{
-      KA_ISA_NAME,
-      KA_NS::T,
-      &KA_NS::normalize_entry,
-      &KA_NS::encode_entry,
-      &KA_NS::decode_entry,
-      &KA_NS::assign_entry,
-      &KA_NS::assign_prototypes_entry,
-      &KA_NS::fma_probe_entry,
-      KA_NS::kProbeChains * KA_NS::W * 2,
-  };
-  return table;
-}
-
 }  // namespace kernelatlas

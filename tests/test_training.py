@@ -111,6 +111,30 @@ def test_training_input_errors(small_corpus, tmp_path):
         train(corpus, 3, tmp_path / "m", device="cuda", progress=False)
     with pytest.raises(ka.corpus.CorpusError, match="not a kernelatlas corpus"):
         train(tmp_path / "nowhere", 3, tmp_path / "m", progress=False)
+    for bad in ({"code_penalty": -0.1}, {"code_margin": -1.0}, {"code_penalty": float("nan")}):
+        with pytest.raises(ValueError, match="code_penalty and code_margin must be finite and >= 0"):
+            train(corpus, 3, tmp_path / "m", progress=False, **bad)
+
+
+def test_code_penalty_bounds_the_code_pre_activations(small_corpus, tmp_path):
+    """The penalty on code pre-activations beyond +-code_margin (what keeps clusters off the saturated ends of
+    the sigmoid code; the default is 0.01 beyond 4) is in the objective: with a strong one and margin 1 every
+    training kernel's pre-activation stays within about +-1.5, where without it (code_penalty=0) they reach about
+    +-4 in the same 800 steps.  Both runs record the options in model.json."""
+    corpus, kernels, _ = small_corpus
+    x = kernels[np.isfinite(kernels).all(axis=1)]
+    spread = {}
+    for penalty in (0.0, 1.0):
+        model = train(corpus, 3, tmp_path / f"m{penalty}", seed=0, threads=1, progress=False, max_steps=800,
+                      eval_every=100, code_penalty=penalty, code_margin=1.0)
+        t = json.loads((tmp_path / f"m{penalty}" / "model.json").read_text())["training"]
+        assert (t["code_penalty"], t["code_margin"]) == (penalty, 1.0)
+        codes = model.encode(x).astype(np.float64)
+        codes = codes[np.isfinite(codes)]
+        spread[penalty] = float(np.abs(np.log(codes) - np.log1p(-codes)).max())
+    assert spread[1.0] < 1.6 and spread[0.0] > 2.5, spread
+    defaults = train(corpus, 3, tmp_path / "d", seed=0, threads=1, progress=False, max_steps=20)
+    assert (defaults.info["training"]["code_penalty"], defaults.info["training"]["code_margin"]) == (0.01, 4.0)
 
 
 # ---------------------------------------------------------------------------------------------- held-out split

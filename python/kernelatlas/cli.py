@@ -769,6 +769,8 @@ def _cmd_shift(args: argparse.Namespace) -> int:
 def _add_train(sub: Any) -> None:
     from kernelatlas.holdout import DEFAULT_SHARE
     from kernelatlas.jobs.train import (
+        DEFAULT_CODE_MARGIN,
+        DEFAULT_CODE_PENALTY,
         DEFAULT_EVAL_EVERY,
         DEFAULT_LR_DROPS,
         DEFAULT_MAX_STEPS,
@@ -845,6 +847,11 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--restarts", type=int, default=1,
                    help="train this many initialisations and keep the lowest validation loss (a 1-D code can "
                    "get stuck with two clusters on one stretch of the axis) (default: %(default)s)")
+    p.add_argument("--code-penalty", type=float, default=DEFAULT_CODE_PENALTY,
+                   help="weight of the penalty on code pre-activations beyond +-(--code-margin), which keeps "
+                   "clusters off the saturated ends of the code; 0: none (default: %(default)s)")
+    p.add_argument("--code-margin", type=float, default=DEFAULT_CODE_MARGIN,
+                   help="code pre-activation magnitude free of that penalty (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores available to this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -859,7 +866,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   models=args.models, exclude_models=args.exclude_models,
                   sample=args.sample or None, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                   device=args.device, patience=args.patience, min_abs=args.min_abs, threads=args.threads,
-                  restarts=args.restarts, progress=not args.no_progress)
+                  restarts=args.restarts, code_penalty=args.code_penalty, code_margin=args.code_margin,
+                  progress=not args.no_progress)
     t, s = model.info["training"], model.info["sample"]
     excluded = ", ".join(f"{n:,} {why}" for why, n in s["excluded"].items() if n)
     print(f"{args.out}: {args.kernel_size}x{args.kernel_size} {args.kind} autoencoder trained on {s['used']:,} kernels "

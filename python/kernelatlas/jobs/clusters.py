@@ -20,9 +20,11 @@ interval while its cosine with the interval's FIRST pattern is >= ``merge_cos``;
 transition pattern then ends inside the next cluster's stretch of the axis and splits that cluster in two.  On
 the planted-cluster check of tests/test_train_clusters.py (12 seeds per kernel size, training and cut at their
 defaults) that failed 3 of 12 models at 3x3; the density rule, cutting the same models, passed all 12, and
-made 6-8 intervals per model where the first-pattern rule made 17-27.  Its remaining failures (3 of 12 at 5x5,
-1 of 12 at 7x7; the first-pattern rule fails the same models) are models that training left with two clusters
-on one saturated end of the code, which no cut can separate.  A model whose model.json records no code density
+made 6-8 intervals per model where the first-pattern rule made 17-27.  Its remaining failures then (3 of 12 at
+5x5, 1 of 12 at 7x7; the first-pattern rule failed the same models) were models that training left with two
+clusters on one saturated end of the code, which no cut can separate; training's penalty on code
+pre-activations beyond +-4 (``kernelatlas.train``'s ``code_penalty``, ``code_margin``) fixed them: 12 of 12 at
+every size.  A model whose model.json records no code density
 (trained before it was recorded, or built by hand) is cut with the "first" rule, and clusters.json says so.
 
 Interval edges lie halfway between grid points; the first interval starts at the code range's low end and the

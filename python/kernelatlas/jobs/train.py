@@ -23,7 +23,14 @@ What it assumes and why:
   stopped, and the weights kept are those of the best validation loss.  docs/training.md has the measured table
   of these choices.
 * A one-dimensional code has local minima in which two clusters share one stretch of the code axis and decode
-  to their blend; ``restarts`` trains several initialisations and keeps the one with the lowest validation loss.
+  to their blend.  With a sigmoid code the usual one is a saturated end: the encoder drives two clusters' code
+  pre-activations far out on one tail, where the sigmoid is flat, so both decode to one blend and the gradient
+  that could pull them apart has vanished.  Training therefore adds ``code_penalty`` (default 0.01) times the
+  mean of max(|pre-activation| - ``code_margin``, 0)^2 (default margin 4: codes in about [0.018, 0.982] cost
+  nothing) to the loss; the validation loss, the stopping rule and the choice of weights use the cosine loss
+  alone.  On the planted-cluster check (tests/test_train_clusters.py) it took the passes from 12 / 9 / 11 of
+  12 seeds at 3x3 / 5x5 / 7x7 to 12 / 12 / 12.  ``restarts`` trains several initialisations and keeps the one
+  with the lowest validation loss.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ DEFAULT_PATIENCE = 2_000     # steps without a relative improvement of min_rel_d
 DEFAULT_EVAL_EVERY = 200     # steps between validation evaluations
 DEFAULT_LR_DROPS = 3         # plateau schedule: lr / 4 at each plateau, this many times, then stop
 LR_FACTOR = 0.25
+DEFAULT_CODE_PENALTY = 0.01  # weight of the penalty on code pre-activations beyond the margin (0: none)
+DEFAULT_CODE_MARGIN = 4.0    # |pre-activation| free of penalty: sigmoid(4) = 0.982, so codes stay off the flat tails
 CODE_BINS = 400              # the histogram of training codes recorded for clusters (density of real kernels)
 
 
@@ -89,8 +98,8 @@ def train(
     min_abs: float = DEFAULT_MIN_ABS,
     threads: int | None = None,
     restarts: int = 1,
-    code_penalty: float = 0.0,
-    code_margin: float = 0.0,
+    code_penalty: float = DEFAULT_CODE_PENALTY,
+    code_margin: float = DEFAULT_CODE_MARGIN,
     progress: bool = True,
 ) -> Autoencoder:
     """Train the autoencoder for ``kernel_size`` x ``kernel_size`` kernels of layers of ``kind`` and write the
@@ -112,6 +121,8 @@ def train(
     ``training.stop_reason`` says which ended it.  ``restarts``: train that many networks from different
     initialisations (seeds seed, seed + 1000003, ...) and keep the one with the lowest validation loss -- a 1-D
     code can get stuck with two clusters sharing one stretch of the axis, and a restart is the cheap way out.
+    ``code_penalty`` / ``code_margin``: the penalty on code pre-activations beyond +-margin that keeps clusters
+    off the saturated ends of a sigmoid (or tanh) code (module docstring; code_penalty=0: none).
     Returns the trained :class:`~kernelatlas.Autoencoder`.
     """
     import torch
@@ -121,6 +132,8 @@ def train(
                    threads)
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
+    if not (code_penalty >= 0 and math.isfinite(code_penalty)) or not (code_margin >= 0 and math.isfinite(code_margin)):
+        raise ValueError(f"code_penalty and code_margin must be finite and >= 0, got {code_penalty} and {code_margin}")
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
     out = Path(out)
     dev = _pick_device(device)
@@ -418,11 +431,10 @@ def _fit(torch: Any, encoder: Any, decoder: Any, train_x: Any, val_x: Any, *, ma
                 for group in opt.param_groups:
                     group["lr"] = current_lr
             batch = train_x[perm[a:a + batch_size]]
-            if penalised:
+            if penalised:  # the loss plus code_penalty * mean(max(|pre-activation| - code_margin, 0)^2)
                 pre = pre_code(batch)
                 loss = _cosine_loss(torch, batch, decoder(code_act(pre)))
-                excess = pre.abs() - code_margin if code_margin > 0 else pre
-                objective = loss + code_penalty * (excess.clamp_min(0.0) if code_margin > 0 else excess).square().mean()
+                objective = loss + code_penalty * (pre.abs() - code_margin).clamp_min(0.0).square().mean()
             else:
                 loss = objective = _cosine_loss(torch, batch, decoder(encoder(batch)))
             opt.zero_grad(set_to_none=True)

@@ -169,7 +169,7 @@ class Autoencoder:
                     lin.bias.copy_(torch.from_numpy(L.bias))
                 mods.append(lin)
                 if L.activation != "identity":
-                    mods.append(_torch_activation(L.activation))
+                    mods.append(torch_activation(L.activation))
             return nn.Sequential(*mods)
 
         return build(self.encoder), build(self.decoder)
@@ -284,7 +284,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda p: Path(p).write_text(text))
 
 
-def _torch_activation(name: str) -> Any:
+def torch_activation(name: str) -> Any:
     from torch import nn
 
     return {

@@ -120,14 +120,14 @@ def clusters(
 
     ``rule``: how the axis is cut (the module docstring has the details and the reasons).  "density" (default):
     one interval per mode of the training kernels' code density -- modes of the density smoothed with a
-    Gaussian of sigma ``bandwidth`` (a share of the code range, at least one grid step) that stand at least ``min_prominence`` times
-    the highest mode above the density between them and any higher mode; the pattern decoded at each mode is
-    its anchor; neighbouring anchors with a cosine >= ``merge_cos`` merge (the denser mode stays); the cut
-    between neighbouring anchors falls where the decoded pattern becomes closer to the next anchor than to the
-    previous one.  Anchoring on the kernels means an interval can no longer start on a transition pattern
-    (where few kernels are) and split the next cluster, which the "first" rule did for 3 of 12 seeds of the
-    3x3 planted-cluster check.  "first": walking up the grid, a pattern stays in the current interval while its cosine with the
-    interval's first pattern is at least ``merge_cos``.  A model without a recorded code density (older or
+    Gaussian of sigma ``bandwidth`` (a share of the code range, at least one grid step) that stand at least
+    ``min_prominence`` times the highest mode above the density between them and any higher mode; the pattern
+    decoded at each mode is its anchor; neighbouring anchors with a cosine >= ``merge_cos`` merge (the denser
+    mode stays); the cut between neighbouring anchors falls where the decoded pattern becomes closer to the next
+    anchor than to the previous one.  Anchoring on the kernels means an interval can no longer start on a
+    transition pattern (where few kernels are) and split the next cluster, which the "first" rule did for 3 of
+    12 seeds of the 3x3 planted-cluster check.  "first": walking up the grid, a pattern stays in the current
+    interval while its cosine with the interval's first pattern is at least ``merge_cos``.  A model without a recorded code density (older or
     hand-built models) is cut with "first"; clusters.json ``options.rule`` records the rule used.
 
     ``samples``: grid points decoded along the axis (the edges are halfway between them).  ``match_cos``: an

@@ -153,7 +153,7 @@ def train(
                          f"{excluded['nonfinite']} non-finite): nothing to train on; extract more models, pick "
                          "another --kind or lower --holdout")
     order = rng.permutation(len(kernels))
-    n_val = min(max(1, int(round(val_share * len(kernels)))), len(kernels) - 1) if val_share > 0 else 0
+    n_val = min(max(1, round(val_share * len(kernels))), len(kernels) - 1) if val_share > 0 else 0
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     if epochs is not None:
         max_steps = min(max_steps, epochs * math.ceil(len(train_idx) / batch_size))
@@ -371,7 +371,7 @@ def _preprocess(raw: np.ndarray, *, min_abs: float, threads: int | None) -> tupl
 
 
 def _build(torch: Any, d: int, widths: Sequence[int], activation: str, code_activation: str) -> tuple[Any, Any]:
-    from kernelatlas.autoencoder import _torch_activation
+    from kernelatlas.autoencoder import torch_activation
 
     nn = torch.nn
 
@@ -380,7 +380,7 @@ def _build(torch: Any, d: int, widths: Sequence[int], activation: str, code_acti
         for i, act in enumerate(acts):
             mods.append(nn.Linear(sizes[i], sizes[i + 1]))
             if act != "identity":
-                mods.append(_torch_activation(act))
+                mods.append(torch_activation(act))
         return nn.Sequential(*mods)
 
     hidden = [int(w) for w in widths]

@@ -127,8 +127,9 @@ def clusters(
     anchor than to the previous one.  Anchoring on the kernels means an interval can no longer start on a
     transition pattern (where few kernels are) and split the next cluster, which the "first" rule did for 3 of
     12 seeds of the 3x3 planted-cluster check.  "first": walking up the grid, a pattern stays in the current
-    interval while its cosine with the interval's first pattern is at least ``merge_cos``.  A model without a recorded code density (older or
-    hand-built models) is cut with "first"; clusters.json ``options.rule`` records the rule used.
+    interval while its cosine with the interval's first pattern is at least ``merge_cos``.  A model without a
+    recorded code density (older or hand-built models) is cut with "first"; clusters.json ``options.rule``
+    records the rule used.
 
     ``samples``: grid points decoded along the axis (the edges are halfway between them).  ``match_cos``: an
     interval takes its best template's name when their cosine (centred, signs count) is at least this, else a

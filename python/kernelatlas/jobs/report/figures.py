@@ -218,7 +218,8 @@ def spectrum_figure(stats: RunStats, out: Path) -> tuple[str | None, str]:
         c = run.clusters[i]
         axis.axvspan(c.lo, c.hi, color=c.colour, alpha=0.85)
         narrow = (c.hi - c.lo) < 0.08 * (hi_all - lo_all)  # type: ignore[operator]
-        axis.text((c.lo + c.hi) / 2, 0.5,  # type: ignore[operator]  # autoencoder runs: lo, hi set short_text(c.name, 14) if narrow else _wrap(c.name, 14), ha="center",
+        middle = (c.lo + c.hi) / 2  # type: ignore[operator]  # autoencoder runs: lo and hi are set
+        axis.text(middle, 0.5, short_text(c.name, 14) if narrow else _wrap(c.name, 14), ha="center",
                   va="center", fontsize=7, rotation=90 if narrow else 0)
     axis.set_xlim(lo_all, hi_all)
     axis.set_yticks([])

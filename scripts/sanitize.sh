@@ -24,11 +24,8 @@ ubsan=$(gcc -print-file-name=libubsan.so)
 py=$root/build/asan-venv/bin/python
 cd "$root"
 # leaks: CPython and torch keep allocations alive at exit by design; UBSan errors are fatal (-fno-sanitize-recover)
-KERNELATLAS_SANITIZED=1 PYTHONPATH="$site:$packages" LD_PRELOAD="$asan:$ubsan" \
-  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:alloc_dealloc_mismatch=0 \
-  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  "$py" -c "import kernelatlas, sys; assert kernelatlas.__file__.startswith('$site'), kernelatlas.__file__; print('sanitized build:', kernelatlas.__file__)"
-KERNELATLAS_SANITIZED=1 PYTHONPATH="$site:$packages" LD_PRELOAD="$asan:$ubsan" \
-  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:alloc_dealloc_mismatch=0 \
-  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  "$py" -m pytest -q -p no:cacheprovider "${@:-tests}"
+sanitized=(env KERNELATLAS_SANITIZED=1 PYTHONPATH="$site:$packages" LD_PRELOAD="$asan:$ubsan"
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:alloc_dealloc_mismatch=0
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 "$py")
+"${sanitized[@]}" -c "import kernelatlas, sys; assert kernelatlas.__file__.startswith('$site'), kernelatlas.__file__; print('sanitized build:', kernelatlas.__file__)"
+"${sanitized[@]}" -m pytest -q -p no:cacheprovider "${@:-tests}"

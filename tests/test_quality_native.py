@@ -15,7 +15,6 @@ from kernelatlas import _core
 
 PIECE = 1 << 18  # rows per native work item (kQualityPieceRows): longer segments take the multi-piece path
 GRAM_RTOL = 1e-6  # of sqrt(G_ii G_jj) >= sum |w_i w_j| (quality.h: fp32 partials over 64 rows per lane)
-KEYS = R.LAYER_STATS_KEYS
 SPARSE_RTOL = 1e-12  # the sparse rows' moments are float64 sums (quality.h), only the order differs
 
 
@@ -48,7 +47,7 @@ def segments(rng: np.random.Generator, n: int, count: int = 6) -> tuple[np.ndarr
 
 
 def check_stats(got: dict, ref: dict, exact_scaled_sums: bool = False) -> None:
-    assert set(got) == set(KEYS)
+    assert set(got) == set(R.LAYER_STATS_KEYS)
     for k in ("n", "nonfinite", "zeros", "sparse"):
         assert got[k].dtype == np.int64
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
@@ -96,7 +95,7 @@ def test_layer_stats_square_kernels_equal_flat():
     x = kernels(500, 25, np.float16)
     starts, stops = np.array([0, 100], np.int64), np.array([500, 101], np.int64)
     a, b = layer_stats(x.reshape(500, 5, 5), starts, stops), layer_stats(x, starts, stops)
-    for k in KEYS:
+    for k in R.LAYER_STATS_KEYS:
         np.testing.assert_array_equal(a[k], b[k])
 
 
@@ -121,7 +120,7 @@ def test_multi_piece_segments_threads_and_isas_bit_identical(dtype):
             kernelatlas.set_isa(previous)
     check_stats(results[0], ref)
     for other in results[1:]:
-        for k in KEYS:
+        for k in R.LAYER_STATS_KEYS:
             np.testing.assert_array_equal(other[k], results[0][k], err_msg=k)
 
 
@@ -145,7 +144,7 @@ def test_sparse_moments_of_mostly_sparse_layers(dtype, d):
     assert ref["sparse"][0] > n // 2  # the case this test is about
     one, two = (layer_stats(x, starts, stops, threads=t) for t in (1, 2))
     check_stats(one, ref)
-    for k in KEYS:
+    for k in R.LAYER_STATS_KEYS:
         np.testing.assert_array_equal(two[k], one[k], err_msg=k)
 
 
@@ -162,7 +161,7 @@ def test_isas_bit_identical(d):
             kernelatlas.set_isa(previous)
     first = next(iter(results.values()))
     for name, got in results.items():
-        for k in KEYS:
+        for k in R.LAYER_STATS_KEYS:
             np.testing.assert_array_equal(got[k], first[k], err_msg=f"{name} {k}")
 
 
@@ -171,7 +170,7 @@ def test_threads_bit_identical(threads):
     starts, stops = segments(np.random.default_rng(5), len(x), count=20)
     got = layer_stats(x, starts, stops, threads=threads)
     one = layer_stats(x, starts, stops, threads=1)
-    for k in KEYS:
+    for k in R.LAYER_STATS_KEYS:
         np.testing.assert_array_equal(got[k], one[k], err_msg=k)
 
 
@@ -181,7 +180,7 @@ def test_segment_order_does_not_matter():
     perm = np.random.default_rng(7).permutation(len(starts))
     a = layer_stats(x, starts, stops, threads=2)
     b = layer_stats(x, starts[perm], stops[perm], threads=2)
-    for k in KEYS:
+    for k in R.LAYER_STATS_KEYS:
         np.testing.assert_array_equal(b[k], a[k][perm], err_msg=k)
 
 
@@ -191,7 +190,7 @@ def test_results_depend_only_on_the_segment_rows():
     padded = np.concatenate([kernels(777, 9, np.float32, seed=9), layer])
     a = layer_stats(layer, [0], [3000])
     b = layer_stats(padded, [777], [3777])
-    for k in KEYS:
+    for k in R.LAYER_STATS_KEYS:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 

@@ -21,7 +21,6 @@ from kernelatlas.corpus import Corpus
 from kernelatlas.jobs import quality as lq
 from kernelatlas.jobs import shift as ds
 
-EPS32 = R.EPS32
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -81,7 +80,7 @@ def kernels_by(corpus: Corpus, by: str, k: int = 3) -> dict[str, list[np.ndarray
 def test_probabilities_floor_empty_bins_then_renormalise() -> None:
     counts = np.array([[0, 5, 5, 0], [0, 0, 0, 0]])
     p = ds.histogram_probabilities(counts)
-    np.testing.assert_allclose(p[0], np.array([EPS32, 0.5, 0.5, EPS32]) / (1 + 2 * EPS32), rtol=1e-15)
+    np.testing.assert_allclose(p[0], np.array([R.EPS32, 0.5, 0.5, R.EPS32]) / (1 + 2 * R.EPS32), rtol=1e-15)
     np.testing.assert_allclose(p[1], 0.25)  # an empty histogram becomes uniform
     rng = np.random.default_rng(0)
     c = rng.integers(0, 4, (3, 5, 70))

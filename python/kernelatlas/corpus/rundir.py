@@ -32,7 +32,7 @@ from kernelatlas.corpus.errors import CorpusError
 if TYPE_CHECKING:
     from kernelatlas.corpus.store import Corpus
 
-__all__ = ["ASSIGN_FORMAT", "QUALITY_FORMAT", "AssignRun", "RunDir", "RunError", "RunLock", "check_run_id", "latest",
+__all__ = ["ASSIGN_FORMAT", "QUALITY_FORMAT", "AssignRun", "RunDir", "RunError", "RunLock", "check", "check_run_id", "latest",
            "output_path", "read", "require", "run_ids", "scan", "writable_run_dir"]
 
 ASSIGN_FORMAT = "kernelatlas-run"
@@ -170,8 +170,13 @@ def latest(runs: Iterable[RunDir], *, format: str = ASSIGN_FORMAT,
 def require(corpus_root: str | Path, run_id: str, format: str = ASSIGN_FORMAT) -> RunDir:
     """CORPUS/runs/RUN_ID as a completed run of ``format``, or :class:`RunError` naming the file and the fix:
     missing (with the corpus's run ids), interrupted, unreadable, of another verb, or not completed."""
+    return check(read(corpus_root, run_id), format)
+
+
+def check(run: RunDir, format: str = ASSIGN_FORMAT) -> RunDir:
+    """``run`` (as :func:`read` or :func:`scan` found it) if it is a completed run of ``format``, else the
+    :class:`RunError` of :func:`require`."""
     verb = VERBS.get(format, format)
-    run = read(corpus_root, run_id)
     if run.info is None:
         if run.problem != "missing":
             raise RunError(f"{run.spec_path} is {run.problem}: rerun `kernelatlas {verb}` to rewrite it")
@@ -179,13 +184,14 @@ def require(corpus_root: str | Path, run_id: str, format: str = ASSIGN_FORMAT) -
             hint = f"the run is still being written or was interrupted: rerun the same `kernelatlas {verb}` command " \
                    "to resume it"
         else:
-            hint = f"no such run; the runs of this corpus are: {', '.join(run_ids(corpus_root)) or 'none'}"
+            others = run_ids(run.path.parent.parent)
+            hint = f"no such run; the runs of this corpus are: {', '.join(others) or 'none'}"
         raise RunError(f"{run.spec_path} not found: {hint}")
     if run.format != format:
         raise RunError(f"{run.path} is {_a(run.verb)} run (run.json format {run.format!r}, written by `kernelatlas "
                        f"{run.verb}`), not {_a(verb)} run: name a run that `kernelatlas {verb}` wrote")
     if not run.completed:
-        raise RunError(f"{run.spec_path}: run {run_id} is not completed (\"completed\": "
+        raise RunError(f"{run.spec_path}: run {run.run_id} is not completed (\"completed\": "
                        f"{run.info.get('completed')!r}): rerun the same `kernelatlas {verb}` command to finish it")
     return run
 
@@ -199,8 +205,9 @@ class AssignRun:
     layers and models tables; ``labels(shard)``, ``scores(shard)``, ``codes(shard)`` are memmaps in the
     shard's row order."""
 
-    def __init__(self, corpus: Corpus, run_id: str) -> None:
-        run = require(corpus.root, run_id, ASSIGN_FORMAT)
+    def __init__(self, corpus: Corpus, run_id: str, *, found: RunDir | None = None) -> None:
+        """The completed assign run ``run_id`` (``found``: as :func:`scan` already read it)."""
+        run = require(corpus.root, run_id, ASSIGN_FORMAT) if found is None else check(found, ASSIGN_FORMAT)
         self.corpus = corpus
         self.root = run.path
         self.info: dict[str, Any] = run.info  # type: ignore[assignment]
@@ -220,7 +227,7 @@ class AssignRun:
         if kernel_size is not None and kernel_size not in best:
             raise RunError(f"{corpus.root} has no completed run for {kernel_size}x{kernel_size} kernels")
         k = kernel_size if kernel_size is not None else max(s for s in best if s is not None)
-        return cls(corpus, best[k].run_id)
+        return cls(corpus, best[k].run_id, found=best[k])
 
     @property
     def clusters(self) -> list[str]:

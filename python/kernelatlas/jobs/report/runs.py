@@ -84,8 +84,12 @@ def load_run(corpus_root: str | os.PathLike[str], run_id: str) -> RunInfo:
     """Read and check CORPUS/runs/RUN_ID/run.json; :class:`RunError` names the file when it is missing,
     unreadable, incomplete (``completed`` not true), of another verb, or inconsistent."""
     root = Path(corpus_root)
-    run = rundir.require(root, run_id, rundir.ASSIGN_FORMAT)
-    spec, spec_path, path = run.info or {}, run.spec_path, run.path
+    return _run_info(rundir.require(root, run_id, rundir.ASSIGN_FORMAT), root)
+
+
+def _run_info(run: rundir.RunDir, root: Path) -> RunInfo:
+    """The checks of :func:`load_run` on a completed assign run already read."""
+    spec, spec_path, path, run_id = run.info or {}, run.spec_path, run.path, run.run_id
     missing = [k for k in ("kernel_size", "mode", "threshold", "clusters", "shards") if k not in spec]
     if missing:
         raise RunError(f"{spec_path} lacks {', '.join(missing)}: it was not written by `kernelatlas assign`")
@@ -153,14 +157,16 @@ def find_runs(corpus_root: str | os.PathLike[str], *, allow_none: bool = False) 
     root = Path(corpus_root)
     notes: list[str] = []
     valid: dict[str, RunInfo] = {}
-    for found in rundir.scan(root):
+    dirs: list[rundir.RunDir] = []
+    for found in rundir.scan(root):  # each run.json read once
         if found.info is not None and found.format != rundir.ASSIGN_FORMAT:
             continue  # a quality run: its own report section
         try:
-            valid[found.run_id] = load_run(root, found.run_id)
+            valid[found.run_id] = _run_info(rundir.check(found, rundir.ASSIGN_FORMAT), root)
         except RunError as exc:
             notes.append(f"skipped: {exc}")
-    dirs = [rundir.read(root, rid) for rid in valid]
+        else:
+            dirs.append(found)
     chosen = rundir.latest(dirs, key=lambda d: (d.kernel_size, d.kind, d.models))
     latest = {key: valid[d.run_id] for key, d in chosen.items()}
     for d in dirs:

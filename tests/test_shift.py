@@ -21,8 +21,6 @@ from kernelatlas.corpus import Corpus
 from kernelatlas.jobs import quality as lq
 from kernelatlas.jobs import shift as ds
 
-
-
 # ---------------------------------------------------------------------------------------------- references
 
 

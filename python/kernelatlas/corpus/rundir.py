@@ -32,8 +32,23 @@ from kernelatlas.corpus.errors import CorpusError
 if TYPE_CHECKING:
     from kernelatlas.corpus.store import Corpus
 
-__all__ = ["ASSIGN_FORMAT", "QUALITY_FORMAT", "AssignRun", "RunDir", "RunError", "RunLock", "check", "check_run_id", "latest",
-           "output_path", "read", "require", "run_ids", "scan", "writable_run_dir"]
+__all__ = [
+    "ASSIGN_FORMAT",
+    "QUALITY_FORMAT",
+    "AssignRun",
+    "RunDir",
+    "RunError",
+    "RunLock",
+    "check",
+    "check_run_id",
+    "latest",
+    "output_path",
+    "read",
+    "require",
+    "run_ids",
+    "scan",
+    "writable_run_dir",
+]
 
 ASSIGN_FORMAT = "kernelatlas-run"
 QUALITY_FORMAT = "kernelatlas-quality-run"

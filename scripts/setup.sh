@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up kernelatlas from a clean checkout into a virtual environment (default ./.venv):
 #   1. torch first, pinned to the CPU build (an unpinned `torch` pulls several GB of CUDA wheels);
-#   2. the package itself with its test and lint extras -- this compiles the native engine (every ISA variant,
-#      and kernelatlas._cuda when nvcc is found; KERNELATLAS_CUDA=OFF skips it).
+#   2. the package itself with its test, lint and distributed (Dask, for --cluster) extras -- this compiles the
+#      native engine (every ISA variant, and kernelatlas._cuda when nvcc is found; KERNELATLAS_CUDA=OFF skips it).
 # Environment: KERNELATLAS_VENV (where), KERNELATLAS_TORCH (the torch requirement), KERNELATLAS_EDITABLE=1.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,9 +16,9 @@ echo "setup: installing $torch_req" >&2
 "$py" -m pip install -q "$torch_req"
 echo "setup: building and installing kernelatlas (native engine) from $root" >&2
 if [ "${KERNELATLAS_EDITABLE:-0}" = 1 ]; then
-  "$py" -m pip install -q -e "$root[test,lint]"
+  "$py" -m pip install -q -e "$root[test,lint,distributed]"
 else
-  "$py" -m pip install -q "$root[test,lint]"
+  "$py" -m pip install -q "$root[test,lint,distributed]"
 fi
 "$py" -c "import json, kernelatlas; print(json.dumps(kernelatlas.build_info(), indent=1))"
 echo "setup: done; activate with: source $venv/bin/activate" >&2

@@ -150,6 +150,25 @@ def test_orthogonality_matches_reference_in_blocks() -> None:
     assert np.isnan(lq.orthogonality(f[:1]))
 
 
+def test_orthogonality_of_a_tall_depthwise_layer_stays_within_its_block_memory() -> None:
+    """A depthwise layer is many 9-wide filters: the Gram blocks (rows x rows), not just the input blocks, must
+    stay within block_bytes (sized by the input alone, 20,000 filters asked for a 1.7 GB block here)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    tall = rng.standard_normal((20_000, 9))
+    want = R.layer_quality(tall[:3000].reshape(3000, 1, 3, 3))["orthogonality"]
+    assert lq.orthogonality(tall[:3000], block_bytes=1 << 14) == pytest.approx(want, abs=1e-12)
+    tracemalloc.start()
+    try:
+        value = lq.orthogonality(tall, block_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0.0 < value < 1.0
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB"
+
+
 def test_pca_from_moments_matches_svd() -> None:
     rng = np.random.default_rng(4)
     for d in (9, 25, 49):

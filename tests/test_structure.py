@@ -14,7 +14,7 @@ from pathlib import Path
 from kernelatlas import cli
 
 PACKAGE = Path(cli.__file__).resolve().parent
-HEAVY = ("torch", "matplotlib", "pandas", "pyarrow", "h5py", "onnx", "tflite", "tqdm", "scipy")
+HEAVY = ("torch", "matplotlib", "pandas", "pyarrow", "h5py", "onnx", "tflite", "tqdm", "scipy", "dask", "distributed")
 
 
 def verb_module(verb: str) -> str:

@@ -180,6 +180,14 @@ def _meta_pairs(items: Sequence[str]) -> dict[str, str]:
     return meta
 
 
+def _add_cluster(p: Any) -> None:
+    p.add_argument("--cluster", default=None, metavar="SPEC",
+                   help="run on a Dask cluster whose workers share the corpus folder: local:N (N worker processes "
+                   "here), tcp://HOST:PORT (a running `dask scheduler`) or a scheduler file (dask-jobqueue); "
+                   "default: $KERNELATLAS_CLUSTER, else in this process.  The output is the same bytes either way "
+                   "(README, 'Beyond one machine'; needs kernelatlas[distributed])")
+
+
 def _add_extract(sub: Any) -> None:
     p = sub.add_parser(
         "extract",
@@ -219,6 +227,7 @@ def _add_extract(sub: Any) -> None:
                    help="metadata for every model of this run (task, category, dataset, family, ...); repeatable")
     p.add_argument("--commit-rows", type=int, default=1 << 24, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster(p)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -229,7 +238,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                          "in (or use kernelatlas.jobs.extract.extract_module on a live module)")
     report = extract(args.sources, args.out, sizes=args.sizes, all_convs=args.all_convs, dtype=args.dtype,
                      meta=_meta_pairs(args.meta), progress=not args.no_progress, commit_rows=args.commit_rows,
-                     arch=args.arch, fold_bn=args.fold_bn)
+                     arch=args.arch, fold_bn=args.fold_bn, cluster=args.cluster)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for path in report.empty:
@@ -514,6 +523,10 @@ def _add_assign(sub: Any) -> None:
     p.add_argument("--min-abs", type=float, default=0.0,
                    help="kernels whose entries are all <= this are dead (default: 0, exact zeros only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster(p)
+    p.add_argument("--task-rows", type=int, default=None, metavar="N",
+                   help="with --cluster: kernels per task (default: one engine chunk, ~256 MiB of input); a shard "
+                   "larger than this is shared by several workers")
 
 
 def _cmd_assign(args: argparse.Namespace) -> int:
@@ -524,7 +537,8 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
                         kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
                         models=args.models, progress=not args.no_progress,
-                        command=" ".join(["kernelatlas", *sys.argv[1:]]))
+                        command=" ".join(["kernelatlas", *sys.argv[1:]]), cluster=args.cluster,
+                        task_rows=args.task_rows)
     print(f"run {rid}: {args.corpus / 'runs' / rid}")
     return 0
 
@@ -569,6 +583,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     p.add_argument("--retrain", action="store_true", help="train again even when a matching model exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_cluster(p)
 
 
 def _print_totals(path: Path, threshold: float) -> None:
@@ -592,7 +607,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     summary = run_pipeline(args.out, zoo=args.zoo, sources=args.src, threshold=args.threshold, seed=args.seed,
                            epochs=args.epochs, threads=args.threads, progress=not args.no_progress,
-                           retrain=args.retrain, per_model=args.per_model, holdout=args.holdout)
+                           retrain=args.retrain, per_model=args.per_model, holdout=args.holdout,
+                           cluster=args.cluster)
     _print_totals(Path(summary["report"]).parent / "coverage-totals.csv", args.threshold)
     print(f"report: {summary['report']}")
     return 0 if not summary["failed"] else 1
@@ -653,6 +669,7 @@ def _add_quality(sub: Any) -> None:
     p.add_argument("--recompute", action="store_true", help="compute again even when the run is complete")
     p.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster(p)
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:
@@ -662,7 +679,8 @@ def _cmd_quality(args: argparse.Namespace) -> int:
                       chunk_rows=args.chunk_rows, progress=not args.no_progress, figures=not args.no_figures,
                       command=" ".join(["kernelatlas", *sys.argv[1:]]), degenerate_margin=args.degenerate_margin,
                       degenerate_low_entropy=args.degenerate_entropy, degenerate_sparsity=args.degenerate_sparsity,
-                      with_orthogonality=not args.no_orthogonality, recompute=args.recompute)
+                      with_orthogonality=not args.no_orthogonality, recompute=args.recompute,
+                      cluster=args.cluster)
     table = run.table
     for k in run.kernel_sizes:
         t = table[(table["k"] == k) & (table["n"] > 0)]
@@ -722,20 +740,30 @@ def _add_shift(sub: Any) -> None:
     p.add_argument("--recompute", action="store_true", help="compute again even when the result is complete")
     p.add_argument("--no-figures", action="store_true", help="do not draw the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster(p)
 
 
 def _cmd_shift(args: argparse.Namespace) -> int:
-    from kernelatlas.jobs.quality import load_quality_run, quality_run
-    from kernelatlas.jobs.shift import shift_result
 
     groupings = list(dict.fromkeys(g for part in args.by for g in part))
     if not groupings:
         raise ValueError("--by needs at least one grouping (family, task, category, depth, model)")
+    from kernelatlas.cluster import session
+
+    with session(args.cluster) as cl:
+        return _shift_groupings(args, groupings, cl)
+
+
+def _shift_groupings(args: argparse.Namespace, groupings: list[str], cl: Any) -> int:
+    from kernelatlas.jobs.quality import load_quality_run, quality_run
+    from kernelatlas.jobs.shift import shift_result
+
     if args.run is not None:
         qrun = load_quality_run(args.corpus, args.run)
     else:
         qrun = quality_run(args.corpus, kind=args.kind, scale=args.scale, threads=args.threads,
-                           chunk_rows=args.chunk_rows, progress=not args.no_progress, figures=not args.no_figures)
+                           chunk_rows=args.chunk_rows, progress=not args.no_progress, figures=not args.no_figures,
+                           cluster=cl)
     sizes = [args.kernel_size] if args.kernel_size is not None else qrun.kernel_sizes
     failed = 0
     for k in sizes:
@@ -745,7 +773,7 @@ def _cmd_shift(args: argparse.Namespace) -> int:
                                    drop_degenerate=args.drop_degenerate, quality_run_id=qrun.run_id,
                                    threads=args.threads, chunk_rows=args.chunk_rows, progress=not args.no_progress,
                                    figures=not args.no_figures, recompute=args.recompute,
-                                   command=" ".join(["kernelatlas", *sys.argv[1:]]))
+                                   command=" ".join(["kernelatlas", *sys.argv[1:]]), cluster=cl)
             except ValueError as exc:  # one grouping without enough groups: say so, do the others
                 if len(groupings) * len(sizes) == 1:
                     raise

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ FORMAT = "kernelatlas-corpus"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+STAGING = ".staging"  # where cluster workers write a distributed extract's shard files before the commit
 NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place once the row count is known
 
 MODEL_COLUMNS = {
@@ -298,6 +300,16 @@ class Corpus:
         }
 
 
+def map_shard(path: str | os.PathLike[str], shape: Sequence[int]) -> np.ndarray:
+    """A shard file memory-mapped by a cluster worker (which has no Corpus open), checked against the shape the
+    client read from the manifest."""
+    arr: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.shape != tuple(shape):
+        raise CorpusError(f"{path} has shape {arr.shape} on this worker, {tuple(shape)} on the client: the corpus "
+                          "folder must be the same on every host")
+    return arr
+
+
 def _chunks_of_range(shard: str, arr: np.ndarray, spans: np.ndarray, lo: int, hi: int, rows: int) -> Iterator[Chunk]:
     starts = spans[:, 1] if len(spans) else np.zeros(0, np.int64)
     stops = starts + (spans[:, 2] if len(spans) else 0)
@@ -317,13 +329,16 @@ def _new_manifest(dtype: str) -> dict[str, Any]:
 
 
 class _PendingShard:
-    """A shard being written: ``kK/.shard-NNNNNN.npy.partial`` with a placeholder header."""
+    """A shard being written: ``kK/.shard-NNNNNN.npy.partial`` (or ``partial``: a staged file of a cluster
+    worker) with a placeholder header."""
 
-    def __init__(self, root: Path, k: int, index: int, dtype: np.dtype) -> None:
+    def __init__(self, root: Path, k: int, index: int, dtype: np.dtype, partial: Path | None = None) -> None:
         self.k, self.dtype = k, dtype
         self.path = f"k{k}/shard-{index:06d}.npy"
-        (root / f"k{k}").mkdir(exist_ok=True)
-        self.partial = root / f"k{k}" / f".shard-{index:06d}.npy.partial"
+        if partial is None:
+            (root / f"k{k}").mkdir(exist_ok=True)
+            partial = root / f"k{k}" / f".shard-{index:06d}.npy.partial"
+        self.partial = partial
         self.fh = open(self.partial, "wb")  # noqa: SIM115 - held across append() calls, closed by commit/discard
         self.fh.write(_npy_header(dtype, 0, k * k))
         self.rows = 0
@@ -351,13 +366,16 @@ class _PendingShard:
         self.fh.seek(0, os.SEEK_END)
         self.rows, self.hash = rows, digest
 
-    def finish(self, root: Path) -> dict[str, Any]:
+    def finish(self, root: Path | None) -> dict[str, Any]:
+        """Complete the header and fsync; move the file into the corpus at ``root`` (None: leave it where it is,
+        a staged file)."""
         self.fh.seek(0)
         self.fh.write(_npy_header(self.dtype, self.rows, self.k * self.k))
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
-        os.replace(self.partial, root / self.path)
+        if root is not None:
+            os.replace(self.partial, root / self.path)
         return {"path": self.path, "k": self.k, "rows": self.rows, "sha256": self.hash.hexdigest()}
 
     def discard(self) -> None:
@@ -406,6 +424,7 @@ class CorpusWriter:
         self.layers = self.corpus.layers.copy()
         self._new_models: list[dict[str, Any]] = []
         self._new_layers: list[dict[str, Any]] = []
+        self._staged: list[tuple[Path, dict[str, Any]]] = []  # (staged file, its shard entry), add_staged
         self._pending_rows = 0
         self._last_commit = time.monotonic()
         self._known = set(self.models["sha256"].astype(str))
@@ -442,10 +461,17 @@ class CorpusWriter:
                     f.unlink()
         for f in self.root.glob(".*.tmp"):
             f.unlink()
+        staging = self.root / STAGING
+        if staging.is_dir() and not staging.is_symlink():  # staged files of a distributed extract that died
+            shutil.rmtree(staging, ignore_errors=True)
 
     # -------------------------------------------------------------- adding
     def has_model(self, sha256: str) -> bool:
         return sha256 in self._known
+
+    def known_models(self) -> frozenset[str]:
+        """The sha256 keys of every model committed or added so far."""
+        return frozenset(self._known)
 
     @property
     def pending_rows(self) -> int:
@@ -504,52 +530,57 @@ class CorpusWriter:
                    meta: Mapping[str, Any] | None, name: str | None,
                    layer_columns: Sequence[Mapping[str, Any]] | None,
                    on_layer: Callable[[int], object] | None) -> dict[str, Any]:
+        def store(k: int, kernels: np.ndarray) -> tuple[str, int]:
+            pend = self._shard_for(k, len(kernels))
+            return pend.path, pend.append(kernels)
+
+        row, layer_rows = model_rows(model, sha256=sha256, sizes=sizes, all_convs=all_convs, meta=meta, name=name,
+                                     layer_columns=layer_columns, on_layer=on_layer, store=store)
+        return self._register(row, layer_rows)
+
+    def _register(self, row: dict[str, Any], layer_rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Give a model's rows their ids and queue them for the next commit."""
         model_id = int(self.manifest["n_models"]) + len(self._new_models)
         layer_id0 = int(self.manifest["n_layers"]) + len(self._new_layers)
-        depths, depth_norms = conv_depths([layer.order for layer in model.layers])
-        rows_total = kernels_total = 0
-        for i, layer in enumerate(model.layers):
-            kernels = layer.kernels()
-            finite = np.isfinite(kernels).all(axis=1)
-            n_nonfinite = int(len(kernels) - finite.sum())
-            n_zero = int((finite & ~kernels.any(axis=1)).sum())
-            stored = layer.kh == layer.kw and layer.kh in sizes and (layer.kind == "depthwise" or all_convs)
-            shard, row_start, rows = "", 0, 0
-            if stored and len(kernels):
-                pend = self._shard_for(layer.kh, len(kernels))
-                row_start = pend.append(kernels)
-                shard, rows = pend.path, len(kernels)
-            layer_row = {
-                "layer_id": layer_id0 + i, "model_id": model_id, "name": layer.name, "kind": layer.kind,
-                "kind_inferred": bool(layer.kind_inferred), "kh": layer.kh, "kw": layer.kw, "c_out": layer.c_out,
-                "c_in_per_group": layer.c_in_per_group, "groups": int(layer.groups), "depth": depths[i],
-                "depth_norm": depth_norms[i], "bn_folded": bool(layer.bn_folded), "shard": shard,
-                "row_start": row_start, "rows": rows, "n_kernels": len(kernels), "n_zero": n_zero,
-                "n_nonfinite": n_nonfinite,
-            }
-            if layer_columns is not None:
-                layer_row.update({key: value if key in LAYER_COLUMNS else ("" if value is None else str(value))
-                                  for key, value in layer_columns[i].items()})
-            self._new_layers.append(layer_row)
-            if on_layer is not None:
-                on_layer(len(kernels))
-            rows_total += rows
-            kernels_total += len(kernels)
-        meta = dict(model.meta) | dict(meta or {})
-        row = {
-            "model_id": model_id, "name": name or model.name, "source_path": str(model.source_path),
-            "sha256": sha256, "format": model.format, "family": "", "task": "", "category": "", "dataset": "",
-            "n_layers": len(model.layers), "n_kernels": kernels_total, "weight_set": model.weight_set,
-        }
-        for key, value in meta.items():
-            col = snake_case(key)
-            if col in ("model_id", "sha256", "n_layers", "n_kernels"):
-                continue
-            row[col] = "" if value is None else str(value)
+        for i, layer_row in enumerate(layer_rows):
+            layer_row["layer_id"], layer_row["model_id"] = layer_id0 + i, model_id
+        row["model_id"] = model_id
+        self._new_layers.extend(layer_rows)
         self._new_models.append(row)
-        self._known.add(sha256)
-        self._pending_rows += rows_total
+        self._known.add(row["sha256"])
+        self._pending_rows += sum(int(r["rows"]) for r in layer_rows)
         return row
+
+    def add_staged(self, staged: StagedModel) -> dict[str, Any]:
+        """Add a model a cluster worker read and wrote as shard files of its own in the staging area
+        (:func:`stage_model`): at the next commit each file is moved into the corpus as a new shard (renamed,
+        never copied), before the tables and the manifest that list it.  Returns the model's row."""
+        if staged.row["sha256"] in self._known:
+            raise CorpusError(f"{staged.row['source_path']} (sha256 {staged.row['sha256'][:12]}) is already in "
+                              f"{self.root}")
+        shard_of: dict[str, str] = {}
+        for k, entry in sorted(staged.files.items()):
+            path = Path(entry["file"])
+            expect = NPY_HEADER_BYTES + int(entry["rows"]) * int(k) ** 2 * self.dtype.itemsize
+            inside = path.resolve().parent.parent == (self.root / STAGING).resolve()
+            if not inside or path.is_symlink() or not path.is_file() or path.stat().st_size != expect:
+                raise CorpusError(f"{path}: a staged shard of {staged.row['source_path']} is missing or has the "
+                                  f"wrong size (expected {expect} bytes): the staging area "
+                                  f"{self.root / STAGING} must be on the shared corpus filesystem")
+            index = int(self.manifest["next_shard"])
+            self.manifest["next_shard"] = index + 1
+            shard = f"k{int(k)}/shard-{index:06d}.npy"
+            self._staged.append((path, {"path": shard, "k": int(k), "rows": int(entry["rows"]),
+                                        "sha256": entry["sha256"]}))
+            shard_of[f"k{int(k)}"] = shard
+        layer_rows = [dict(r, shard=shard_of[r["shard"]] if r["shard"] else "") for r in staged.layers]
+        return self._register(dict(staged.row), layer_rows)
+
+    def staging_area(self) -> Path:
+        """The folder (in the corpus, so on its filesystem) where workers stage files for :meth:`add_staged`."""
+        path = self.root / STAGING
+        path.mkdir(exist_ok=True)
+        return path
 
     def _shard_for(self, k: int, rows: int) -> _PendingShard:
         pend = self._pending.get(k)
@@ -582,6 +613,11 @@ class CorpusWriter:
                 p.discard()
         self._finished.clear()
         self._pending.clear()
+        for src, entry in self._staged:  # a cluster worker's file becomes a shard: renamed, never copied
+            (self.root / f"k{entry['k']}").mkdir(exist_ok=True)
+            os.replace(src, self.root / entry["path"])
+            new_shards.append(entry)
+        self._staged.clear()
         for sub in {Path(s["path"]).parent for s in new_shards}:
             fsync_dir(self.root / sub)
         models = pd.concat([self.models, pd.DataFrame(self._new_models)], ignore_index=True)
@@ -605,6 +641,92 @@ class CorpusWriter:
         self._new_models, self._new_layers = [], []
         self._pending_rows = 0
         self._last_commit = time.monotonic()
+
+
+@dataclass
+class StagedModel:
+    """A model read by a cluster worker: its table rows (no ids yet; a layer's ``shard`` is "kK" for the staged
+    file of that size) and its staged shard files, k -> {file, rows, sha256}."""
+
+    row: dict[str, Any]
+    layers: list[dict[str, Any]]
+    files: dict[int, dict[str, Any]]
+
+
+def model_rows(model: LoadedModel, *, sha256: str, sizes: Sequence[int], all_convs: bool,
+               meta: Mapping[str, Any] | None, name: str | None, layer_columns: Sequence[Mapping[str, Any]] | None,
+               on_layer: Callable[[int], object] | None,
+               store: Callable[[int, np.ndarray], tuple[str, int]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The models-table row and the layers-table rows of a loaded model (without ids), storing the kernels of
+    each stored layer through ``store(k, kernels) -> (shard, row_start)``."""
+    depths, depth_norms = conv_depths([layer.order for layer in model.layers])
+    kernels_total = 0
+    layer_rows: list[dict[str, Any]] = []
+    for i, layer in enumerate(model.layers):
+        kernels = layer.kernels()
+        finite = np.isfinite(kernels).all(axis=1)
+        n_nonfinite = int(len(kernels) - finite.sum())
+        n_zero = int((finite & ~kernels.any(axis=1)).sum())
+        stored = layer.kh == layer.kw and layer.kh in sizes and (layer.kind == "depthwise" or all_convs)
+        shard, row_start, rows = "", 0, 0
+        if stored and len(kernels):
+            shard, row_start = store(layer.kh, kernels)
+            rows = len(kernels)
+        layer_row = {
+            "layer_id": -1, "model_id": -1, "name": layer.name, "kind": layer.kind,
+            "kind_inferred": bool(layer.kind_inferred), "kh": layer.kh, "kw": layer.kw, "c_out": layer.c_out,
+            "c_in_per_group": layer.c_in_per_group, "groups": int(layer.groups), "depth": depths[i],
+            "depth_norm": depth_norms[i], "bn_folded": bool(layer.bn_folded), "shard": shard,
+            "row_start": row_start, "rows": rows, "n_kernels": len(kernels), "n_zero": n_zero,
+            "n_nonfinite": n_nonfinite,
+        }
+        if layer_columns is not None:
+            layer_row.update({key: value if key in LAYER_COLUMNS else ("" if value is None else str(value))
+                              for key, value in layer_columns[i].items()})
+        layer_rows.append(layer_row)
+        if on_layer is not None:
+            on_layer(len(kernels))
+        kernels_total += len(kernels)
+    meta = dict(model.meta) | dict(meta or {})
+    row = {
+        "model_id": -1, "name": name or model.name, "source_path": str(model.source_path),
+        "sha256": sha256, "format": model.format, "family": "", "task": "", "category": "", "dataset": "",
+        "n_layers": len(model.layers), "n_kernels": kernels_total, "weight_set": model.weight_set,
+    }
+    for key, value in meta.items():
+        col = snake_case(key)
+        if col in ("model_id", "sha256", "n_layers", "n_kernels"):
+            continue
+        row[col] = "" if value is None else str(value)
+    return row, layer_rows
+
+
+def stage_model(model: LoadedModel, staging: Path, prefix: str, *, sha256: str, dtype: str,
+                sizes: Sequence[int] = (3, 5, 7), all_convs: bool = False, meta: Mapping[str, Any] | None = None,
+                name: str | None = None) -> StagedModel:
+    """Write a loaded model's stored kernels as one staged shard file per kernel size, ``staging/PREFIX-kK.npy``
+    (complete .npy files, fsynced; written again whole if the task is retried), for
+    :meth:`CorpusWriter.add_staged` on the client."""
+    pending: dict[int, _PendingShard] = {}
+
+    def store(k: int, kernels: np.ndarray) -> tuple[str, int]:
+        pend = pending.get(k)
+        if pend is None:
+            pend = pending[k] = _PendingShard(staging, k, 0, np.dtype(dtype), partial=staging / f"{prefix}-k{k}.npy")
+        return f"k{k}", pend.append(kernels)
+
+    try:
+        row, layer_rows = model_rows(model, sha256=sha256, sizes=sizes, all_convs=all_convs, meta=meta, name=name,
+                                     layer_columns=None, on_layer=None, store=store)
+        files = {}
+        for k, pend in pending.items():
+            done = pend.finish(None)
+            files[k] = {"file": str(pend.partial), "rows": done["rows"], "sha256": done["sha256"]}
+    except BaseException:
+        for pend in pending.values():
+            pend.discard()
+        raise
+    return StagedModel(row, layer_rows, files)
 
 
 def snake_case(key: str) -> str:

@@ -45,6 +45,7 @@ from kernelatlas._files import (
 )
 from kernelatlas.corpus import Corpus, CorpusError
 from kernelatlas.corpus.rundir import ASSIGN_FORMAT, RunLock, output_path, writable_run_dir
+from kernelatlas.corpus.store import map_shard
 
 __all__ = ["assign_corpus", "load_prototypes", "run_id_for"]
 
@@ -199,6 +200,13 @@ def _layer_counts(layers: np.ndarray, a: int, labels: np.ndarray, scores: np.nda
             acc += row
 
 
+def _commit_outputs(final: Mapping[str, Path], tmp: Mapping[str, Path]) -> None:
+    """Rename a shard's finished output files into place, labels last (its labels file marks the shard done)."""
+    for name in [n for n in ("codes", "scores", "labels") if n in final]:
+        os.replace(tmp[name], final[name])
+    fsync_dir(final["labels"].parent)
+
+
 class _ShardOutput:
     """The outputs of one shard (labels, scores and, with a model, codes), written in row order through
     :class:`SequentialFile`: ``buffers(a, b)`` hands the engine views of the files' staging blocks for rows
@@ -257,9 +265,7 @@ class _ShardOutput:
             f.close()
 
     def commit(self) -> None:
-        for name in [n for n in ("codes", "scores", "labels") if n in self.final]:  # labels last: marks the shard done
-            os.replace(self.tmp[name], self.final[name])
-        fsync_dir(self.final["labels"].parent)
+        _commit_outputs(self.final, self.tmp)
 
     def discard(self) -> None:
         """Stop writing and remove the temp files."""
@@ -291,6 +297,9 @@ def assign_corpus(
     models: Sequence[int | str] | None = None,
     progress: bool = True,
     command: str = "",
+    cluster: Any = None,
+    client: Any = None,
+    task_rows: int | None = None,
 ) -> str:
     """Assign every kernel of the model's size (of layers of ``kind``: depthwise | regular | grouped | all) in
     the corpus; returns the run id.  Exactly one of ``model`` (a model directory) or ``prototypes`` (a file,
@@ -301,7 +310,13 @@ def assign_corpus(
 
     With an autoencoder, run.json also records the model's held-out split (so the report can give coverage on
     kernels the model never saw) and the random-kernel control: the share of random centred Gaussian kernels
-    the model classifies at each threshold of :data:`kernelatlas.holdout.CONTROL_GRID`."""
+    the model classifies at each threshold of :data:`kernelatlas.holdout.CONTROL_GRID`.
+
+    ``cluster`` (a spec: ``local:N``, ``tcp://HOST:PORT``, a scheduler file; default $KERNELATLAS_CLUSTER) or
+    ``client`` (a dask.distributed Client): run the shards as tasks of at most ``task_rows`` rows (default: one
+    engine chunk) on a Dask cluster whose workers share the corpus folder; each task writes its rows of the
+    shard's output files in place, and this process alone renames a shard's files once all its tasks are done
+    and commits the run.  The files are byte-identical to an in-process run's (kernelatlas.cluster)."""
 
     from kernelatlas.autoencoder import Autoencoder
     from kernelatlas.engine import prototype_engine
@@ -351,8 +366,12 @@ def assign_corpus(
     root = writable_run_dir(c.root, rid)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if task_rows is not None and task_rows < 1:
+        raise ValueError(f"task_rows must be >= 1, got {task_rows}")
     root.mkdir(parents=True, exist_ok=True)
-    with RunLock(root, verb="assign"):
+    from kernelatlas.cluster import session
+
+    with RunLock(root, verb="assign"), session(cluster, client) as cl:
         _check_options(root, rid, options)
         info_path = root / "run.json"
         if info_path.is_file() and json.loads(info_path.read_text()).get("completed"):
@@ -365,7 +384,9 @@ def assign_corpus(
                        threshold=threshold, kind=kind, options=options, clusters=clusters, extra=extra,
                        model_ids=model_ids, threads=threads, min_abs=min_abs, decoder=decoder,
                        chunk_rows=chunk_rows, progress=progress, command=command,
-                       runner=(ae if model is not None else engine))
+                       runner=(ae if model is not None else engine), cluster=cl, task_rows=task_rows,
+                       remote=(("autoencoder", str(Path(model).resolve()), options["model"]) if model is not None
+                               else ("prototypes", protos)))
     return rid
 
 
@@ -373,9 +394,11 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
                    k: int, model: Any, prototypes: Any, threshold: float, kind: str, options: dict[str, Any],
                    clusters: list[dict[str, Any]], extra: dict[str, Any], model_ids: list[int] | None,
                    threads: int | None, min_abs: float, decoder: str, chunk_rows: int | None, progress: bool,
-                   command: str, runner: Any) -> None:
+                   command: str, runner: Any, cluster: Any = None, task_rows: int | None = None,
+                   remote: tuple[Any, ...] = ()) -> None:
     """The shards of a run, each committed labels-last, then assign_layers.parquet and run.json (the commit),
-    every file and folder fsynced before the next step depends on it."""
+    every file and folder fsynced before the next step depends on it.  With a cluster, the shards not done yet
+    are computed by its workers first (:func:`_assign_on_cluster`)."""
     from tqdm import tqdm
 
     import kernelatlas
@@ -385,6 +408,11 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
                file=sys.stderr)
     layer_rows: list[np.ndarray] = []
     n_labels = len(clusters)
+    computed: dict[str, dict[int, np.ndarray]] = {}
+    if cluster is not None:
+        computed = _assign_on_cluster(cluster, c, root, k, shards, spans, bar=bar, n_labels=n_labels,
+                                      with_codes=model is not None, threshold=threshold, min_abs=min_abs,
+                                      decoder=decoder, chunk_rows=chunk_rows, task_rows=task_rows, remote=remote)
     for shard in shards:
         arr = c.shard_array(shard)
         rows_per_call = chunk_rows or default_chunk_rows(arr.strides[0])
@@ -393,7 +421,9 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
         final = {n: output_path(root, k, shard, n) for n in names}
         pieces = [(a0, min(a0 + rows_per_call, b)) for a, b in sp.runs for a0 in range(a, b, rows_per_call)]
         counts: dict[int, np.ndarray] = {}
-        if not final["labels"].is_file():
+        if shard in computed:
+            counts = computed[shard]
+        elif not final["labels"].is_file():
             out = _ShardOutput(final, len(arr), rows_per_call, sp.layers, n_labels)
             try:
                 if pieces:
@@ -440,6 +470,153 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
     fsync_dir(root)  # assign_layers.parquet's rename is durable before run.json marks the run complete
     atomic_write_bytes(root / "run.json", json.dumps(info, indent=1).encode())
     fsync_dir(root)
+
+
+def _task_pieces(rows: int, runs: Sequence[tuple[int, int]], task_rows: int) -> list[tuple[int, int]]:
+    """Row ranges tiling [0, rows) of a shard, each holding at most ``task_rows`` rows to assign (stretches of
+    other kinds' rows, which only get fill values, ride along with the task before or after them)."""
+    if rows == 0:
+        return []
+    cuts = sorted({0}.union(*(range(a, b, task_rows) for a, b in runs)))
+    return [(lo, hi) for lo, hi in zip(cuts, [*cuts[1:], rows], strict=True) if hi > lo]
+
+
+def _assign_on_cluster(cluster: Any, c: Corpus, root: Path, k: int, shards: list[str], spans: dict[str, _Spans], *,
+                       bar: Any, n_labels: int, with_codes: bool, threshold: float, min_abs: float, decoder: str,
+                       chunk_rows: int | None, task_rows: int | None,
+                       remote: tuple[Any, ...]) -> dict[str, dict[int, np.ndarray]]:
+    """Compute every shard without a labels file on the cluster; returns its per-layer label counts.  Each
+    shard's output files are created here at full size (the 4 KiB .npy header written, the rest sparse); every
+    task writes its own rows (engine outputs, fill values between runs) with pwrite and fsyncs them, so the
+    bytes do not depend on which worker ran it, how often (a retry after a worker died rewrites the same
+    bytes) or when.  A shard's files are renamed into place, labels last, as soon as its last task is done."""
+    cluster.check_shared(c.root)
+    cluster.announce(f"assign k={k}")
+    names = ("labels", "scores", "codes") if with_codes else ("labels", "scores")
+    tasks: list[tuple[Any, ...]] = []
+    owner: list[str] = []
+    outputs: dict[str, tuple[dict[str, Path], dict[str, Path]]] = {}
+    for shard in shards:
+        final = {n: output_path(root, k, shard, n) for n in names}
+        if final["labels"].is_file():
+            continue
+        arr = c.shard_array(shard)  # checks shape and dtype against the manifest
+        rows_per_call = chunk_rows or default_chunk_rows(arr.strides[0])
+        per_task = task_rows or rows_per_call
+        tmp = {n: f.with_name(f".{f.name}.tmp") for n, f in final.items()}
+        for name, path in tmp.items():
+            dtype = _ShardOutput._DTYPE[name]
+            with open(path, "wb") as fh:
+                fh.write(npy_header(dtype.str, (len(arr),), _ShardOutput.HEADER))
+                fh.truncate(_ShardOutput.HEADER + len(arr) * dtype.itemsize)
+        sp = spans[shard]
+        for lo, hi in _task_pieces(len(arr), sp.runs, per_task):
+            runs = [(max(a, lo), min(b, hi)) for a, b in sp.runs if a < hi and b > lo]
+            tasks.append((str(c.root / shard), arr.shape, lo, hi, runs, sp.layers,
+                          {n: str(p) for n, p in tmp.items()}, remote, threshold, min_abs, decoder,
+                          rows_per_call, n_labels))
+            owner.append(shard)
+        outputs[shard] = (final, tmp)
+        if shard not in owner:  # no rows at all: nothing for a worker to write
+            _commit_outputs(final, tmp)
+    left = {s: owner.count(s) for s in outputs}
+    counts: dict[str, dict[int, np.ndarray]] = {s: {} for s in outputs}
+    weights = [sum(b - a for a, b in t[4]) for t in tasks]
+    for i, result in cluster.map(_assign_task, tasks, weights=weights, bar=bar, key=f"assign-k{k}"):
+        shard = owner[i]
+        for layer_id, row in result.items():
+            acc = counts[shard].get(layer_id)
+            if acc is None:
+                counts[shard][layer_id] = row
+            else:
+                acc += row
+        left[shard] -= 1
+        if left[shard] == 0:
+            final, tmp = outputs[shard]
+            for path in tmp.values():  # durable here too (a shared filesystem's client cache)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _commit_outputs(final, tmp)
+    return counts
+
+
+_RUNNERS: dict[tuple[str, str], Any] = {}  # per worker process: the autoencoders its tasks loaded
+
+
+def _task_runner(remote: tuple[Any, ...]) -> Any:
+    from kernelatlas.autoencoder import Autoencoder
+    from kernelatlas.engine import prototype_engine
+
+    if remote[0] == "prototypes":
+        return prototype_engine(remote[1])
+    _, model_dir, digest = remote
+    key = (model_dir, digest)
+    if key not in _RUNNERS:
+        if _model_digest(Path(model_dir)) != digest:
+            raise CorpusError(f"{model_dir} on this worker differs from the client's model (another file, or it "
+                              "changed since the run started): the model folder must be shared and unchanged")
+        _RUNNERS.clear()
+        _RUNNERS[key] = Autoencoder.load(model_dir)
+    return _RUNNERS[key]
+
+
+def _assign_task(shard_file: str, shape: tuple[int, int], lo: int, hi: int, runs: list[tuple[int, int]],
+                 layers: np.ndarray, tmp: dict[str, str], remote: tuple[Any, ...], threshold: float, min_abs: float,
+                 decoder: str, chunk_rows: int, n_labels: int) -> dict[int, np.ndarray]:
+    """One cluster task (runs on a worker): rows [lo, hi) of a shard -- the rows of ``runs`` through the
+    engine, fill values for the rest -- written in place into the shard's output files ``tmp`` and fsynced;
+    returns the per-layer label counts of its rows."""
+    import kernelatlas
+    from kernelatlas.cluster import engine_threads
+
+    arr = map_shard(shard_file, shape)
+    runner = _task_runner(remote)
+    threads = engine_threads() or None
+    dtypes = {name: _ShardOutput._DTYPE[name] for name in tmp}
+    fds = {name: os.open(path, os.O_WRONLY) for name, path in tmp.items()}
+    counts: dict[int, np.ndarray] = {}
+
+    def put(name: str, row: int, values: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(values)).cast("B")  # type: ignore[arg-type]
+        offset = _ShardOutput.HEADER + row * dtypes[name].itemsize
+        while len(data):
+            n = os.pwrite(fds[name], data, offset)
+            data, offset = data[n:], offset + n
+
+    def fill(a: int, b: int) -> None:
+        for a0 in range(a, b, 1 << 20):
+            b0 = min(b, a0 + (1 << 20))
+            for name in fds:
+                put(name, a0, np.full(b0 - a0, _ShardOutput._FILL[name], dtypes[name]))
+
+    try:
+        pos = lo
+        for a, b in runs:
+            fill(pos, a)
+            for a0 in range(a, b, chunk_rows):
+                b0 = min(b, a0 + chunk_rows)
+                advise_readahead(arr, a0, b0)
+                buf = {name: np.empty(b0 - a0, dtypes[name]) for name in fds}
+                if remote[0] == "autoencoder":
+                    kernelatlas.assign(arr[a0:b0], runner, threshold=threshold, min_abs=min_abs, threads=threads,
+                                       decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]))
+                else:
+                    kernelatlas.assign_prototypes(arr[a0:b0], runner, threshold=threshold, min_abs=min_abs,
+                                                  threads=threads, out=(buf["labels"], buf["scores"]))
+                _layer_counts(layers, a0, buf["labels"], buf["scores"], buf.get("codes"), n_labels, counts)
+                for name, values in buf.items():
+                    put(name, a0, values)
+            pos = b
+        fill(pos, hi)
+        for fd in fds.values():
+            os.fdatasync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return counts
 
 
 def control_curve(model: Any, *, threads: int | None = None) -> dict[str, Any]:

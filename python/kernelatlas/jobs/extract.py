@@ -8,6 +8,7 @@ read is reported (naming it and the reason) and the others are still extracted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -103,30 +104,40 @@ def extract(
     zoo_cache: Path | None = None,
     arch: str | None = None,
     fold_bn: bool = False,
+    cluster: Any = None,
+    client: Any = None,
 ) -> ExtractReport:
     """Extract every conv layer of every input into the corpus at ``out`` (created if absent).
 
     ``arch``: read every file as weights of that architecture (``timm:NAME``, ``torchvision:NAME``,
-    ``python:MODULE:CALLABLE``; see loaders/architectures.py): exact groups, and ``fold_bn`` folds BatchNorm."""
+    ``python:MODULE:CALLABLE``; see loaders/architectures.py): exact groups, and ``fold_bn`` folds BatchNorm.
+
+    ``cluster`` / ``client`` (kernelatlas.cluster): the files are read by the workers of a Dask cluster, each
+    writing its model's kernels as shard files in the corpus's staging area; this process commits them into the
+    corpus in the order of the inputs (renames and table rows: no kernel bytes pass through it or the
+    scheduler), so model and layer ids, tables and kernels are those of an in-process run.  The corpus must be
+    on a filesystem every worker mounts at the same path; so must the input files."""
     from tqdm import tqdm
+
+    from kernelatlas.cluster import session
 
     report = ExtractReport()
     files = expand_sources(sources, cache=zoo_cache, empty_folders=report.empty_folders)
-    with CorpusWriter(out, dtype=dtype, commit_rows=commit_rows, commit_seconds=commit_seconds) as writer:
+    with CorpusWriter(out, dtype=dtype, commit_rows=commit_rows, commit_seconds=commit_seconds) as writer, \
+            session(cluster, client) as cl:
         bar = tqdm(files, desc="extract", unit="file", disable=not progress, file=sys.stderr)
+        if cl is not None:
+            _extract_on_cluster(cl, files, writer, report, bar=bar, sizes=sizes, all_convs=all_convs, meta=meta,
+                                arch=arch, fold_bn=fold_bn)
+            bar.close()
+            return report
         for path in bar:
             bar.set_postfix_str(path.name[-40:])
             try:
-                digest = source_identity(path)
-            except OSError as exc:
-                report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
-                continue
+                digest = _identity(path, arch, fold_bn)
             except Exception as exc:
-                report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
-                                      f"{str(exc)[:300] or 'no detail'})"))
+                report.failed.append((str(path), _failure(path, exc, reading_identity=True)))
                 continue
-            if arch is not None:  # the same file read through an architecture is another corpus model
-                digest = hashlib.sha256(f"{digest}:arch={arch}:fold_bn={fold_bn}".encode()).hexdigest()
             if writer.has_model(digest):
                 report.skipped.append(str(path))
                 continue
@@ -140,17 +151,8 @@ def extract(
                           disable=not progress or kernels < 1_000_000, file=sys.stderr) as inner:
                     row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta,
                                            on_layer=inner.update)
-            except LoaderError as exc:
-                report.failed.append((str(path), str(exc)))
-                continue
-            except OSError as exc:
-                if exc.errno in _CORPUS_FULL:  # the corpus's disk, not the checkpoint: stop, nothing committed
-                    raise
-                report.failed.append((str(path), f"{path}: cannot be read ({exc})"))
-                continue
             except Exception as exc:
-                report.failed.append((str(path), f"{path}: cannot be read ({type(exc).__name__}: "
-                                      f"{str(exc)[:300] or 'no detail'})"))
+                report.failed.append((str(path), _failure(path, exc)))
                 continue
             report.warnings.extend(model.warnings)
             if not model.layers:
@@ -159,6 +161,109 @@ def extract(
             writer.maybe_commit()
         bar.close()
     return report
+
+
+def _identity(path: Path, arch: str | None, fold_bn: bool) -> str:
+    """The sha256 a file's model is keyed by in the corpus (the file's identity, and the architecture it is read
+    through)."""
+    digest = source_identity(path)
+    if arch is not None:  # the same file read through an architecture is another corpus model
+        digest = hashlib.sha256(f"{digest}:arch={arch}:fold_bn={fold_bn}".encode()).hexdigest()
+    return digest
+
+
+def _failure(path: Path, exc: Exception, *, reading_identity: bool = False) -> str:
+    """Why a file failed, for the report; re-raises errors of the corpus's own filesystem (a full disk), which
+    stop the extract (nothing past the last commit is kept)."""
+    if isinstance(exc, LoaderError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        if reading_identity:
+            return f"cannot read: {exc.strerror or exc}"
+        if exc.errno in _CORPUS_FULL:
+            raise exc
+        return f"{path}: cannot be read ({exc})"
+    return f"{path}: cannot be read ({type(exc).__name__}: {str(exc)[:300] or 'no detail'})"
+
+
+def _stage_task(path: str, staging: str, prefix: str, sizes: Sequence[int], all_convs: bool, dtype: str,
+                meta: Mapping[str, str] | None, arch: str | None, fold_bn: bool,
+                known: frozenset[str]) -> dict[str, Any]:
+    """One cluster task (runs on a worker): read one checkpoint and stage its kernels (store.stage_model).
+    Returns what the client needs to commit it, or why it failed."""
+    from kernelatlas.corpus.store import stage_model
+
+    file = Path(path)
+    try:
+        digest = _identity(file, arch, fold_bn)
+    except FileNotFoundError as exc:
+        import socket
+
+        return {"status": "failed", "reason": _failure(file, exc, reading_identity=True)
+                + f" (on worker host {socket.gethostname()}: inputs must be on a filesystem every worker mounts)"}
+    except Exception as exc:
+        return {"status": "failed", "reason": _failure(file, exc, reading_identity=True)}
+    if digest in known:
+        return {"status": "skipped"}
+    try:
+        model = load_file(file) if arch is None else load_with_architecture(file, arch, fold_bn=fold_bn)
+        staged = stage_model(model, Path(staging), prefix, sha256=digest, dtype=dtype, sizes=sizes,
+                             all_convs=all_convs, meta=meta)
+    except Exception as exc:
+        return {"status": "failed", "reason": _failure(file, exc)}
+    return {"status": "added", "staged": staged, "warnings": list(model.warnings), "empty": not model.layers}
+
+
+def _extract_on_cluster(cl: Any, files: list[Path], writer: CorpusWriter, report: ExtractReport, *, bar: Any,
+                        sizes: Sequence[int], all_convs: bool, meta: Mapping[str, str] | None, arch: str | None,
+                        fold_bn: bool) -> None:
+    """Read the files on the cluster; commit their staged kernels in input order as the results come in."""
+    import shutil
+    import uuid
+
+    cl.check_shared(writer.root)
+    cl.announce("extract")
+    staging = writer.staging_area() / uuid.uuid4().hex
+    staging.mkdir()
+    try:
+        known = writer.known_models()
+        tasks = [(str(path.resolve()), str(staging.resolve()), f"{i:06d}", tuple(sizes), all_convs,
+                  writer.dtype.name, dict(meta) if meta else None, arch, fold_bn, known)
+                 for i, path in enumerate(files)]
+        order = files
+        done: dict[int, dict[str, Any]] = {}
+        applied = 0
+        for i, result in cl.map(_stage_task, tasks, bar=bar, key="extract"):
+            done[i] = result
+            while applied in done:  # commit in input order, whatever order the tasks finish in
+                _apply_staged(writer, report, order[applied], done.pop(applied))
+                applied += 1
+        writer.commit()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()  # the staging area, unless another job's files are in it
+
+
+def _apply_staged(writer: CorpusWriter, report: ExtractReport, path: Path, result: dict[str, Any]) -> None:
+    status = result["status"]
+    if status == "failed":
+        report.failed.append((str(path), result["reason"]))
+        return
+    if status == "skipped":
+        report.skipped.append(str(path))
+        return
+    staged = result["staged"]
+    if writer.has_model(staged.row["sha256"]):  # the same model given twice in this job
+        for entry in staged.files.values():
+            Path(entry["file"]).unlink(missing_ok=True)
+        report.skipped.append(str(path))
+        return
+    report.added.append(writer.add_staged(staged))
+    report.warnings.extend(result["warnings"])
+    if result["empty"]:
+        report.empty.append(str(path))
+    writer.maybe_commit()
 
 
 def extract_module(

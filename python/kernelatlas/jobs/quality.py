@@ -48,6 +48,7 @@ import numpy as np
 
 from kernelatlas._files import atomic_write, atomic_write_bytes
 from kernelatlas.corpus import Corpus, CorpusError, rundir
+from kernelatlas.corpus.store import map_shard
 from kernelatlas.figures import new_figure, save_figure
 
 __all__ = [
@@ -169,7 +170,9 @@ def orthogonality(filters: Any, *, block_bytes: int = 1 << 26) -> float:
     kernel."""
     c_out = len(filters)
     m = int(np.prod(filters.shape[1:])) if c_out else 0
-    rows = max(1, block_bytes // max(1, 8 * m))
+    # a block's rows in float64 and the Gram of two blocks (rows x rows) each stay within block_bytes: sizing by
+    # the input alone made a 9-wide depthwise layer of 80k filters ask for a 47 GiB Gram block
+    rows = max(1, min(block_bytes // max(1, 8 * m), math.isqrt(block_bytes // 8)))
     blocks: list[tuple[int, int, np.ndarray]] = []  # (start, stop, finite mask)
     inv_norms: list[np.ndarray] = []
     for a in range(0, c_out, rows):
@@ -407,68 +410,109 @@ def _stored_layers(corpus: Corpus, kind: str) -> Any:
 
 
 def _scan(corpus: Corpus, *, kind: str, scale: str, threads: int | None, chunk_rows: int, progress: bool,
-          with_orthogonality: bool = True) -> tuple[Any, dict[int, PCA]]:
-    """One pass over every stored layer of ``kind``: the per-layer statistics and the PCA per kernel size."""
+          with_orthogonality: bool = True, cluster: Any = None) -> tuple[Any, dict[int, PCA]]:
+    """One pass over every stored layer of ``kind``: the per-layer statistics and the PCA per kernel size.  The
+    work is a list of layer groups (whole layers of one shard, :func:`layer_batches`), done in order here or as
+    tasks on a cluster; either way the groups' moments are summed in that order, so the results are the same to
+    the last bit."""
     import pandas as pd
     from tqdm import tqdm
 
     sel = _stored_layers(corpus, kind)
     rows_out: list[dict[str, Any]] = []
     pcas: dict[int, PCA] = {}
+    if cluster is not None:
+        cluster.check_shared(corpus.root)
+        cluster.announce("quality")
     for k in corpus.kernel_sizes:
         d = k * k
         lay_k = sel[sel["kh"] == k]
         total = int(lay_k["rows"].sum())
         if total == 0:
             continue
-        n_all, sum_all, gram_all = 0, np.zeros(d), np.zeros((d, d))
-        bar = tqdm(total=total, desc=f"quality k={k}", unit="kernel", unit_scale=True, disable=not progress,
-                   file=sys.stderr)
+        plan: list[tuple[str, list[LayerSpan]]] = []
         for shard in corpus.shards(k):
             sl = lay_k[lay_k["shard"] == shard].sort_values("row_start", kind="stable")
             if not len(sl):
                 continue
-            arr = corpus.shard_array(shard)
             layers = [LayerSpan(int(r.layer_id), int(r.row_start), int(r.rows), int(r.c_out),
-                             int(r.c_in_per_group)) for r in sl.itertuples(index=False)]
-            for group in layer_batches(layers, chunk_rows):
-                a = group[0].start
-                b = group[-1].start + group[-1].rows
-                x = arr[a:b]
-                starts = np.array([g.start - a for g in group], np.int64)
-                stops = starts + np.array([g.rows for g in group], np.int64)
-                st = layer_stats(x, starts, stops, threads=threads)
-                key_s, key_g = ("sum_scaled", "gram_scaled") if scale == "maxabs" else ("sum", "gram")
-                n_all += int(st["n"].sum())
-                sum_all += st[key_s].sum(axis=0)
-                gram_all += st[key_g].sum(axis=0)
-                h = entropy_from_moments(st["n"], st["sum"], st["gram"])
-                for i, g in enumerate(group):
-                    rows = x[starts[i]:stops[i]]
-                    n = int(st["n"][i])
-                    sparse = int(st["sparse"][i])
-                    n_dense = n - sparse
-                    if sparse == 0:
-                        h_clean = h[i]
-                    else:  # the dense rows' moments: the layer's minus those of its sparse rows (native)
-                        h_clean = entropy_from_moments([n_dense], [st["sum"][i] - st["sum_sparse"][i]],
-                                                       [st["gram"][i] - st["gram_sparse"][i]])[0]
-                    if with_orthogonality and g.c_out * g.c_in_per_group == g.rows and g.c_out >= 2:
-                        orth = orthogonality(rows.reshape(g.c_out, g.c_in_per_group * d))
-                    else:
-                        orth = float("nan")
-                    rows_out.append({
-                        "layer_id": g.layer_id, "k": k, "n": n, "nonfinite": int(st["nonfinite"][i]),
-                        "zeros": int(st["zeros"][i]), "sparse": sparse, "max_abs": float(st["max_abs"][i]),
-                        "entropy": float(h[i]), "n_clean": int(n_dense), "entropy_clean": float(h_clean),
-                        "orthogonality": orth,
-                    })
-                bar.update(sum(g.rows for g in group))
+                                int(r.c_in_per_group)) for r in sl.itertuples(index=False)]
+            plan.extend((shard, group) for group in layer_batches(layers, chunk_rows))
+        bar = tqdm(total=total, desc=f"quality k={k}", unit="kernel", unit_scale=True, disable=not progress,
+                   file=sys.stderr)
+        weights = [sum(g.rows for g in group) for _, group in plan]
+        results: list[Any] = [None] * len(plan)
+        if cluster is None:
+            arrays: dict[str, np.ndarray] = {}
+            for i, (shard, group) in enumerate(plan):
+                arr = arrays.setdefault(shard, corpus.shard_array(shard))
+                results[i] = _group_quality(arr, group, k, scale, threads, with_orthogonality)
+                bar.update(weights[i])
+        else:
+            for shard in {s for s, _ in plan}:
+                corpus.shard_array(shard)  # checks shape and dtype against the manifest before any task
+            tasks = [(str(corpus.root / shard), corpus.shard_array(shard).shape, group, k, scale, with_orthogonality)
+                     for shard, group in plan]
+            for i, result in cluster.map(_quality_task, tasks, weights=weights, bar=bar, key=f"quality-k{k}"):
+                results[i] = result
         bar.close()
+        n_all, sum_all, gram_all = 0, np.zeros(d), np.zeros((d, d))
+        for group_rows, n, total_sum, total_gram in results:  # in plan order: the same sums as in-process
+            rows_out.extend(group_rows)
+            n_all += n
+            sum_all += total_sum
+            gram_all += total_gram
         pcas[k] = pca_from_moments(n_all, sum_all, gram_all, scaled=scale == "maxabs")
     frame = pd.DataFrame(rows_out, columns=["layer_id", "k", "n", "nonfinite", "zeros", "sparse", "max_abs",
                                             "entropy", "n_clean", "entropy_clean", "orthogonality"])
     return frame, pcas
+
+
+def _group_quality(arr: np.ndarray, group: list[LayerSpan], k: int, scale: str, threads: int | None,
+                   with_orthogonality: bool) -> tuple[list[dict[str, Any]], int, np.ndarray, np.ndarray]:
+    """The quality rows of one group of whole layers of a shard, and the group's summed PCA moments (n, sum,
+    gram of the kernels as ``scale`` says)."""
+    d = k * k
+    a = group[0].start
+    b = group[-1].start + group[-1].rows
+    x = arr[a:b]
+    starts = np.array([g.start - a for g in group], np.int64)
+    stops = starts + np.array([g.rows for g in group], np.int64)
+    st = layer_stats(x, starts, stops, threads=threads)
+    key_s, key_g = ("sum_scaled", "gram_scaled") if scale == "maxabs" else ("sum", "gram")
+    h = entropy_from_moments(st["n"], st["sum"], st["gram"])
+    rows_out: list[dict[str, Any]] = []
+    for i, g in enumerate(group):
+        rows = x[starts[i]:stops[i]]
+        n = int(st["n"][i])
+        sparse = int(st["sparse"][i])
+        n_dense = n - sparse
+        if sparse == 0:
+            h_clean = h[i]
+        else:  # the dense rows' moments: the layer's minus those of its sparse rows (native)
+            h_clean = entropy_from_moments([n_dense], [st["sum"][i] - st["sum_sparse"][i]],
+                                           [st["gram"][i] - st["gram_sparse"][i]])[0]
+        if with_orthogonality and g.c_out * g.c_in_per_group == g.rows and g.c_out >= 2:
+            orth = orthogonality(rows.reshape(g.c_out, g.c_in_per_group * d))
+        else:
+            orth = float("nan")
+        rows_out.append({
+            "layer_id": g.layer_id, "k": k, "n": n, "nonfinite": int(st["nonfinite"][i]),
+            "zeros": int(st["zeros"][i]), "sparse": sparse, "max_abs": float(st["max_abs"][i]),
+            "entropy": float(h[i]), "n_clean": int(n_dense), "entropy_clean": float(h_clean),
+            "orthogonality": orth,
+        })
+    return rows_out, int(st["n"].sum()), st[key_s].sum(axis=0), st[key_g].sum(axis=0)
+
+
+def _quality_task(shard_file: str, shape: tuple[int, int], group: list[LayerSpan], k: int, scale: str,
+                  with_orthogonality: bool) -> tuple[list[dict[str, Any]], int, np.ndarray, np.ndarray]:
+    """One cluster task (runs on a worker): :func:`_group_quality` of one group, the shard memory-mapped from
+    the shared corpus folder."""
+    from kernelatlas.cluster import engine_threads
+
+    arr = map_shard(shard_file, shape)
+    return _group_quality(arr, group, k, scale, engine_threads() or None, with_orthogonality)
 
 
 def _derive(frame: Any, *, margin: float, low_entropy: float, min_sparsity: float) -> Any:
@@ -581,9 +625,9 @@ def quality_run(corpus: Corpus | str | os.PathLike[str], *, kind: str = "all", s
                 degenerate_margin: float = DEGENERATE_MARGIN,
                 degenerate_low_entropy: float = DEGENERATE_LOW_ENTROPY,
                 degenerate_sparsity: float = DEGENERATE_SPARSITY, with_orthogonality: bool = True,
-                recompute: bool = False) -> QualityRun:
+                recompute: bool = False, cluster: Any = None, client: Any = None) -> QualityRun:
     """Compute (or find, when a completed run with the same options exists) the quality run of a corpus (see
-    :func:`quality` for the options)."""
+    :func:`quality` for the options; ``cluster`` / ``client``: see kernelatlas.cluster)."""
     c = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be >= 1")
@@ -605,8 +649,11 @@ def quality_run(corpus: Corpus | str | os.PathLike[str], *, kind: str = "all", s
         raise CorpusError(f"{c.root} stores no kernels of {what}: extract with --all-convs to store regular "
                           "convs, or choose another --kind")
     root.mkdir(parents=True, exist_ok=True)
-    with rundir.RunLock(root, verb="quality"):
+    from kernelatlas.cluster import session
+
+    with rundir.RunLock(root, verb="quality"), session(cluster, client) as cl:
         return _quality_run(c, root, rid, options, kind=kind, scale=scale, threads=threads, chunk_rows=chunk_rows,
+                            cluster=cl,
                             progress=progress, figures=figures, command=command,
                             degenerate_margin=degenerate_margin, degenerate_low_entropy=degenerate_low_entropy,
                             degenerate_sparsity=degenerate_sparsity, with_orthogonality=with_orthogonality)
@@ -615,14 +662,14 @@ def quality_run(corpus: Corpus | str | os.PathLike[str], *, kind: str = "all", s
 def _quality_run(c: Corpus, root: Path, rid: str, options: dict[str, Any], *, kind: str, scale: str,
                  threads: int | None, chunk_rows: int, progress: bool, figures: bool, command: str,
                  degenerate_margin: float, degenerate_low_entropy: float, degenerate_sparsity: float,
-                 with_orthogonality: bool) -> QualityRun:
+                 with_orthogonality: bool, cluster: Any = None) -> QualityRun:
     """Compute the run into ``root`` (locked by the caller); run.json last."""
     info_path = root / "run.json"
     info_path.unlink(missing_ok=True)  # the run is incomplete until run.json is written again
     _clear_outputs(root)
     started = time.time()
     scanned, pcas = _scan(c, kind=kind, scale=scale, threads=threads, chunk_rows=chunk_rows,
-                          progress=progress, with_orthogonality=with_orthogonality)
+                          progress=progress, with_orthogonality=with_orthogonality, cluster=cluster)
     table = _derive(scanned, margin=degenerate_margin, low_entropy=degenerate_low_entropy,
                     min_sparsity=degenerate_sparsity)
     _write_parquet(table, root / "quality.parquet")

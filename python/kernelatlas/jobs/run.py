@@ -32,7 +32,7 @@ def _say(msg: str, progress: bool) -> None:
         print(f"[run] {msg}", file=sys.stderr, flush=True)
 
 
-def _quality(corpus: Any, *, threads: int | None, progress: bool, command: str) -> None:
+def _quality(corpus: Any, *, threads: int | None, progress: bool, command: str, cluster: Any = None) -> None:
     """The CNN Filter DB analyses of every stored layer (seconds at zoo scale): per-layer quality, the global
     PCA, and the distribution shift between models and between depth deciles (the groupings every corpus has;
     `kernelatlas shift --by task|category|family` adds those given with extract --meta)."""
@@ -42,12 +42,12 @@ def _quality(corpus: Any, *, threads: int | None, progress: bool, command: str) 
 
     _say("measuring kernel quality per layer (sparsity, variance entropy, degenerate layers) and the PCA basis",
          progress)
-    qrun = quality_run(corpus, threads=threads, progress=progress, command=command)
+    qrun = quality_run(corpus, threads=threads, progress=progress, command=command, cluster=cluster)
     for k in sorted({int(k) for k in corpus.kernel_sizes}):
         for by in ("model", "depth"):
             try:
                 shift_result(corpus, by, kernel_size=k, quality_run_id=qrun.run_id, threads=threads,
-                             progress=progress, command=command)
+                             progress=progress, command=command, cluster=cluster)
             except (ValueError, CorpusError) as exc:  # e.g. one model only: nothing to compare
                 _say(f"k={k}: no shift by {by}: {exc}", progress)
 
@@ -65,11 +65,28 @@ def run_pipeline(
     retrain: bool = False,
     per_model: bool = False,
     holdout: float | None = None,
+    cluster: Any = None,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Run the whole job into ``out``; returns a summary (paths, models, runs).  ``per_model``: also one
     autoencoder per model (each model with at least MIN_KERNELS depthwise kernels of a size), assigned over its
     own model's kernels, for a per-model Table 1 beside the pooled one.  ``epochs`` caps training (default: to
-    convergence); ``holdout``: the share of kernels kept out of training (default: train's, 0.2)."""
+    convergence); ``holdout``: the share of kernels kept out of training (default: train's, 0.2).
+
+    ``cluster`` / ``client`` (kernelatlas.cluster): extract, assign, quality and shift run as tasks on a Dask
+    cluster whose workers share ``out``; training (a sample of ~2M kernels) and the report stay in this process.
+    The outputs are those of an in-process run."""
+    from kernelatlas.cluster import session
+
+    with session(cluster, client) as cl:
+        return _run_pipeline(out, zoo=zoo, sources=sources, threshold=threshold, seed=seed, epochs=epochs,
+                             threads=threads, progress=progress, retrain=retrain, per_model=per_model,
+                             holdout=holdout, cluster=cl)
+
+
+def _run_pipeline(out: str | os.PathLike[str], *, zoo: Sequence[str], sources: Sequence[str], threshold: float,
+                  seed: int, epochs: int | None, threads: int | None, progress: bool, retrain: bool, per_model: bool,
+                  holdout: float | None, cluster: Any) -> dict[str, Any]:
     from kernelatlas.corpus import Corpus
     from kernelatlas.jobs.extract import extract
     from kernelatlas.jobs.report import report
@@ -80,7 +97,7 @@ def run_pipeline(
     if not inputs:
         raise ValueError("nothing to study: give --zoo NAME (see `kernelatlas zoo list`) or --src PATH")
     _say(f"extracting {', '.join(inputs)} into {corpus_dir}", progress)
-    ex = extract(inputs, corpus_dir, progress=progress)
+    ex = extract(inputs, corpus_dir, progress=progress, cluster=cluster)
     for path, reason in ex.failed:
         print(f"[run] warning: could not read {path}: {reason}", file=sys.stderr)
     corpus = Corpus.open(corpus_dir)
@@ -100,7 +117,7 @@ def run_pipeline(
     for k in sorted(sizes):
         n = int(dw[dw.kh == k]["rows"].sum())
         run_ids[k] = _model_and_run(corpus, k, models_dir / f"k{k}", options, retrain=retrain, threshold=threshold,
-                                    threads=threads, progress=progress, command=command,
+                                    threads=threads, progress=progress, command=command, cluster=cluster,
                                     what=f"k={k}: the autoencoder of all {n:,} depthwise kernels")
     per_model_runs: dict[str, dict[int, str]] = {}
     if per_model:
@@ -118,8 +135,9 @@ def run_pipeline(
             per_model_runs.setdefault(name, {})[int(k)] = _model_and_run(
                 corpus, int(k), mdir, {**options, "models": [int(model_id)]}, retrain=retrain,
                 threshold=threshold, threads=threads, progress=progress, command=command + " --per-model",
+                cluster=cluster,
                 what=f"k={k}: the autoencoder of {name} alone ({int(n):,} depthwise kernels)")
-    _quality(corpus, threads=threads, progress=progress, command=f"kernelatlas run --out {root}")
+    _quality(corpus, threads=threads, progress=progress, command=f"kernelatlas run --out {root}", cluster=cluster)
     _say(f"writing the report into {report_dir}", progress)
     page = report(corpus, report_dir, runs=list(run_ids.values())
                   + [r for runs in per_model_runs.values() for r in runs.values()])
@@ -137,7 +155,7 @@ def _safe(name: str) -> str:
 
 
 def _model_and_run(corpus: Any, k: int, mdir: Path, options: dict[str, Any], *, retrain: bool, threshold: float,
-                   threads: int | None, progress: bool, command: str, what: str) -> str:
+                   threads: int | None, progress: bool, command: str, what: str, cluster: Any = None) -> str:
     """Train (or reuse) the autoencoder in ``mdir``, read its clusters, assign; returns the run id.  A model
     directory is reused when its model.json records the same seed, corpus generation, epoch cap, held-out share
     and models as asked."""
@@ -170,4 +188,4 @@ def _model_and_run(corpus: Any, k: int, mdir: Path, options: dict[str, Any], *, 
     _say(f"k={k}: assigning {'the depthwise kernels of that model' if models else 'every depthwise kernel'} "
          f"(threshold {threshold})", progress)
     return assign_corpus(corpus, model=mdir, threshold=threshold, threads=threads, progress=progress,
-                         command=command, models=models)
+                         command=command, models=models, cluster=cluster)

@@ -39,6 +39,7 @@ import numpy as np
 
 from kernelatlas._files import atomic_write, atomic_write_bytes
 from kernelatlas.corpus import Corpus, CorpusError
+from kernelatlas.corpus.store import map_shard
 from kernelatlas.document import Document
 from kernelatlas.figures import new_figure, save_figure, short_text
 from kernelatlas.jobs.quality import (
@@ -155,8 +156,8 @@ def layer_groups(corpus: Corpus, layer_ids: Any, by: str) -> tuple[np.ndarray, l
 
 def coefficient_histograms(corpus: Corpus, k: int, layer_ids: Any, groups: Any, n_groups: int, pca: PCA, *,
                            bins: int = BINS, components: int | None = None, threads: int | None = None,
-                           chunk_rows: int = CHUNK_ROWS,
-                           progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           chunk_rows: int = CHUNK_ROWS, progress: bool = False,
+                           cluster: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Counts [n_groups, C, bins] of the PCA coefficients of every finite kernel of the given layers (k x k,
     stored), with the shared range (lo [C], hi [C]) found in a first pass; ``groups`` [L] int, -1 skips a
     layer. Both passes are native (``_core.coef_range``, ``_core.coef_histograms``) over whole layers;
@@ -171,9 +172,6 @@ def coefficient_histograms(corpus: Corpus, k: int, layer_ids: Any, groups: Any, 
     group_of = dict(zip(layer_ids[keep].tolist(), groups[keep].tolist(), strict=True))
     mean = np.ascontiguousarray(pca.mean, dtype=np.float64)
     basis = np.ascontiguousarray(pca.basis[:comps], dtype=np.float64)
-    from kernelatlas import _core
-
-    native_range, native_hist = _core.coef_range, _core.coef_histograms
     plan: list[tuple[str, list[LayerSpan]]] = []
     for shard in corpus.shards(k):
         sl = lay[lay["shard"] == shard].sort_values("row_start", kind="stable")
@@ -192,14 +190,24 @@ def coefficient_histograms(corpus: Corpus, k: int, layer_ids: Any, groups: Any, 
     hi = np.full(comps, -np.inf)
     bar = tqdm(total=2 * total, desc=f"shift k={k}", unit="kernel", unit_scale=True, disable=not progress,
                file=sys.stderr)
+    weights = [sum(lyr.rows for lyr in group) for _, group in plan]
     arrays: dict[str, np.ndarray] = {}
-    for shard, group in plan:
-        arr = arrays.setdefault(shard, corpus.shard_array(shard))
-        a, b, starts, stops = spans(group)
-        glo, ghi = native_range(arr[a:b], starts, stops, mean, basis, scale_maxabs=pca.scaled,
-                                threads=threads or 0)
-        lo, hi = np.minimum(lo, glo), np.maximum(hi, ghi)
-        bar.update(sum(lyr.rows for lyr in group))
+    for shard, _ in plan:  # also checks each shard's shape and dtype against the manifest before any task
+        arrays.setdefault(shard, corpus.shard_array(shard))
+    # the first pass's minima / maxima and the second's integer counts do not depend on the order the groups
+    # are combined in, so a cluster gives exactly the in-process result
+    if cluster is None:
+        for (shard, group), w in zip(plan, weights, strict=True):
+            glo, ghi = _coef_range_task(arrays[shard], None, spans(group), mean, basis, pca.scaled, threads or 0)
+            lo, hi = np.minimum(lo, glo), np.maximum(hi, ghi)
+            bar.update(w)
+    else:
+        cluster.check_shared(corpus.root)
+        cluster.announce(f"shift k={k}")
+        tasks = [(str(corpus.root / shard), arrays[shard].shape, spans(group), mean, basis, pca.scaled, None)
+                 for shard, group in plan]
+        for _, (glo, ghi) in cluster.map(_coef_range_task, tasks, weights=weights, bar=bar, key=f"shift-range-k{k}"):
+            lo, hi = np.minimum(lo, glo), np.maximum(hi, ghi)
     lo = np.where(np.isfinite(lo), lo, 0.0)
     hi = np.where(np.isfinite(hi), hi, 0.0)
     # every coefficient equal (or none): a narrow range around the value puts all counts in the middle bin
@@ -207,15 +215,51 @@ def coefficient_histograms(corpus: Corpus, k: int, layer_ids: Any, groups: Any, 
     pad = 1e-9 * np.maximum(np.abs(lo), 1.0)
     lo, hi = np.where(flat, lo - pad, lo), np.where(flat, hi + pad, hi)
     counts = np.zeros((n_groups, comps, bins), np.int64)
-    for shard, group in plan:
-        arr = arrays[shard]
-        a, b, starts, stops = spans(group)
-        gcodes = np.array([group_of[lyr.layer_id] for lyr in group], np.int32)
-        counts += native_hist(arr[a:b], starts, stops, gcodes, n_groups, mean, basis, lo, hi, bins=bins,
-                              scale_maxabs=pca.scaled, threads=threads or 0)
-        bar.update(sum(lyr.rows for lyr in group))
+    gcodes = [np.array([group_of[lyr.layer_id] for lyr in group], np.int32) for _, group in plan]
+    hist_args = (n_groups, mean, basis, lo, hi, bins, pca.scaled)
+    if cluster is None:
+        for (shard, group), codes, w in zip(plan, gcodes, weights, strict=True):
+            counts += _coef_hist_task(arrays[shard], None, spans(group), codes, *hist_args, threads or 0)
+            bar.update(w)
+    else:
+        hist_tasks = [(str(corpus.root / shard), arrays[shard].shape, spans(group), codes, *hist_args, None)
+                      for (shard, group), codes in zip(plan, gcodes, strict=True)]
+        for _, part in cluster.map(_coef_hist_task, hist_tasks, weights=weights, bar=bar, key=f"shift-hist-k{k}"):
+            counts += part
     bar.close()
     return counts, lo, hi
+
+
+def _shard_rows(arr_or_file: Any, shape: Any, span: tuple[int, int, np.ndarray, np.ndarray]) -> np.ndarray:
+    if shape is None:  # in-process: the memmap itself
+        return arr_or_file[span[0]:span[1]]
+    return map_shard(arr_or_file, shape)[span[0]:span[1]]  # a cluster task: the shard file's path
+
+
+def _coef_range_task(arr_or_file: Any, shape: Any, span: tuple[int, int, np.ndarray, np.ndarray], mean: np.ndarray,
+                     basis: np.ndarray, scaled: bool, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficient range of one group of layers (native); on a worker when ``shape`` is given."""
+    from kernelatlas import _core
+    from kernelatlas.cluster import engine_threads
+
+    if threads is None:
+        threads = engine_threads()
+    return _core.coef_range(_shard_rows(arr_or_file, shape, span), span[2], span[3], mean, basis,
+                            scale_maxabs=scaled, threads=threads)
+
+
+def _coef_hist_task(arr_or_file: Any, shape: Any, span: tuple[int, int, np.ndarray, np.ndarray], codes: np.ndarray,
+                    n_groups: int, mean: np.ndarray, basis: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int,
+                    scaled: bool, threads: int | None) -> np.ndarray:
+    """The coefficient histograms [n_groups, C, bins] of one group of layers (native); on a worker when
+    ``shape`` is given."""
+    from kernelatlas import _core
+    from kernelatlas.cluster import engine_threads
+
+    if threads is None:
+        threads = engine_threads()
+    return _core.coef_histograms(_shard_rows(arr_or_file, shape, span), span[2], span[3], codes, n_groups, mean,
+                                 basis, lo, hi, bins=bins, scale_maxabs=scaled, threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------- the verb
@@ -281,8 +325,22 @@ def shift_result(corpus: Corpus | str | os.PathLike[str], by: str, *, kernel_siz
                  kind: str = "all", scale: str = "maxabs", bins: int = BINS, drop_degenerate: bool = False,
                  quality_run_id: str | None = None, threads: int | None = None, chunk_rows: int = CHUNK_ROWS,
                  progress: bool = False, figures: bool = True, recompute: bool = False,
-                 command: str = "") -> ShiftResult:
-    """Compute (or load, when done with the same options) the shift between the groups of one grouping."""
+                 command: str = "", cluster: Any = None, client: Any = None) -> ShiftResult:
+    """Compute (or load, when done with the same options) the shift between the groups of one grouping
+    (``cluster`` / ``client``: the quality run and the coefficient histograms as tasks on a Dask cluster, see
+    kernelatlas.cluster; the same result)."""
+    from kernelatlas.cluster import session
+
+    with session(cluster, client) as cl:
+        return _shift_result(corpus, by, kernel_size=kernel_size, kind=kind, scale=scale, bins=bins,
+                             drop_degenerate=drop_degenerate, quality_run_id=quality_run_id, threads=threads,
+                             chunk_rows=chunk_rows, progress=progress, figures=figures, recompute=recompute,
+                             command=command, cluster=cl)
+
+
+def _shift_result(corpus: Corpus | str | os.PathLike[str], by: str, *, kernel_size: int | None, kind: str, scale: str,
+                  bins: int, drop_degenerate: bool, quality_run_id: str | None, threads: int | None, chunk_rows: int,
+                  progress: bool, figures: bool, recompute: bool, command: str, cluster: Any) -> ShiftResult:
     import pandas as pd
 
     c = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
@@ -292,7 +350,7 @@ def shift_result(corpus: Corpus | str | os.PathLike[str], by: str, *, kernel_siz
         qrun = load_quality_run(c, quality_run_id)
     else:
         qrun = quality_run(c, kind=kind, scale=scale, threads=threads, chunk_rows=chunk_rows,
-                           progress=progress, figures=figures)
+                           progress=progress, figures=figures, cluster=cluster)
     k = _pick_size(qrun, kernel_size)
     root = _shift_dir(qrun, k, by, bins, drop_degenerate)
     options = {"by": by, "kernel_size": k, "bins": bins, "drop_degenerate": drop_degenerate, "eps": EPS,
@@ -320,7 +378,8 @@ def shift_result(corpus: Corpus | str | os.PathLike[str], by: str, *, kernel_siz
                          f"{c.root} ({ungrouped} layer(s) without a value): a shift needs at least two; "
                          f"{hint}")
     counts, lo, hi = coefficient_histograms(c, k, layer_ids, codes, len(names), pca, bins=bins,
-                                            threads=threads, chunk_rows=chunk_rows, progress=progress)
+                                            threads=threads, chunk_rows=chunk_rows, progress=progress,
+                                            cluster=cluster)
     n_kernels = counts[:, 0, :].sum(axis=1)
     present = n_kernels > 0
     if present.sum() < 2:

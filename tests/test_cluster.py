@@ -97,16 +97,20 @@ def big(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- the task plan
 
 
-def test_task_pieces_tile_the_shard_with_bounded_work():
+def test_task_pieces_tile_the_shard_with_bounded_aligned_work():
     runs = [(10, 30), (30, 95), (120, 121)]
-    pieces = _task_pieces(200, runs, 25)
-    assert pieces[0][0] == 0 and pieces[-1][1] == 200
-    assert all(a < b for a, b in pieces) and all(p[1] == q[0] for p, q in itertools.pairwise(pieces))
-    for lo, hi in pieces:
-        work = sum(max(0, min(b, hi) - max(a, lo)) for a, b in runs)
-        assert work <= 25
+    for align in (1, 4):
+        pieces = _task_pieces(200, runs, 25, align=align)
+        assert pieces[0][0] == 0 and pieces[-1][1] == 200
+        assert all(a < b for a, b in pieces) and all(p[1] == q[0] for p, q in itertools.pairwise(pieces))
+        assert all(lo % align == 0 for lo, _ in pieces)  # every output file's part starts block-aligned
+        for lo, hi in pieces:
+            work = sum(max(0, min(b, hi) - max(a, lo)) for a, b in runs)
+            assert work < 25 + align
     assert _task_pieces(0, [], 10) == []
     assert _task_pieces(7, [], 10) == [(0, 7)]  # a shard with nothing to assign: one task writes its fill values
+    big = _task_pieces(10_000_000, [(3, 9_000_001)], 1 << 20)
+    assert all(lo % 2048 == 0 for lo, _ in big) and len(big) == 9  # the default alignment: 4 KiB of int16 labels
 
 
 # ---------------------------------------------------------------------------------------------- same bytes
@@ -361,6 +365,16 @@ def test_without_a_cluster_nothing_of_dask_is_imported(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KERNELATLAS_CLUSTER"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "[]"
+
+
+def test_local_workers_that_cannot_start_say_why():
+    """Workers are spawned processes that import the main module: code read from stdin (or a script without a
+    main guard) cannot be; the error says so instead of Dask's 'Nanny failed to start'."""
+    code = "from kernelatlas.cluster import connect\nconnect('local:1')\n"
+    out = subprocess.run([sys.executable], input=code, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ClusterError: local:1: the local worker processes did not start" in out.stderr
+    assert "if __name__" in out.stderr
 
 
 def test_environment_variable_names_the_default_cluster(monkeypatch):

@@ -89,15 +89,39 @@ def test_sequential_file_falls_back_when_o_direct_is_refused(tmp_path, monkeypat
 def test_sequential_file_reports_write_errors(tmp_path, monkeypatch):
     f = SequentialFile(tmp_path / "out.bin", block=1 << 14, blocks=2)
 
-    def full_disk(fd, data):
+    def full_disk(fd, data, offset):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(os, "pwrite", full_disk)
     with pytest.raises(OSError, match="No space left"):
         for _ in range(100):  # the I/O thread's failure surfaces on a later write or on close
             f.write(b"y" * 10_000)
         f.close()
     f.abandon()
+
+
+@pytest.mark.parametrize("end", [3 * 4096, 3 * 4096 + 1234, 5000])
+def test_sequential_file_writes_a_range_of_an_existing_file(tmp_path, end):
+    """offset=: a cluster task's rows of a shared output file -- from an aligned offset to ``end`` (the file's
+    end may be unaligned), through the staging blocks and the reserve/advance path; bytes before and after the
+    range stay as they were, the file keeps its size, and the offset must be aligned."""
+    path = tmp_path / "part.bin"
+    before = np.random.default_rng(0).integers(0, 255, 4096 + end + 777, dtype=np.uint8)
+    path.write_bytes(before.tobytes())
+    data = np.random.default_rng(1).integers(0, 255, end, dtype=np.uint8)
+    f = SequentialFile(path, block=1 << 13, blocks=2, offset=4096)
+    f.write(data[:1000].tobytes())
+    view = f.reserve(min(3000, end - 1000))
+    view[:] = data[1000:1000 + len(view)]
+    f.advance(len(view))
+    f.write(data[1000 + len(view):].tobytes())
+    f.close()
+    after = np.frombuffer(path.read_bytes(), np.uint8)
+    assert len(after) == len(before)
+    assert np.array_equal(after[:4096], before[:4096]) and np.array_equal(after[4096 + end:], before[4096 + end:])
+    assert np.array_equal(after[4096:4096 + end], data)
+    with pytest.raises(ValueError, match="not a multiple"):
+        SequentialFile(path, offset=100)
 
 
 def test_reserve_larger_than_a_block_is_refused(tmp_path):

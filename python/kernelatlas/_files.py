@@ -169,17 +169,26 @@ class SequentialFile:
     and writeback on the CPUs the engine is using (buffered writes + fsync of the same data cost several times
     more CPU time).  Falls back to buffered writes where O_DIRECT is refused (tmpfs, some network filesystems).
     ``close()`` writes the last block (padded, then truncated to the exact size) and fsyncs; the caller renames
-    the file into place.  One writing thread."""
+    the file into place.  One writing thread.
+
+    ``offset``: write into an existing file from this byte on (a multiple of ALIGN) instead of creating it: the
+    bytes past the end of what is written are left as they are, nothing is truncated, and ``close()`` writes the
+    unaligned last few bytes through the page cache and does not fsync (a cluster task writing its rows of a
+    shard's output file; the client fsyncs the file once)."""
 
     ALIGN = 4096
 
-    def __init__(self, path: Path, block: int = 1 << 22, blocks: int = 3) -> None:
+    def __init__(self, path: Path, block: int = 1 << 22, blocks: int = 3, *, offset: int | None = None) -> None:
+        if offset is not None and offset % self.ALIGN:
+            raise ValueError(f"offset {offset} is not a multiple of {self.ALIGN}")
         self.path = path
         self.size = 0
         self._fill = 0
+        self._start = offset
+        self._pos = offset or 0  # where the next full block goes (the writing thread's)
         self._error: BaseException | None = None
         self.block = -(-max(block, 2 * self.ALIGN) // self.ALIGN) * self.ALIGN
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | (os.O_CREAT | os.O_TRUNC if offset is None else 0)
         self.direct = hasattr(os, "O_DIRECT")
         try:
             self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
@@ -237,22 +246,41 @@ class SequentialFile:
                 if self._error is None:
                     view = memoryview(block[:nbytes])
                     while len(view):
-                        view = view[os.write(self._fd, view):]
+                        n = os.pwrite(self._fd, view, self._pos)
+                        view, self._pos = view[n:], self._pos + n
             except BaseException as exc:
                 self._error = exc
             self._free.put(block)
 
     def close(self) -> None:
-        """Write the rest, set the exact size and fsync."""
+        """Write the rest, set the exact size and fsync (with ``offset``: write the rest, no truncation or
+        fsync)."""
+        tail = 0
         if self._fill:
-            pad = -self._fill % self.ALIGN if self.direct else 0
-            self._stage[self._fill:self._fill + pad] = 0
-            self._full.put((self._stage, self._fill + pad))
+            if self._start is None:
+                pad = -self._fill % self.ALIGN if self.direct else 0
+                self._stage[self._fill:self._fill + pad] = 0
+                self._full.put((self._stage, self._fill + pad))
+            else:  # padding would overwrite the next rows: the aligned part direct, the rest buffered below
+                tail = self._fill % self.ALIGN if self.direct else 0
+                if self._fill - tail:
+                    self._full.put((self._stage, self._fill - tail))
         self._full.put(None)
         self._thread.join()
         self._check()
-        os.ftruncate(self._fd, self.size)
-        os.fsync(self._fd)
+        if self._start is None:
+            os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
+        elif tail:
+            end = self._start + self.size
+            fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                view = memoryview(self._stage[self._fill - tail:self._fill])
+                while len(view):
+                    n = os.pwrite(fd, view, end - len(view))
+                    view = view[n:]
+            finally:
+                os.close(fd)
         os.close(self._fd)
         self._fd = -1
         self._release()

@@ -187,10 +187,20 @@ def connect(spec: str, *, timeout: float = CONNECT_TIMEOUT) -> Cluster:
         # dashboard on a free port so that two jobs on one machine do not collide.  No memory limit: a task's
         # resident memory is mostly memory-mapped corpus pages, which Dask's monitor would count and act on
         # (pausing or restarting the worker) although the kernel can drop them at any time.
+        # Dask's statistical profiler samples every worker thread each 10 ms; on a machine whose every core runs
+        # the engine it cost local:2 ~3% of its throughput (BENCHMARKS.md), so local workers run without it
+        import dask
+
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                         dashboard_address=":0", silence_logs=40, memory_limit=0,
-                                         env={WORKER_THREADS_ENV: str(max(1, cores // n))})
+        try:
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                 dashboard_address=":0", silence_logs=40, memory_limit=0,
+                                                 env={WORKER_THREADS_ENV: str(max(1, cores // n))})
+        except Exception as exc:
+            raise ClusterError(f"{spec}: the local worker processes did not start ({exc}).  They are spawned "
+                               "and import the main module: a Python script that starts local:N must run its "
+                               "code under `if __name__ == \"__main__\":` (and cannot be read from stdin)") from exc
         try:
             client = distributed.Client(local, timeout=timeout)
         except BaseException:

@@ -307,6 +307,7 @@ def map_shard(path: str | os.PathLike[str], shape: Sequence[int]) -> np.ndarray:
     if arr.shape != tuple(shape):
         raise CorpusError(f"{path} has shape {arr.shape} on this worker, {tuple(shape)} on the client: the corpus "
                           "folder must be the same on every host")
+    advise_huge_pages(arr)  # as Corpus.shard_array: 2 MiB folios, far fewer page faults per task
     return arr
 
 

@@ -200,6 +200,24 @@ def _layer_counts(layers: np.ndarray, a: int, labels: np.ndarray, scores: np.nda
             acc += row
 
 
+ROW_ALIGN = 2048  # cluster tasks start at multiples of this row: every output file's offset is then 4 KiB-aligned
+
+
+def temp_paths(final: Mapping[str, Path]) -> dict[str, Path]:
+    """Where a shard's outputs are written before they are renamed into place."""
+    return {n: f.with_name(f".{f.name}.tmp") for n, f in final.items()}
+
+
+def _create_outputs(tmp: Mapping[str, Path], rows: int) -> None:
+    """A shard's temp output files at full size, the .npy header written and the rest sparse, for cluster tasks
+    to fill in (each its own rows)."""
+    for name, path in tmp.items():
+        dtype = _ShardOutput._DTYPE[name]
+        with open(path, "wb") as fh:
+            fh.write(npy_header(dtype.str, (rows,), _ShardOutput.HEADER))
+            fh.truncate(_ShardOutput.HEADER + rows * dtype.itemsize)
+
+
 def _commit_outputs(final: Mapping[str, Path], tmp: Mapping[str, Path]) -> None:
     """Rename a shard's finished output files into place, labels last (its labels file marks the shard done)."""
     for name in [n for n in ("codes", "scores", "labels") if n in final]:
@@ -221,22 +239,30 @@ class _ShardOutput:
     _DTYPE: ClassVar[Mapping[str, np.dtype]] = {"labels": np.dtype(np.int16), "scores": np.dtype(np.float32),
                                                 "codes": np.dtype(np.float32)}
 
-    def __init__(self, final: dict[str, Path], rows: int, chunk_rows: int, layers: np.ndarray, n_labels: int) -> None:
+    def __init__(self, final: dict[str, Path], rows: int, chunk_rows: int, layers: np.ndarray, n_labels: int, *,
+                 lo: int | None = None) -> None:
+        """``lo``: write only rows [lo, rows) into the existing temp files (created at full size by
+        :func:`_create_outputs`) -- a cluster task's part of the shard (``lo`` a multiple of ROW_ALIGN); closing
+        neither fsyncs nor removes anything (the client does, once per shard)."""
         self.final = final
         self.rows = rows
         self.layers = layers
         self.n_labels = n_labels
         self.counts: dict[int, np.ndarray] = {}
-        self.tmp = {n: f.with_name(f".{f.name}.tmp") for n, f in final.items()}
+        self.tmp = temp_paths(final)
+        self._part = lo is not None
         self._files: dict[str, SequentialFile] = {}
-        self._written = 0
+        self._written = lo or 0
         self._open: tuple[int, int, dict[str, np.ndarray]] | None = None
         try:
             for name, path in self.tmp.items():
                 item = self._DTYPE[name].itemsize
                 block = max(1 << 22, chunk_rows * item + 2 * SequentialFile.ALIGN)
-                self._files[name] = SequentialFile(path, block=block)
-                self._files[name].write(npy_header(self._DTYPE[name].str, (rows,), self.HEADER))
+                if lo is None:
+                    self._files[name] = SequentialFile(path, block=block)
+                    self._files[name].write(npy_header(self._DTYPE[name].str, (rows,), self.HEADER))
+                else:
+                    self._files[name] = SequentialFile(path, block=block, offset=self.HEADER + lo * item)
         except BaseException:
             self.discard()
             raise
@@ -268,11 +294,12 @@ class _ShardOutput:
         _commit_outputs(self.final, self.tmp)
 
     def discard(self) -> None:
-        """Stop writing and remove the temp files."""
+        """Stop writing and remove the temp files (a part: only stop; the files belong to the whole shard)."""
         for f in self._files.values():
             f.abandon()
-        for path in self.tmp.values():
-            path.unlink(missing_ok=True)
+        if not self._part:
+            for path in self.tmp.values():
+                path.unlink(missing_ok=True)
 
     def _fill_to(self, row: int) -> None:
         while self._written < row:
@@ -401,7 +428,6 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
     are computed by its workers first (:func:`_assign_on_cluster`)."""
     from tqdm import tqdm
 
-    import kernelatlas
 
     total = sum(b - a for sp in spans.values() for a, b in sp.runs)
     bar = tqdm(total=total, desc=f"assign k={k}", unit="kernel", unit_scale=True, disable=not progress,
@@ -425,25 +451,8 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
             counts = computed[shard]
         elif not final["labels"].is_file():
             out = _ShardOutput(final, len(arr), rows_per_call, sp.layers, n_labels)
-            try:
-                if pieces:
-                    advise_readahead(arr, *pieces[0])
-                for i, (a, b) in enumerate(pieces):
-                    if i + 1 < len(pieces):
-                        advise_readahead(arr, *pieces[i + 1])
-                    buf = out.buffers(a, b)
-                    if model is not None:
-                        kernelatlas.assign(arr[a:b], runner, threshold=threshold, min_abs=min_abs, threads=threads,
-                                           decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]))
-                    else:
-                        kernelatlas.assign_prototypes(arr[a:b], runner, threshold=threshold, min_abs=min_abs,
-                                                      threads=threads, out=(buf["labels"], buf["scores"]))
-                    out.put()
-                    bar.update(b - a)
-                out.close()
-            except BaseException:
-                out.discard()
-                raise
+            _fill_outputs(arr, out, pieces, runner, with_model=model is not None, threshold=threshold,
+                          min_abs=min_abs, threads=threads, decoder=decoder, done=bar.update)
             out.commit()
             counts = out.counts
         else:  # done by an earlier, interrupted run: count from its files
@@ -472,12 +481,45 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
     fsync_dir(root)
 
 
-def _task_pieces(rows: int, runs: Sequence[tuple[int, int]], task_rows: int) -> list[tuple[int, int]]:
-    """Row ranges tiling [0, rows) of a shard, each holding at most ``task_rows`` rows to assign (stretches of
-    other kinds' rows, which only get fill values, ride along with the task before or after them)."""
+def _fill_outputs(arr: np.ndarray, out: _ShardOutput, pieces: Sequence[tuple[int, int]], runner: Any, *,
+                  with_model: bool, threshold: float, min_abs: float, threads: int | None, decoder: str,
+                  done: Any = None) -> None:
+    """The engine over ``pieces`` (row ranges, ascending) of a shard, its outputs written in place into ``out``'s
+    staging blocks, the next piece's pages asked for ahead; ``out`` closed (the rows up to its end filled) or,
+    on an error, discarded.  ``done(rows)`` after each piece.  The one loop of in-process runs and cluster
+    tasks."""
+    import kernelatlas
+
+    try:
+        if pieces:
+            advise_readahead(arr, *pieces[0])
+        for i, (a, b) in enumerate(pieces):
+            if i + 1 < len(pieces):
+                advise_readahead(arr, *pieces[i + 1])
+            buf = out.buffers(a, b)
+            if with_model:
+                kernelatlas.assign(arr[a:b], runner, threshold=threshold, min_abs=min_abs, threads=threads,
+                                   decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]))
+            else:
+                kernelatlas.assign_prototypes(arr[a:b], runner, threshold=threshold, min_abs=min_abs,
+                                              threads=threads, out=(buf["labels"], buf["scores"]))
+            out.put()
+            if done is not None:
+                done(b - a)
+        out.close()
+    except BaseException:
+        out.discard()
+        raise
+
+
+def _task_pieces(rows: int, runs: Sequence[tuple[int, int]], task_rows: int,
+                 align: int = ROW_ALIGN) -> list[tuple[int, int]]:
+    """Row ranges tiling [0, rows) of a shard, each starting at a multiple of ``align`` and holding fewer than
+    ``task_rows + align`` rows to assign (stretches of other kinds' rows, which only get fill values, ride along
+    with the task before or after them)."""
     if rows == 0:
         return []
-    cuts = sorted({0}.union(*(range(a, b, task_rows) for a, b in runs)))
+    cuts = sorted({0}.union(*((x - x % align for x in range(a, b, task_rows)) for a, b in runs)))
     return [(lo, hi) for lo, hi in zip(cuts, [*cuts[1:], rows], strict=True) if hi > lo]
 
 
@@ -487,9 +529,9 @@ def _assign_on_cluster(cluster: Any, c: Corpus, root: Path, k: int, shards: list
                        remote: tuple[Any, ...]) -> dict[str, dict[int, np.ndarray]]:
     """Compute every shard without a labels file on the cluster; returns its per-layer label counts.  Each
     shard's output files are created here at full size (the 4 KiB .npy header written, the rest sparse); every
-    task writes its own rows (engine outputs, fill values between runs) with pwrite and fsyncs them, so the
-    bytes do not depend on which worker ran it, how often (a retry after a worker died rewrites the same
-    bytes) or when.  A shard's files are renamed into place, labels last, as soon as its last task is done."""
+    task writes its own rows (engine outputs, fill values between runs) in place, so the bytes do not depend on
+    which worker ran it, how often (a retry after a worker died rewrites the same bytes) or when.  A shard's
+    files are fsynced and renamed into place, labels last, as soon as its last task is done."""
     cluster.check_shared(c.root)
     cluster.announce(f"assign k={k}")
     names = ("labels", "scores", "codes") if with_codes else ("labels", "scores")
@@ -503,17 +545,13 @@ def _assign_on_cluster(cluster: Any, c: Corpus, root: Path, k: int, shards: list
         arr = c.shard_array(shard)  # checks shape and dtype against the manifest
         rows_per_call = chunk_rows or default_chunk_rows(arr.strides[0])
         per_task = task_rows or rows_per_call
-        tmp = {n: f.with_name(f".{f.name}.tmp") for n, f in final.items()}
-        for name, path in tmp.items():
-            dtype = _ShardOutput._DTYPE[name]
-            with open(path, "wb") as fh:
-                fh.write(npy_header(dtype.str, (len(arr),), _ShardOutput.HEADER))
-                fh.truncate(_ShardOutput.HEADER + len(arr) * dtype.itemsize)
+        tmp = temp_paths(final)
+        _create_outputs(tmp, len(arr))
         sp = spans[shard]
         for lo, hi in _task_pieces(len(arr), sp.runs, per_task):
             runs = [(max(a, lo), min(b, hi)) for a, b in sp.runs if a < hi and b > lo]
             tasks.append((str(c.root / shard), arr.shape, lo, hi, runs, sp.layers,
-                          {n: str(p) for n, p in tmp.items()}, remote, threshold, min_abs, decoder,
+                          {n: str(p) for n, p in final.items()}, remote, threshold, min_abs, decoder,
                           rows_per_call, n_labels))
             owner.append(shard)
         outputs[shard] = (final, tmp)
@@ -564,59 +602,22 @@ def _task_runner(remote: tuple[Any, ...]) -> Any:
 
 
 def _assign_task(shard_file: str, shape: tuple[int, int], lo: int, hi: int, runs: list[tuple[int, int]],
-                 layers: np.ndarray, tmp: dict[str, str], remote: tuple[Any, ...], threshold: float, min_abs: float,
-                 decoder: str, chunk_rows: int, n_labels: int) -> dict[int, np.ndarray]:
+                 layers: np.ndarray, final: dict[str, str], remote: tuple[Any, ...], threshold: float,
+                 min_abs: float, decoder: str, chunk_rows: int, n_labels: int) -> dict[int, np.ndarray]:
     """One cluster task (runs on a worker): rows [lo, hi) of a shard -- the rows of ``runs`` through the
-    engine, fill values for the rest -- written in place into the shard's output files ``tmp`` and fsynced;
-    returns the per-layer label counts of its rows."""
-    import kernelatlas
+    engine, fill values for the rest -- written in place into the temp files of the shard's outputs ``final``
+    by the in-process loop (:func:`_fill_outputs`, O_DIRECT writes off the engine's thread); returns the
+    per-layer label counts of its rows."""
     from kernelatlas.cluster import engine_threads
 
     arr = map_shard(shard_file, shape)
-    runner = _task_runner(remote)
-    threads = engine_threads() or None
-    dtypes = {name: _ShardOutput._DTYPE[name] for name in tmp}
-    fds = {name: os.open(path, os.O_WRONLY) for name, path in tmp.items()}
-    counts: dict[int, np.ndarray] = {}
-
-    def put(name: str, row: int, values: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(values)).cast("B")  # type: ignore[arg-type]
-        offset = _ShardOutput.HEADER + row * dtypes[name].itemsize
-        while len(data):
-            n = os.pwrite(fds[name], data, offset)
-            data, offset = data[n:], offset + n
-
-    def fill(a: int, b: int) -> None:
-        for a0 in range(a, b, 1 << 20):
-            b0 = min(b, a0 + (1 << 20))
-            for name in fds:
-                put(name, a0, np.full(b0 - a0, _ShardOutput._FILL[name], dtypes[name]))
-
-    try:
-        pos = lo
-        for a, b in runs:
-            fill(pos, a)
-            for a0 in range(a, b, chunk_rows):
-                b0 = min(b, a0 + chunk_rows)
-                advise_readahead(arr, a0, b0)
-                buf = {name: np.empty(b0 - a0, dtypes[name]) for name in fds}
-                if remote[0] == "autoencoder":
-                    kernelatlas.assign(arr[a0:b0], runner, threshold=threshold, min_abs=min_abs, threads=threads,
-                                       decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]))
-                else:
-                    kernelatlas.assign_prototypes(arr[a0:b0], runner, threshold=threshold, min_abs=min_abs,
-                                                  threads=threads, out=(buf["labels"], buf["scores"]))
-                _layer_counts(layers, a0, buf["labels"], buf["scores"], buf.get("codes"), n_labels, counts)
-                for name, values in buf.items():
-                    put(name, a0, values)
-            pos = b
-        fill(pos, hi)
-        for fd in fds.values():
-            os.fdatasync(fd)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return counts
+    pieces = [(a0, min(a0 + chunk_rows, b)) for a, b in runs for a0 in range(a, b, chunk_rows)]
+    # staging blocks sized to the task's largest piece, not the engine chunk: small tasks stay cheap to set up
+    largest = max((b - a for a, b in pieces), default=1)
+    out = _ShardOutput({n: Path(p) for n, p in final.items()}, hi, largest, layers, n_labels, lo=lo)
+    _fill_outputs(arr, out, pieces, _task_runner(remote), with_model=remote[0] == "autoencoder",
+                  threshold=threshold, min_abs=min_abs, threads=engine_threads() or None, decoder=decoder)
+    return out.counts
 
 
 def control_curve(model: Any, *, threads: int | None = None) -> dict[str, Any]:

@@ -419,3 +419,28 @@ def group_histograms(groups: dict[str, list[np.ndarray]], pca: Any,
         for j in range(pca.d):
             counts[i, j] = np.histogram(coefs[g][:, j], bins=bins, range=(lo[j], hi[j]))[0]
     return counts, names
+
+
+def heldout_layer(model_sha256: str, layer_index: int, salt: int, rows: int, share: float) -> np.ndarray:
+    """The held-out rule (kernelatlas.holdout.RULE) in plain Python integers: kernel r of the layer is held out
+    when splitmix64(r + key) / 2^64 < share, key = the first 8 bytes (little-endian) of
+    sha256("kernelatlas-holdout:SALT:MODEL_SHA256:LAYER_INDEX")."""
+    import hashlib
+
+    mask64 = (1 << 64) - 1
+    key = int.from_bytes(hashlib.sha256(f"kernelatlas-holdout:{salt}:{model_sha256}:{layer_index}".encode())
+                         .digest()[:8], "little")
+    out = np.zeros(rows, bool)
+    for r in range(rows):
+        z = (r + key + 0x9E3779B97F4A7C15) & mask64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        z ^= z >> 31
+        out[r] = (z >> 11) / float(1 << 53) < share
+    return out
+
+
+def layer_index_in_model(layers: Any) -> dict[int, int]:
+    """layer_id -> the layer's index among its model's layers (ids are consecutive per model, in order)."""
+    first = layers.groupby("model_id")["layer_id"].min()
+    return {int(lid): int(lid) - int(first[m]) for lid, m in zip(layers["layer_id"], layers["model_id"], strict=True)}

@@ -228,6 +228,43 @@ def test_extract_failures_are_reported_in_input_order(cluster, tmp_path):
 # ---------------------------------------------------------------------------------------------- faults
 
 
+@pytest.mark.skipif(not WEIGHTS.is_dir(), reason=f"{WEIGHTS} (the shared checkpoints) not present")
+def test_extract_commit_that_fails_leaves_the_last_commit(cluster, tmp_path, monkeypatch):
+    """The client dies between moving the workers' staged shards in and writing the manifest (here: the tables
+    cannot be written): the corpus is what the last commit left, and the next extract removes the orphans (and
+    the staging area) and gives the same corpus as an uninterrupted one."""
+    from kernelatlas.corpus import store
+
+    first = [str(WEIGHTS / "ultraface")]
+    both = [*first, str(WEIGHTS / "mobilenet_v2_torchvision")]
+    extract(first, tmp_path / "c", progress=False, cluster=cluster)
+    before = Corpus.open(tmp_path / "c").manifest
+
+    def broken(path, frame):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_table", broken)
+    with pytest.raises(OSError, match="No space left"):
+        extract(both, tmp_path / "c", progress=False, cluster=cluster)
+    monkeypatch.undo()
+    after = Corpus.open(tmp_path / "c")
+    assert after.manifest == before and len(after.models) == before["n_models"]
+    listed = {sh["path"] for sh in before["shards"]}
+    orphans = [p for p in (tmp_path / "c").glob("k*/shard-*.npy") if p.relative_to(tmp_path / "c").as_posix()
+               not in listed]
+    assert orphans  # the moved-in shards of the failed commit, not listed anywhere
+    report = extract(both, tmp_path / "c", progress=False, cluster=cluster)
+    assert len(report.added) == 1 and len(report.skipped) == 1
+    listed = {sh["path"] for sh in Corpus.open(tmp_path / "c").manifest["shards"]}
+    on_disk = {p.relative_to(tmp_path / "c").as_posix() for p in (tmp_path / "c").glob("k*/*")}
+    assert on_disk == listed  # no orphan left behind
+    assert not (tmp_path / "c" / ".staging").exists()
+    whole = extract(both, tmp_path / "d", progress=False, cluster=cluster)
+    a, b = Corpus.open(tmp_path / "c"), Corpus.open(tmp_path / "d")
+    assert [r["sha256"] for r in whole.added] == list(a.models["sha256"])
+    assert a.layers.drop(columns=["shard"]).equals(b.layers.drop(columns=["shard"]))
+
+
 def test_a_worker_killed_mid_assign_is_survived(big, tmp_path):
     """SIGKILL one worker process while tasks run: the scheduler runs its tasks again elsewhere (the nanny
     restarts the worker) and the files are those of the in-process run."""
@@ -416,3 +453,26 @@ def test_cli_cluster_flag(tmp_path, big):
         assert bad.returncode == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in bad.stderr
     finally:
         shutil.rmtree(c.root / "runs", ignore_errors=True)
+
+
+@pytest.mark.skipif(not WEIGHTS.is_dir(), reason=f"{WEIGHTS} (the shared checkpoints) not present")
+def test_run_on_the_cluster_gives_the_in_process_report(cluster, tmp_path):
+    """`kernelatlas run` with a cluster (extract, assign, quality and shift as tasks; training in this process):
+    the report's tables equal those of the in-process run -- the corpus is sharded differently, but every layer
+    holds the same kernels in the same order, so training sees the same sample."""
+    from kernelatlas.jobs.run import run_pipeline
+
+    sources = [str(WEIGHTS / d) for d in ("mobilenet_v2_torchvision", "ultraface")]
+    here = run_pipeline(tmp_path / "a", zoo=(), sources=sources, epochs=2, progress=False)
+    there = run_pipeline(tmp_path / "b", zoo=(), sources=sources, epochs=2, progress=False, cluster=cluster)
+    import pandas as pd
+
+    assert sorted(here["runs"]) == sorted(there["runs"]) and not there["failed"]
+    for name in ("coverage.csv", "coverage-totals.csv", "quality-layers.csv", "quality-models.csv"):
+        a = pd.read_csv(tmp_path / "a" / "report" / name)
+        b = pd.read_csv(tmp_path / "b" / "report" / name)
+        # run ids hash the model folder's model.json, which names its corpus's path; shards are laid out
+        # per model on the cluster: every other column, figures included, is the same
+        same = [col for col in a.columns if col not in ("run_id", "shard", "row_start")]
+        assert list(a.columns) == list(b.columns) and len(same) > 5
+        pd.testing.assert_frame_equal(a[same], b[same], check_exact=True, obj=name)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import reference as R
 import torch
 from planted import planted_kernels
 
@@ -49,13 +50,16 @@ def recount(corpus, run_dir, split: Holdout, model_name: str) -> dict[str, np.nd
     ids = dict(zip(corpus.models["name"], corpus.models["model_id"], strict=True))
     lay = lay[(lay.model_id == ids[model_name]) & (lay.rows > 0)]
     acc = {"in": np.zeros(4, np.int64), "ho": np.zeros(4, np.int64)}
+    index = R.layer_index_in_model(corpus.layers)
+    sha = dict(zip(corpus.models["model_id"], corpus.models["sha256"], strict=True))
     for _, r in lay.iterrows():
         num = r.shard.split("-")[-1]
         rows = slice(r.row_start, r.row_start + r.rows)
         scores = np.load(run_dir / "k3" / f"scores-{num}", mmap_mode="r")[rows].astype(np.float64)
         codes = np.load(run_dir / "k3" / f"codes-{num}", mmap_mode="r")[rows]
         live = np.isfinite(codes)
-        held = split.mask(r.shard, r.row_start, r.row_start + r.rows) | (not split.model_in_pool(r.model_id))
+        held = R.heldout_layer(sha[r.model_id], index[r.layer_id], split.salt, r.rows, split.share) \
+            | (not split.model_in_pool(r.model_id))
         for part, mask in (("in", live & ~held), ("ho", live & held)):
             acc[part] += [mask.sum()] + [(mask & (scores >= t)).sum() for t in THRESHOLDS]
     return acc

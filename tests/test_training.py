@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 from planted import make_small_corpus
 
@@ -140,7 +141,69 @@ def test_code_penalty_bounds_the_code_pre_activations(small_corpus, tmp_path):
 # ---------------------------------------------------------------------------------------------- held-out split
 
 
+def test_heldout_rule_by_model_and_layer_matches_the_plain_integer_reference():
+    from kernelatlas.holdout import Holdout, heldout_rows, layer_key
+
+    sha = "ab" * 32
+    for index, salt, share in ((0, 0, 0.2), (3, 7, 0.2), (17, 1, 0.5)):
+        key = layer_key(sha, index, salt)
+        got = heldout_rows(key, np.arange(3000), share=share)
+        np.testing.assert_array_equal(got, R.heldout_layer(sha, index, salt, 3000, share))
+        split = Holdout(share=share, salt=salt)
+        np.testing.assert_array_equal(split.layer_mask(key, "k3/shard-000009.npy", 12345, 3000), got)
+    whole = heldout_rows(layer_key(sha, 0, 0), np.arange(100_000), share=0.2)
+    assert abs(whole.mean() - 0.2) < 0.01
+    assert (heldout_rows(layer_key(sha, 1, 0), np.arange(100_000), share=0.2) != whole).mean() > 0.25
+    assert (heldout_rows(layer_key(sha, 0, 1), np.arange(100_000), share=0.2) != whole).mean() > 0.25
+    assert (heldout_rows(layer_key(sha, 0, 0), np.arange(100_000), share=0.3) >= whole).all()
+    assert not heldout_rows(layer_key(sha, 0, 0), np.arange(100), share=0.0).any()
+    with pytest.raises(ValueError, match="held-out share"):
+        heldout_rows(layer_key(sha, 0, 0), np.arange(10), share=1.0)
+
+
+def test_models_trained_with_the_shard_rule_keep_it():
+    """model.json records written before 2026-12-07 name the (shard, row) rule: their split is still read that
+    way, so their held-out coverage figures do not move."""
+    from kernelatlas.holdout import RULE, SHARD_RULE, Holdout, heldout_mask
+
+    old = Holdout.from_json({"share": 0.2, "salt": 3, "rule": SHARD_RULE, "shards": {}, "models": None})
+    assert old is not None and not old.by_layer and old.to_json()["rule"] == SHARD_RULE
+    np.testing.assert_array_equal(old.layer_mask(np.uint64(5), "k3/shard-000001.npy", 100, 5000),
+                                  heldout_mask("k3/shard-000001.npy", 100, 5100, share=0.2, salt=3))
+    new = Holdout.from_json(Holdout(share=0.2, salt=3).to_json())
+    assert new is not None and new.by_layer and new.rule == RULE
+
+
+def test_heldout_split_does_not_depend_on_where_kernels_are_stored(tmp_path):
+    """The same models written into corpora sharded differently (as in-process and cluster extracts, or commits
+    at other times, shard them): the same kernels are held out."""
+    from kernelatlas.corpus import Corpus, CorpusWriter
+    from kernelatlas.corpus.loaders.base import ConvLayer, LoadedModel
+    from kernelatlas.holdout import Holdout
+
+    rng = np.random.default_rng(0)
+    models = [[rng.standard_normal((int(rng.integers(200, 900)), 1, 3, 3)).astype(np.float32) for _ in range(3)]
+              for _ in range(4)]
+    held, shard_counts = [], []
+    for shard_rows in (1 << 26, 1000):
+        with CorpusWriter(tmp_path / f"c{shard_rows}", shard_rows=shard_rows) as w:
+            for m, weights in enumerate(models):
+                layers = [ConvLayer(f"dw{i}", x, len(x), "depthwise", False, float(i)) for i, x in enumerate(weights)]
+                w.add_model(LoadedModel(f"/m/{m}.pth", "torch", layers), sha256=f"model-{m}")
+        c = Corpus.open(tmp_path / f"c{shard_rows}")
+        split = Holdout(share=0.3, salt=2, shards=dict.fromkeys(c.shards(3), ""))
+        lay = c.layers.sort_values("layer_id")
+        keys = split.keys(c, lay)
+        held.append(b"".join(np.asarray(c.shard_array(r.shard)[r.row_start:r.row_start + r.rows])[
+            split.layer_mask(key, r.shard, r.row_start, r.rows)].tobytes() for r, key in zip(lay.itertuples(), keys,
+                                                                                            strict=True)))
+        shard_counts.append(len(c.shards(3)))
+    assert shard_counts[0] == 1 and shard_counts[1] >= 4  # the same kernels, stored differently ...
+    assert held[0] == held[1] and len(held[0]) > 0  # ... held out alike
+
+
 def test_heldout_mask_is_a_function_of_the_kernel_identity():
+    """The (shard, row) rule of models trained before 2026-12-07."""
     from kernelatlas.holdout import heldout_mask
 
     whole = heldout_mask("k3/shard-000000.npy", 0, 100_000, share=0.2, salt=7)
@@ -166,11 +229,13 @@ def test_held_out_kernels_never_reach_training(small_corpus):
     split = Holdout(share=0.3, salt=5, shards=dict.fromkeys(corpus.shards(3), ""))
     pool, counts = sample_kernels(corpus, 3, sample=None, holdout=split)
     lay = corpus.layers
+    index = R.layer_index_in_model(lay)
+    sha = dict(zip(corpus.models["model_id"], corpus.models["sha256"], strict=True))
     lay = lay[(lay.kind == "depthwise") & (lay.kh == 3)].sort_values("row_start")
     expect, held = [], 0
     for _, r in lay.iterrows():
         rows = np.asarray(corpus.shard_array(r.shard)[r.row_start:r.row_start + r.rows])
-        mask = split.mask(r.shard, r.row_start, r.row_start + r.rows)
+        mask = R.heldout_layer(sha[r.model_id], index[r.layer_id], 5, r.rows, 0.3)
         expect.append(rows[~mask])
         held += int(mask.sum())
     np.testing.assert_array_equal(pool, np.concatenate(expect))

@@ -819,8 +819,9 @@ def _add_train(sub: Any) -> None:
             "the corpus memmaps (never the whole corpus); kernels whose entries are all below --min-abs, flat "
             "kernels and NaN/Inf kernels are left out.",
             "Held out: --holdout of the kernels (20%) never enter the pool the sample is drawn from, chosen by a "
-            "hash of each kernel's (shard, row) and the seed, so `kernelatlas report` can show coverage on kernels "
-            "the model never saw.  --models / --exclude-models restrict the pool to some models (ids or names).",
+            "hash of each kernel's identity (its model, its layer's index in the model, its row in the layer) and "
+            "the seed, so `kernelatlas report` can show coverage on kernels the model never saw.  --models / "
+            "--exclude-models restrict the pool to some models (ids or names).",
             "Length: training runs to convergence, counted in optimiser steps.  5% of the sample is a validation "
             "set, evaluated every --eval-every steps; when its loss has not improved by the relative margin "
             "--min-rel-delta for --patience steps, the learning rate is divided by 4 (--schedule plateau, up to "

@@ -304,14 +304,15 @@ def sample_kernels(
                          "regular layers)")
     if holdout is not None and holdout.models is not None:
         sel = sel[sel["model_id"].isin(list(holdout.models))]
+    keys = holdout.keys(corpus, sel) if holdout is not None and holdout.share > 0.0 else np.zeros(len(sel), np.uint64)
     layer_list = list(zip(sel["shard"].astype(str), sel["row_start"].astype(np.int64), sel["rows"].astype(np.int64),
-                          strict=True))
+                          keys, strict=True))
 
-    def pool_rows(shard: str, start: int, n_rows: int) -> np.ndarray | None:
+    def pool_rows(shard: str, start: int, n_rows: int, key: np.uint64) -> np.ndarray | None:
         """Rows of one layer in the pool (None: all of them)."""
         if holdout is None or holdout.share == 0.0:
             return None
-        return start + np.flatnonzero(~holdout.mask(shard, start, start + n_rows)).astype(np.int64)
+        return start + np.flatnonzero(~holdout.layer_mask(key, shard, start, n_rows)).astype(np.int64)
 
     pools = [None if (p := pool_rows(*layer)) is None else len(p) for layer in layer_list]
     sizes = np.array([layer[2] if p is None else p for layer, p in zip(layer_list, pools, strict=True)],
@@ -332,10 +333,10 @@ def sample_kernels(
         arr = corpus.shard_array(shard)
         idx = []
         while i < len(layer_list) and layer_list[i][0] == shard:
-            _, start, n_rows = layer_list[i]
+            _, start, n_rows, key = layer_list[i]
             count = int(per_layer[i])
             if count:
-                rows = pool_rows(shard, int(start), int(n_rows))
+                rows = pool_rows(shard, int(start), int(n_rows), key)
                 if rows is None:
                     rows = np.arange(start, start + n_rows, dtype=np.int64)
                 if count < len(rows):

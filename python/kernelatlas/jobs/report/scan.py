@@ -137,6 +137,7 @@ def scan_run(corpus: Corpus, run: RunInfo, thresholds: Sequence[float], *, chunk
         bar = tqdm(total=total_rows, unit="kernel", unit_scale=True, desc=f"report {run.run_id}", leave=False,
                    file=sys.stderr)
     shard_of = lay["shard"].to_numpy()
+    keys_all = split.keys(corpus, lay) if split is not None and split.by_layer else np.zeros(n_layers, np.uint64)
     starts_all = lay["row_start"].to_numpy(np.int64)
     stops_all = starts_all + lay["rows"].to_numpy(np.int64)
     autoencoder = run.mode == "autoencoder"
@@ -203,9 +204,11 @@ def scan_run(corpus: Corpus, run: RunInfo, thresholds: Sequence[float], *, chunk
                     classified[j, base:base + span] += np.bincount(local_in[score_in >= t], minlength=span)
                 if split is not None:
                     if split.shard_in_pool(shard, shard_sha.get(shard)):
-                        held = split.mask(shard, a, b)
-                        held = held if valid is None else held[valid]
-                        held |= unpooled[base + local]
+                        rows_here = np.arange(a, b, dtype=np.int64) if valid is None \
+                            else np.arange(a, b, dtype=np.int64)[valid]
+                        owner = base + local
+                        held = split.row_mask(keys_all[owner], rows_here - starts_all[owner], shard, rows_here)
+                        held |= unpooled[owner]
                     else:  # a shard added after training (or changed): none of it was seen
                         held = np.ones(len(lab), bool)
                     add(counts["live_ho"], live & held)

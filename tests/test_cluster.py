@@ -316,6 +316,20 @@ def test_unreachable_scheduler_fails_fast_naming_the_address():
         assert time.monotonic() - start < 10
 
 
+def test_connect_through_a_scheduler_file(cluster, big, tmp_path):
+    """What `dask scheduler --scheduler-file` and dask-jobqueue write: a path as the spec connects through it."""
+    c, model_dir = big
+    path = tmp_path / "scheduler.json"
+    cluster.client.write_scheduler_file(str(path))
+    try:
+        with connect(str(path)) as cl:
+            assert cl.local is None and len(cl.workers()) == 2
+            assign_corpus(c, model=model_dir, progress=False, cluster=cl, models=[2])
+        assert cluster.client.status == "running"  # closing the second client left the cluster up
+    finally:
+        shutil.rmtree(c.root / "runs", ignore_errors=True)
+
+
 def test_scheduler_file_that_does_not_exist(tmp_path):
     with pytest.raises(ClusterError, match="no scheduler file at"):
         connect(str(tmp_path / "scheduler.json"))

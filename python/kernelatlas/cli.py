@@ -438,7 +438,9 @@ def _add_zoo(sub: Any) -> None:
     pp = zsub.add_parser("pull", help="download and verify entries into the cache", formatter_class=_Formatter,
                          description=_text("Download, verify and extract zoo entries (names or groups; default: "
                                            "the `default` group); prints the checkpoint files."))
-    pp.add_argument("names", nargs="*", metavar="NAME", help="entries or groups (default: default)")
+    pp.add_argument("names", nargs="*", metavar="NAME",
+                    help="entries, groups or Hub lists such as paper (default: default); Hub models go to the "
+                    "Hugging Face cache ($HF_HUB_CACHE)")
     pp.add_argument("--dest", type=Path, default=None, metavar="DIR",
                     help="cache folder (entries go to DIR/NAME/; default: see above)")
     pp.add_argument("--wheelhouse", type=Path, default=None, metavar="DIR",
@@ -475,14 +477,37 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             print(f"group {g}: {', '.join(names)}" + (f"  ({reg.group_descriptions[g]})"
                                                      if reg.group_descriptions.get(g) else ""))
         print(f"cache: {root}")
+        for name, spec in zoo.hub_lists().items():
+            entries = zoo.hub_list(name)
+            print(f"\nlist {name} (Hugging Face Hub, {len(entries)} models): {spec.get('description', '')}")
+            for source, meta in entries:
+                mark = "  cached" if zoo.hub_cached(source) else ""
+                print(f"  {source}  [{meta['family']} {meta['size']}, {meta['dataset']}"
+                      + (f", pretrained on {meta['pretrain']}" if meta.get("pretrain") else "") + f"]{mark}")
+        print("Hub cache: $HF_HUB_CACHE (default ~/.cache/huggingface/hub); extract zoo:LIST or pull LIST")
         return 0
     wanted = args.names or ["default"]
+    hub_wanted = [n for n in wanted if zoo.is_hub_list(n)]
+    wanted = [n for n in wanted if not zoo.is_hub_list(n)]
     zoo.resolve(wanted)  # unknown names fail before any download
+    failed = 0
+    for name in hub_wanted:
+        from kernelatlas.hub import HubError, resolve
+
+        for source, _ in zoo.hub_list(name):
+            try:
+                print(resolve(source).path)
+            except HubError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                failed += 1
+    if failed:
+        print(f"kernelatlas zoo pull: {failed} model(s) could not be downloaded (the others are cached)",
+              file=sys.stderr)
     for name in wanted:
         for path in zoo.pull(name, cache=args.dest, wheelhouse=args.wheelhouse,
                              log=lambda msg: print(msg, file=sys.stderr)):
             print(path)
-    return 0
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------- assign
@@ -567,8 +592,12 @@ def _add_run(sub: Any) -> None:
         formatter_class=_Formatter,
     )
     p.add_argument("--out", type=Path, default=Path("kernelatlas-run"), help="output directory (default: %(default)s)")
-    p.add_argument("--zoo", nargs="*", default=["default"], metavar="NAME",
-                   help="zoo entries or groups to study (default: default); none with --src only")
+    p.add_argument("--models", nargs="+", default=None, metavar="SRC",
+                   help="study these sources instead of the default zoo: zoo:paper (the paper's CNN families from "
+                   "the Hugging Face Hub), hf:ORG/NAME[@REV], files, folders, or a .txt/.csv list of them")
+    p.add_argument("--zoo", nargs="*", default=None, metavar="NAME",
+                   help="zoo entries, groups or Hub lists to study (default: default, unless --models is given); "
+                   "none with --src only")
     p.add_argument("--src", nargs="*", default=[], metavar="PATH", help="extra checkpoint files or folders")
     p.add_argument("--threshold", type=float, default=0.85, help="assign threshold (default: %(default)s); the "
                    "report shows 0.80/0.85/0.90 whatever it is")
@@ -602,13 +631,18 @@ def _print_totals(path: Path, threshold: float) -> None:
               f"held-out (random-kernel control {100 * row[f'control_{t}']:.1f}%)")
 
 
+def _run_zoo(args: argparse.Namespace) -> list[str]:
+    """The zoo entries `run` studies: --zoo as given, else none when --models names the sources, else default."""
+    return list(args.zoo) if args.zoo is not None else ([] if args.models else ["default"])
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from kernelatlas.jobs.run import run_pipeline
 
-    summary = run_pipeline(args.out, zoo=args.zoo, sources=args.src, threshold=args.threshold, seed=args.seed,
-                           epochs=args.epochs, threads=args.threads, progress=not args.no_progress,
-                           retrain=args.retrain, per_model=args.per_model, holdout=args.holdout,
-                           cluster=args.cluster)
+    summary = run_pipeline(args.out, zoo=_run_zoo(args), sources=[*(args.models or []), *args.src],
+                           threshold=args.threshold, seed=args.seed, epochs=args.epochs, threads=args.threads,
+                           progress=not args.no_progress, retrain=args.retrain, per_model=args.per_model,
+                           holdout=args.holdout, cluster=args.cluster)
     _print_totals(Path(summary["report"]).parent / "coverage-totals.csv", args.threshold)
     print(f"report: {summary['report']}")
     return 0 if not summary["failed"] else 1

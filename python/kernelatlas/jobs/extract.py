@@ -45,27 +45,70 @@ class ExtractReport:
         return not self.failed
 
 
+LIST_SUFFIXES = (".txt", ".csv")  # a source file with one of these is a list of sources
+
+
 def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | None = None,
-                   empty_folders: list[str] | None = None) -> list[Path]:
+                   empty_folders: list[str] | None = None, failed: list[tuple[str, str]] | None = None,
+                   source_meta: dict[Path, dict[str, str]] | None = None, progress: bool = True) -> list[Path]:
     """Files as given, folders searched recursively for known checkpoint suffixes (sorted), ``zoo:NAME``
-    resolved through the zoo cache (pulling the entry if needed).  Folders without any checkpoint are
-    appended to ``empty_folders``."""
+    resolved through the zoo cache (pulling the entry if needed; a Hub list such as ``zoo:paper`` gives its
+    ``hf:`` entries), ``hf:ORG/NAME[@REV]`` resolved through huggingface_hub (kernelatlas.hub), and lists: a
+    ``.txt`` file of sources, one per line (``#`` comments), or a ``.csv`` file with a ``source`` column whose
+    other columns are metadata of that source.  Folders without any checkpoint are appended to
+    ``empty_folders``; a Hub model that cannot be resolved goes to ``failed`` as (source, reason) (raised when
+    ``failed`` is None); ``source_meta`` gets the metadata of each file that has some (Hub facts, list columns)."""
+    from kernelatlas.hub import HubError, is_hub_spec
+    from kernelatlas.hub import resolve as resolve_hub
+
     files: list[Path] = []
-    for src in sources:
-        text = str(src)
-        if text.startswith("zoo:"):
+    meta_of: dict[Path, dict[str, str]] = {}
+
+    def add(path: Path, meta: Mapping[str, str]) -> None:
+        files.append(path)
+        if meta:
+            meta_of.setdefault(path, {}).update(meta)
+
+    def expand(src: str, meta: Mapping[str, str], depth: int) -> None:
+        if depth > 8:
+            raise ValueError(f"{src}: lists nested more than 8 deep (a list that names itself?)")
+        if src.startswith("zoo:"):
             from kernelatlas.jobs import zoo
 
-            files.extend(zoo.pull(text[4:], cache=cache))
-            continue
-        p = Path(text)
+            name = src[4:]
+            if zoo.is_hub_list(name):
+                for entry, entry_meta in zoo.hub_list(name):
+                    expand(entry, {**entry_meta, **meta}, depth + 1)
+                return
+            for f in zoo.pull(name, cache=cache):
+                add(f, meta)
+            return
+        if is_hub_spec(src):
+            try:
+                model = resolve_hub(src, progress=progress)
+            except (HubError, ValueError) as exc:
+                if failed is None:
+                    raise
+                failed.append((src, str(exc)))
+                return
+            name = model.repo.split("/", 1)[1]
+            add(model.path, {"name": name, **model.meta, **meta})
+            return
+        p = Path(src)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and is_checkpoint(f))
             if not found and empty_folders is not None:
                 empty_folders.append(str(p))
-            files.extend(found)
+            for f in found:
+                add(f, meta)
+        elif p.suffix.lower() in LIST_SUFFIXES and p.is_file():
+            for entry, entry_meta in read_source_list(p):
+                expand(entry, {**entry_meta, **meta}, depth + 1)
         else:
-            files.append(p)
+            add(p, meta)
+
+    for src in sources:
+        expand(str(src), {}, 0)
     seen: set[Path] = set()
     unique = []
     for f in files:
@@ -73,7 +116,38 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]], *, cache: Path | N
         if key not in seen:
             seen.add(key)
             unique.append(f)
+            if source_meta is not None and f in meta_of:
+                source_meta[f] = meta_of[f]
     return unique
+
+
+def read_source_list(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """The entries of a source list: (source, metadata).  Relative paths are taken relative to the list's
+    folder; ``hf:`` and ``zoo:`` entries as they are."""
+    import csv
+
+    def place(entry: str) -> str:
+        if entry.startswith(("hf:", "zoo:")) or Path(entry).is_absolute():
+            return entry
+        return str(path.parent / entry)
+
+    out: list[tuple[str, dict[str, str]]] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "source" not in reader.fieldnames:
+                raise ValueError(f"{path}: a source list in CSV needs a 'source' column (other columns: metadata "
+                                 "such as family, dataset, task)")
+            for row in reader:
+                source = (row.pop("source") or "").strip()
+                if source and not source.startswith("#"):
+                    out.append((place(source), {k: v.strip() for k, v in row.items() if k and v and v.strip()}))
+        return out
+    for line in path.read_text().splitlines():
+        entry = line.split("#", 1)[0].strip() if not line.strip().startswith("hf:") else line.strip()
+        if entry and not entry.startswith("#"):
+            out.append((place(entry), {}))
+    return out
 
 
 def source_identity(path: Path) -> str:
@@ -122,13 +196,15 @@ def extract(
     from kernelatlas.cluster import session
 
     report = ExtractReport()
-    files = expand_sources(sources, cache=zoo_cache, empty_folders=report.empty_folders)
+    source_meta: dict[Path, dict[str, str]] = {}
+    files = expand_sources(sources, cache=zoo_cache, empty_folders=report.empty_folders, failed=report.failed,
+                           source_meta=source_meta, progress=progress)
     with CorpusWriter(out, dtype=dtype, commit_rows=commit_rows, commit_seconds=commit_seconds) as writer, \
             session(cluster, client) as cl:
         bar = tqdm(files, desc="extract", unit="file", disable=not progress, file=sys.stderr)
         if cl is not None:
             _extract_on_cluster(cl, files, writer, report, bar=bar, sizes=sizes, all_convs=all_convs, meta=meta,
-                                arch=arch, fold_bn=fold_bn)
+                                arch=arch, fold_bn=fold_bn, source_meta=source_meta)
             bar.close()
             return report
         for path in bar:
@@ -149,7 +225,8 @@ def extract(
                 kernels = sum(layer.c_out * layer.c_in_per_group for layer in model.layers)
                 with tqdm(total=kernels, desc=f"  {path.name[-30:]}", unit="kernel", unit_scale=True, leave=False,
                           disable=not progress or kernels < 1_000_000, file=sys.stderr) as inner:
-                    row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs, meta=meta,
+                    row = writer.add_model(model, sha256=digest, sizes=sizes, all_convs=all_convs,
+                                           meta={**source_meta.get(path, {}), **(meta or {})},
                                            on_layer=inner.update)
             except Exception as exc:
                 report.failed.append((str(path), _failure(path, exc)))
@@ -216,7 +293,7 @@ def _stage_task(path: str, staging: str, prefix: str, sizes: Sequence[int], all_
 
 def _extract_on_cluster(cl: Any, files: list[Path], writer: CorpusWriter, report: ExtractReport, *, bar: Any,
                         sizes: Sequence[int], all_convs: bool, meta: Mapping[str, str] | None, arch: str | None,
-                        fold_bn: bool) -> None:
+                        fold_bn: bool, source_meta: Mapping[Path, Mapping[str, str]]) -> None:
     """Read the files on the cluster; commit their staged kernels in input order as the results come in."""
     import shutil
     import uuid
@@ -227,8 +304,9 @@ def _extract_on_cluster(cl: Any, files: list[Path], writer: CorpusWriter, report
     staging.mkdir()
     try:
         known = writer.known_models()
-        tasks = [(str(path.resolve()), str(staging.resolve()), f"{i:06d}", tuple(sizes), all_convs,
-                  writer.dtype.name, dict(meta) if meta else None, arch, fold_bn, known)
+        tasks = [(str(path.absolute()), str(staging.resolve()), f"{i:06d}",
+                  tuple(sizes), all_convs, writer.dtype.name, {**source_meta.get(path, {}), **(meta or {})} or None,
+                  arch, fold_bn, known)
                  for i, path in enumerate(files)]
         order = files
         done: dict[int, dict[str, Any]] = {}

@@ -36,8 +36,9 @@ from typing import Any
 
 from kernelatlas._files import sha256_file
 
-__all__ = ["Entry", "Member", "Registry", "WheelPin", "ZooError", "cache_root", "extract_members",
-           "load_registry", "pull", "registry", "resolve", "safe_member_name", "validate_registry"]
+__all__ = ["Entry", "Member", "Registry", "WheelPin", "ZooError", "cache_root", "extract_members", "hub_list",
+           "hub_lists", "is_hub_list", "load_registry", "pull", "registry", "resolve", "safe_member_name",
+           "validate_hub_lists", "validate_registry"]
 
 REGISTRY_FILE = "zoo_registry.json"
 SCHEMA = 1
@@ -423,3 +424,79 @@ def pull(name: str, cache: str | os.PathLike[str] | None = None, *,
     for entry in resolve([name]):
         files.extend(pull_entry(entry, root, wheelhouse=wheelhouse, log=log))
     return files
+
+
+# ---------------------------------------------------------------------------------------------- Hub lists
+# Lists of Hugging Face Hub models (zoo_hub_lists.json, package data): ``zoo:paper`` and any later one.  Each
+# entry is an ``hf:`` source with its metadata (family, size, dataset, optional pretrain), written into
+# models.parquet when the entry is extracted.
+
+HUB_LISTS_FILE = "zoo_hub_lists.json"
+HUB_META_REQUIRED = ("family", "size", "dataset")
+
+
+def validate_hub_lists(data: Any) -> list[str]:
+    """Problems of a Hub-lists document (empty when valid): every entry an ``hf:ORG/NAME`` source, once per list,
+    with non-empty family, size and dataset."""
+    from kernelatlas.hub import parse_spec
+
+    problems: list[str] = []
+    if not isinstance(data, Mapping) or data.get("schema") != 1 or not isinstance(data.get("lists"), Mapping):
+        return ["not a schema-1 document with a 'lists' mapping"]
+    for name, spec in data["lists"].items():
+        if not _NAME.match(str(name)):
+            problems.append(f"list name {name!r} is not lower-case letters, digits, '.', '_' or '-'")
+        entries = spec.get("entries") if isinstance(spec, Mapping) else None
+        if not isinstance(entries, list) or not entries:
+            problems.append(f"{name}: no entries")
+            continue
+        seen: set[str] = set()
+        for i, entry in enumerate(entries):
+            where = f"{name}[{i}]"
+            source = entry.get("source") if isinstance(entry, Mapping) else None
+            if not isinstance(source, str) or not source.startswith("hf:"):
+                problems.append(f"{where}: source must be an hf:ORG/NAME string")
+                continue
+            try:
+                parse_spec(source)
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}")
+            if source in seen:
+                problems.append(f"{where}: {source} is listed twice")
+            seen.add(source)
+            for key in HUB_META_REQUIRED:
+                if not isinstance(entry.get(key), str) or not entry[key].strip():
+                    problems.append(f"{where}: {source} has no {key}")
+    return problems
+
+
+@lru_cache(maxsize=1)
+def hub_lists() -> Mapping[str, Mapping[str, Any]]:
+    """name -> {"description", "entries": [{"source": "hf:...", metadata...}]} of the packaged Hub lists."""
+    data = json.loads(resources.files("kernelatlas.jobs").joinpath(HUB_LISTS_FILE).read_text())
+    problems = validate_hub_lists(data)
+    if problems:
+        raise ZooError(f"{HUB_LISTS_FILE} is damaged: " + "; ".join(problems[:5]))
+    return dict(data["lists"])
+
+
+def is_hub_list(name: str) -> bool:
+    return name in hub_lists()
+
+
+def hub_list(name: str) -> list[tuple[str, dict[str, str]]]:
+    """(hf: source, metadata) of each entry of a Hub list."""
+    entries = hub_lists()[name]["entries"]
+    return [(e["source"], {k: str(v) for k, v in e.items() if k != "source"}) for e in entries]
+
+
+def hub_cached(source: str) -> bool:
+    """Whether the Hub cache holds a weight file of ``source`` (no network)."""
+    try:
+        import huggingface_hub as hub
+    except ImportError:
+        return False
+    from kernelatlas.hub import WEIGHT_FILES, parse_spec
+
+    repo, revision = parse_spec(source)
+    return any(isinstance(hub.try_to_load_from_cache(repo, f, revision=revision), str) for f in WEIGHT_FILES)

@@ -135,6 +135,21 @@ def test_a_list_mixing_hub_models_and_files_with_a_missing_model(hub_cache, tmp_
     assert local_row["family"] == "Local" and local_row["source_path"].endswith("local_dw.safetensors")
 
 
+def test_hub_models_beside_a_folder_of_files_on_the_command_line(hub_cache, tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    save_file(_weights(4), str(folder / "a.safetensors"))
+    save_file(_weights(5), str(folder / "b.safetensors"))
+    out = _extract(["hf:acme/dwnet", str(folder), "hf:acme/gone@main", "--out", str(tmp_path / "c")],
+                   hub_cache["env"])
+    assert out.returncode == 1 and "hf:acme/gone@main" in out.stderr
+    models = Corpus.open(tmp_path / "c").models
+    assert list(models["hf_repo"]) == ["acme/dwnet", "", ""]  # in the order given, the folder's files sorted
+    assert [Path(p).name for p in models["source_path"]][1:] == ["a.safetensors", "b.safetensors"]
+
+
 def test_hub_specs_are_checked_before_any_lookup(tmp_path):
     from kernelatlas.hub import parse_spec
 

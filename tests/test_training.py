@@ -286,3 +286,21 @@ def test_training_pool_of_chosen_models(tmp_path):
     assert m.info["holdout"]["models"] == [ids["right"]] and m.info["sample"]["pool"] == 400
     pool, _ = sample_kernels(corpus, 3, sample=None, holdout=Holdout.from_json(m.info["holdout"]))
     np.testing.assert_array_equal(pool, right)
+
+
+def test_per_layer_counts_for_pools_beyond_numpys_limit():
+    """A corpus of 1.46x10^9 rows (CNN Filter DB): numpy's multivariate hypergeometric refuses pools of 10^9 or
+    more, so the counts come from n distinct pool positions; they sum to n, never exceed a layer and follow the
+    layer sizes."""
+    from kernelatlas.jobs.train import per_layer_counts
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 200_000, 20_000).astype(np.int64)
+    sizes[0] = 400_000_000  # one huge layer: ~27% of the pool
+    assert sizes.sum() > 1_000_000_000
+    counts = per_layer_counts(rng, sizes, 2_000_000)
+    assert counts.sum() == 2_000_000 and (counts >= 0).all() and (counts <= sizes).all()
+    share = counts[0] / 2_000_000
+    assert abs(share - sizes[0] / sizes.sum()) < 0.002
+    small = per_layer_counts(np.random.default_rng(1), np.array([5, 0, 7]), 12)  # below the limit: numpy's draw
+    assert small.tolist() == [5, 0, 7]

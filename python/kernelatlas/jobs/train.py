@@ -273,6 +273,20 @@ def _pool_models(corpus: Corpus, models: Sequence[int | str] | None,
 # ---------------------------------------------------------------------------------------------- sampling
 
 
+def per_layer_counts(rng: np.random.Generator, sizes: np.ndarray, n: int) -> np.ndarray:
+    """How many of a uniform sample of ``n`` rows without replacement fall in each layer (``sizes`` rows each):
+    a multivariate hypergeometric draw.  numpy's draw refuses pools of 10^9 rows or more (CNN Filter DB has
+    1.46x10^9), so there ``n`` distinct positions of the pool are drawn instead (Floyd's method: memory in n) and
+    counted per layer -- the same distribution; below 10^9 the draw is numpy's, as before."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    pool = int(sizes.sum())
+    if pool < 1_000_000_000:
+        return rng.multivariate_hypergeometric(sizes, n, method="marginals")
+    picks = np.sort(rng.choice(pool, size=n, replace=False))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return np.diff(np.searchsorted(picks, bounds, side="left")).astype(np.int64)
+
+
 def sample_kernels(
     corpus: Corpus,
     kernel_size: int,
@@ -322,7 +336,7 @@ def sample_kernels(
         raise ValueError(f"{corpus.root}: every {kernel_size}x{kernel_size} kernel of the selected models is held "
                          "out: lower --holdout or train on more models")
     n = pool if sample is None or sample >= pool else int(sample)
-    per_layer = sizes if n == pool else rng.multivariate_hypergeometric(sizes, n, method="marginals")
+    per_layer = sizes if n == pool else per_layer_counts(rng, sizes, n)
     d = kernel_size * kernel_size
     out = np.empty((n, d), dtype=np.float32)
     pos = 0

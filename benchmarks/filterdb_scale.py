@@ -93,18 +93,39 @@ def generate(path: Path, n: int, *, seed: int = 0, progress: bool = True) -> dic
     return {"filters": total, "layers": len(plan), "models": model}
 
 
+def _rss_anon(pid: int) -> int:
+    """The process's resident anonymous memory in bytes (heap, buffers: what does not come back when the kernel
+    drops page cache), 0 when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _run(cmd: list[str], log: Path) -> dict[str, float]:
-    """One stage as its own process: wall seconds and its peak resident memory."""
+    """One stage as its own process: wall seconds, its peak resident memory (ru_maxrss: memory-mapped corpus
+    pages included, which the kernel reclaims at will) and its peak anonymous memory (sampled every 50 ms:
+    what would have to fit in RAM)."""
     start = time.perf_counter()
+    anon = 0
     with open(log, "ab") as fh:
         fh.write(("\n$ " + " ".join(cmd) + "\n").encode())
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            anon = max(anon, _rss_anon(proc.pid))
+            time.sleep(0.05)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"stage failed ({' '.join(cmd)}): see {log}")
-    return {"seconds": round(seconds, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+    return {"seconds": round(seconds, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
+            "peak_anon_gib": round(anon / 2**30, 3)}
 
 
 def _disk_read_rate(path: Path, limit: int = 2 << 30) -> float:
@@ -156,6 +177,9 @@ def main() -> int:
     ap.add_argument("--sample", type=int, default=2_000_000, help="training sample (default 2M)")
     ap.add_argument("--train-args", default="", help="extra `kernelatlas train` options, e.g. '--max-steps 20000'")
     ap.add_argument("--keep", action="store_true", help="keep the generated file and corpus for a rerun")
+    ap.add_argument("--only", default="", metavar="STAGE[,STAGE]",
+                    help="with --keep: run only these stages again (import-filterdb, train, clusters, assign, "
+                    "quality, shift)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -192,7 +216,7 @@ def main() -> int:
     t_analysis = time.perf_counter()
     if corpus.exists() and not args.keep:
         shutil.rmtree(corpus)
-    if model.exists():
+    if model.exists() and not args.only:
         shutil.rmtree(model)
     stages = [
         ("import-filterdb", [*exe, "import-filterdb", str(h5), "--out", str(corpus), "--dtype", "float16",
@@ -201,9 +225,12 @@ def main() -> int:
                                "all", "--sample", str(args.sample), *args.train_args.split()]),
         ("clusters", [*exe, "clusters", str(model)]),
         ("assign", [*exe, "assign", str(corpus), "--model", str(model), "--kind", "all", "--no-progress"]),
-        ("quality", [*exe, "quality", str(corpus), "--no-progress", "--no-figures"]),
-        ("shift (by task)", [*exe, "shift", str(corpus), "--by", "task", "--no-progress", "--no-figures"]),
+        ("quality", [*exe, "quality", str(corpus), "--no-progress", "--no-figures", "--recompute"]),
+        ("shift (by task)", [*exe, "shift", str(corpus), "--by", "task", "--no-progress", "--no-figures",
+                             "--recompute"]),
     ]
+    if args.only:
+        stages = [st for st in stages if st[0].split()[0] in args.only.split(",")]
     for name, cmd in stages:
         print(f"filterdb-scale: {name} ...", flush=True)
         results[name] = _run(cmd, log)
@@ -222,7 +249,7 @@ def main() -> int:
             extra = (f"; {rate / 1e6:.1f} M filters/s = {rate * 18 / 1e9:.2f} GB/s of float16 input "
                      f"(disk bound {disk:.2f}, page cache {cache:.1f} GB/s)")
         lines.append(f"  {name:<38} {r['seconds']:>9.1f} s   peak RSS {r.get('peak_rss_gib', float('nan')):.2f} GiB"
-                     + extra)
+                     f" (anonymous {r.get('peak_anon_gib', float('nan')):.2f} GiB)" + extra)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"counts": counts, "stages": results, "disk_gbs": disk, "cache_gbs": cache,

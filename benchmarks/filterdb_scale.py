@@ -205,8 +205,10 @@ def main() -> int:
     t0 = time.perf_counter()
     if not h5.exists():
         start = time.perf_counter()
-        counts = generate(h5, args.n)
+        made = generate(h5, args.n)
         results["generate (not part of the analysis)"] = {"seconds": round(time.perf_counter() - start, 2)}
+        print(f"filterdb-scale: generated {made['filters']:,} filters in {made['layers']:,} layers of "
+              f"{made['models']} models", flush=True)
     import h5py
 
     with h5py.File(h5, "r") as f:
@@ -231,6 +233,14 @@ def main() -> int:
     ]
     if args.only:
         stages = [st for st in stages if st[0].split()[0] in args.only.split(",")]
+    elif args.keep and (corpus / "manifest.json").exists():
+        # a kept corpus: the import would skip every model and its time would mean nothing
+        print("filterdb-scale: import-filterdb skipped (corpus kept from an earlier run)", flush=True)
+        stages = stages[1:]
+    if any(name == "assign" for name, _ in stages) and (corpus / "runs").is_dir():
+        for run_json in (corpus / "runs").glob("*/run.json"):  # an assign run resumes: time it from scratch
+            if json.loads(run_json.read_text()).get("format") == "kernelatlas-run":
+                shutil.rmtree(run_json.parent)
     for name, cmd in stages:
         print(f"filterdb-scale: {name} ...", flush=True)
         results[name] = _run(cmd, log)

@@ -46,7 +46,7 @@ def _digest(root: Path) -> str:
 def test_assign_local2_vs_in_process(big_corpus: Corpus, tmp_path: Path) -> None:  # noqa: F811
     from kernelatlas.autoencoder import Autoencoder
     from kernelatlas.cluster import connect
-    from kernelatlas.jobs.assign import assign_corpus, default_chunk_rows
+    from kernelatlas.jobs.assign import _task_pieces, assign_corpus, default_chunk_rows
 
     c = big_corpus
     n = sum(int(s["rows"]) for s in c.manifest["shards"])
@@ -82,7 +82,7 @@ def test_assign_local2_vs_in_process(big_corpus: Corpus, tmp_path: Path) -> None
         assert sorted(r for _, r in cl.map(_noop, tasks)) == list(range(2000))
         noop = (time.perf_counter() - t) / len(tasks)
         # ... and the extra seconds per extra assign task (each opens the shard and its output files, fsyncs)
-        default_rows = default_chunk_rows(36)
+        default_rows = default_chunk_rows(c.shard_array(c.shards(3)[0]).strides[0])  # as assign_corpus picks it
         small_rows = 1 << 18
         per: dict[int, float] = {}
         for rows in (default_rows, small_rows, default_rows, small_rows):
@@ -90,8 +90,8 @@ def test_assign_local2_vs_in_process(big_corpus: Corpus, tmp_path: Path) -> None
             t = time.perf_counter()
             assign_corpus(c, model=model_dir, run_id="bench", progress=False, cluster=cl, task_rows=rows)
             per[rows] = min(per.get(rows, float("inf")), time.perf_counter() - t)
-        shards = [int(s["rows"]) for s in c.manifest["shards"]]
-        count = {rows: sum(-(-s // rows) for s in shards) for rows in per}
+        shards = [int(s["rows"]) for s in c.manifest["shards"]]  # every row depthwise: one run per shard
+        count = {rows: sum(len(_task_pieces(s, [(0, s)], rows)) for s in shards) for rows in per}
         per_task = (per[small_rows] - per[default_rows]) / (count[small_rows] - count[default_rows])
     finally:
         shutil.rmtree(c.root / "runs", ignore_errors=True)

@@ -227,13 +227,13 @@ def connect(spec: str, *, timeout: float = CONNECT_TIMEOUT) -> Cluster:
 
 def resolve(cluster: str | Cluster | None = None, client: Any = None) -> Cluster | None:
     """The cluster a job runs on: ``client`` (a dask.distributed Client of the caller, left open), ``cluster``
-    (a spec or a Cluster), else $KERNELATLAS_CLUSTER, else None (in-process).  A Cluster made here from a spec is
-    closed by the caller (it is a context manager)."""
+    (a spec, or a Cluster returned as it is), else $KERNELATLAS_CLUSTER, else None (in-process).  A Cluster made
+    here from a spec is closed by the caller (it is a context manager)."""
     if client is not None:
         return Cluster(client, str((getattr(client, "scheduler", None) and client.scheduler.address) or "client"),
                        owns_client=False)
     if isinstance(cluster, Cluster):
-        return Cluster(cluster.client, cluster.spec, owns_client=False)
+        return cluster  # the caller's: it stays open (and keeps what it has probed)
     spec = cluster if cluster is not None else os.environ.get(ENV) or None
     if not spec or spec in ("none", "in-process"):
         return None
@@ -244,8 +244,8 @@ def resolve(cluster: str | Cluster | None = None, client: Any = None) -> Cluster
 def session(cluster: str | Cluster | None = None, client: Any = None) -> Iterator[Cluster | None]:
     """``with session(cluster, client) as cl:``: cl is None in-process; what was started here is closed after."""
     cl = resolve(cluster, client)
-    if cl is None:
-        yield None
-        return
-    with cl:
+    try:
         yield cl
+    finally:
+        if cl is not None and cl is not cluster:  # made here (a spec, or a wrapper of the caller's client)
+            cl.close()

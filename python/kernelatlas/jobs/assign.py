@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,12 +193,22 @@ def _layer_counts(layers: np.ndarray, a: int, labels: np.ndarray, scores: np.nda
     sel, starts, stops = sel[keep], starts[keep], stops[keep]
     values = codes if codes is not None else scores
     counts = _core.label_counts(labels, values, starts, stops, n_labels, codes is not None)
-    for layer_id, row in zip(sel[:, 0].tolist(), counts, strict=True):
+    _merge_counts(into, dict(zip(sel[:, 0].tolist(), counts, strict=True)))
+
+
+def _merge_counts(into: dict[int, np.ndarray], part: Mapping[int, np.ndarray]) -> None:
+    """Add per-layer label counts ``part`` to ``into`` (integer sums: the order parts arrive in does not matter)."""
+    for layer_id, row in part.items():
         acc = into.get(layer_id)
         if acc is None:
             into[layer_id] = row.copy()
         else:
             acc += row
+
+
+def _chunks(runs: Sequence[tuple[int, int]], chunk_rows: int) -> list[tuple[int, int]]:
+    """The engine calls over row ranges ``runs``: pieces of at most ``chunk_rows`` rows, in order."""
+    return [(a0, min(a0 + chunk_rows, b)) for a, b in runs for a0 in range(a, b, chunk_rows)]
 
 
 ROW_ALIGN = 2048  # cluster tasks start at multiples of this row: every output file's offset is then 4 KiB-aligned
@@ -445,7 +456,7 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
         sp = spans[shard]
         names = ("labels", "scores", "codes") if model is not None else ("labels", "scores")
         final = {n: output_path(root, k, shard, n) for n in names}
-        pieces = [(a0, min(a0 + rows_per_call, b)) for a, b in sp.runs for a0 in range(a, b, rows_per_call)]
+        pieces = _chunks(sp.runs, rows_per_call)
         counts: dict[int, np.ndarray] = {}
         if shard in computed:
             counts = computed[shard]
@@ -555,19 +566,15 @@ def _assign_on_cluster(cluster: Any, c: Corpus, root: Path, k: int, shards: list
                           rows_per_call, n_labels))
             owner.append(shard)
         outputs[shard] = (final, tmp)
-        if shard not in owner:  # no rows at all: nothing for a worker to write
+    left = Counter(owner)
+    for shard, (final, tmp) in outputs.items():
+        if not left[shard]:  # no rows at all: nothing for a worker to write
             _commit_outputs(final, tmp)
-    left = {s: owner.count(s) for s in outputs}
     counts: dict[str, dict[int, np.ndarray]] = {s: {} for s in outputs}
     weights = [sum(b - a for a, b in t[4]) for t in tasks]
     for i, result in cluster.map(_assign_task, tasks, weights=weights, bar=bar, key=f"assign-k{k}"):
         shard = owner[i]
-        for layer_id, row in result.items():
-            acc = counts[shard].get(layer_id)
-            if acc is None:
-                counts[shard][layer_id] = row
-            else:
-                acc += row
+        _merge_counts(counts[shard], result)
         left[shard] -= 1
         if left[shard] == 0:
             final, tmp = outputs[shard]
@@ -611,7 +618,7 @@ def _assign_task(shard_file: str, shape: tuple[int, int], lo: int, hi: int, runs
     from kernelatlas.cluster import engine_threads
 
     arr = map_shard(shard_file, shape)
-    pieces = [(a0, min(a0 + chunk_rows, b)) for a, b in runs for a0 in range(a, b, chunk_rows)]
+    pieces = _chunks(runs, chunk_rows)
     # staging blocks sized to the task's largest piece, not the engine chunk: small tasks stay cheap to set up
     largest = max((b - a for a, b in pieces), default=1)
     out = _ShardOutput({n: Path(p) for n, p in final.items()}, hi, largest, layers, n_labels, lo=lo)

@@ -103,6 +103,18 @@ def test_assign_with_mlp_decoder_matches_reference(isa, threads, rows, d, dtype,
     check_assign(ka.assign(x, model, threshold=threshold, threads=threads, decoder="mlp"), x, enc, dec, intervals, threshold)
 
 
+@pytest.mark.parametrize("rows", [1, 95, 97, 1025])
+@pytest.mark.parametrize(("d", "hidden"), [(9, (128, 64, 32, 16)), (9, (256, 128)), (25, (256, 128)), (49, (256, 128))])
+def test_long_segment_tables_match_reference(isa, threads, rows, d, hidden, make_autoencoder, make_kernels):
+    """Tables past the short-table limits: 50 segments (AVX2 and AVX-512 search them by a gathered binary search
+    instead of counting) and 88-121 (AVX-512 builds the patterns row by row instead of permuting in registers)."""
+    model, enc, dec, intervals, threshold = calibrated(d, make_autoencoder, make_kernels, hidden=hidden)
+    assert model.n_segments >= 50
+    x = make_kernels(rows, d, pattern_model=(d,))
+    got = ka.assign(x, model, threshold=threshold, threads=threads, decoder="segments")
+    check_assign(got, x, enc, dec, intervals, threshold)
+
+
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.5, 0.85, 1.0])
 def test_without_clusters_every_passing_kernel_is_label_0(isa, threshold, make_autoencoder, make_kernels):
     model, enc, dec = make_autoencoder(25)

@@ -23,13 +23,15 @@ namespace KA_NS {
 constexpr int T = 96;  // kernels per tile
 constexpr int BB = 8, V = 3;  // 24 accumulators of 32 zmm
 #elif KA_ISA == 1
-constexpr int T = 64;
-constexpr int BB = 4, V = 2; // 8 accumulators of 16 ymm
+constexpr int T = 96;
+constexpr int BB = 4, V = 3; // 12 accumulators of 16 ymm
 #else
 constexpr int T = 64;
 constexpr int BB = 4, V = 4;
 #endif
 constexpr int NV = T / W;  // SIMD vectors of rows per tile
+// Row vectors reduced side by side in the per-row reductions (normalise, cosine): independent FMA chains.
+constexpr int kGroup = NV % 4 == 0 ? 4 : NV % 3 == 0 ? 3 : NV % 2 == 0 ? 2 : 1;
 static_assert(NV % V == 0, "tile must hold whole register blocks");
 static_assert(kBlockOut % BB == 0, "packed block must split into micro-kernel blocks");
 
@@ -53,7 +55,10 @@ static void load_tile(const KernelsIn& x, idx_t r0, int rows, float* xt) {
         if (row >= rows) {
           r[i] = vset(0.f);
         } else if (x.dtype == DType::float32) {
-          r[i] = load_part(static_cast<const float*>(x.data) + off, nc);
+          // a whole-vector load where it stays inside the input (the extra entries are dropped after the
+          // transpose): masked loads that miss the cache are several times slower on some cores (Zen 4)
+          const float* src = static_cast<const float*>(x.data) + off;
+          r[i] = off + W <= x.rows * d ? vload(src) : load_part(src, nc);
         } else {
           r[i] = load_part(static_cast<const uint16_t*>(x.data) + off, nc);
         }
@@ -97,45 +102,66 @@ static void store_rows(const float* xt, int d, int rows, float* out) {
 #endif
 }
 
+// One group of G row vectors of normalize_tile (below).
+template <int G>
+static inline void normalize_group(float* xt, int d, int v0, float min_abs, float* good, float* norms) {
+  const vf inf = vset(std::numeric_limits<float>::infinity());
+  const vf dv = vset(static_cast<float>(d));
+  float* col = xt + v0 * W;
+  vf amax[G], scale[G], mean[G], ss[G];
+  vm finite[G];
+  for (int g = 0; g < G; ++g) {
+    amax[g] = vset(0.f);
+    finite[g] = mtrue();
+  }
+  for (int j = 0; j < d; ++j)
+    for (int g = 0; g < G; ++g) {
+      const vf ax = vabs(vload(col + j * T + g * W));
+      finite[g] = mand(finite[g], vlt(ax, inf));
+      amax[g] = vmax(amax[g], ax);
+    }
+  // 2^-(e) with e the (clamped) exponent of max|w|: field 254 - E of a normal float
+  for (int g = 0; g < G; ++g) {
+    scale[g] = vfrom_exponent_field(isub(iset(254), iclamp(vexponent_field(amax[g]), 1, 253)));
+    mean[g] = vset(0.f);
+    ss[g] = vset(0.f);
+  }
+  for (int j = 0; j < d; ++j)
+    for (int g = 0; g < G; ++g) mean[g] = vfma(vload(col + j * T + g * W), scale[g], mean[g]);
+  for (int g = 0; g < G; ++g) mean[g] = vsub(vset(0.f), vdiv(mean[g], dv));  // minus the mean
+  for (int j = 0; j < d; ++j)
+    for (int g = 0; g < G; ++g) {
+      const vf c = vfma(vload(col + j * T + g * W), scale[g], mean[g]);
+      vstore(col + j * T + g * W, c);
+      ss[g] = vfma(c, c, ss[g]);
+    }
+  vf inv[G];
+  vm ok[G];
+  for (int g = 0; g < G; ++g) {
+    const vf norm = vsqrt(ss[g]);  // of the scaled kernel
+    const vm live = mnot(vle(amax[g], vset(min_abs)));
+    const vm shaped = vgt(norm, vmul(vset(kFlatRelTol), vmul(amax[g], scale[g])));
+    ok[g] = mand(finite[g], mand(live, shaped));
+    inv[g] = vsel(ok[g], vdiv(vset(1.f), norm), vset(0.f));
+    const vf unscale = vfrom_exponent_field(iclamp(vexponent_field(amax[g]), 1, 253));
+    vstore(good + (v0 + g) * W, vsel(ok[g], vset(1.f), vset(0.f)));
+    vstore(norms + (v0 + g) * W, vsel(finite[g], vsel(ok[g], vmul(norm, unscale), vset(0.f)), vset(qnan())));
+  }
+  for (int j = 0; j < d; ++j)
+    for (int g = 0; g < G; ++g)
+      vstore(col + j * T + g * W, vsel(ok[g], vmul(vload(col + j * T + g * W), inv[g]), vset(0.f)));
+}
+
 // Centre and L2-normalise every row of xt in place.  Dead (max|w| <= min_abs), flat (centred norm
 // <= kFlatRelTol max|w|) and non-finite kernels become zero rows; good[r] = 1 for the others.
 // norms[r] = centred norm, 0 for dead/flat, NaN for non-finite.
 // Each kernel is first scaled by the power of two that brings max|w| into [1, 2) -- exact in binary floating
 // point -- so that sums and squares neither overflow (|w| ~ 1e20) nor underflow (|w| ~ 1e-30) in fp32.
+// The reductions over a row's d entries are serial chains of FMAs (latency-bound), so kGroup vectors of rows
+// are reduced side by side: independent chains that fill the FMA pipes.  The value of every row is the same
+// whatever the grouping (each row's sums run in the same order).
 static void normalize_tile(float* xt, int d, float min_abs, float* good, float* norms) {
-  const vf inf = vset(std::numeric_limits<float>::infinity());
-  const vf dv = vset(static_cast<float>(d));
-  for (int v = 0; v < NV; ++v) {
-    float* col = xt + v * W;
-    vf amax = vset(0.f);
-    vm finite = mtrue();
-    for (int j = 0; j < d; ++j) {
-      const vf ax = vabs(vload(col + j * T));
-      finite = mand(finite, vlt(ax, inf));
-      amax = vmax(amax, ax);
-    }
-    // 2^-(e) and 2^e with e the (clamped) exponent of max|w|: fields 254 - E and E of normal floats
-    const vi e_field = iclamp(vexponent_field(amax), 1, 253);
-    const vf scale = vfrom_exponent_field(isub(iset(254), e_field));
-    const vf unscale = vfrom_exponent_field(e_field);
-    vf sum = vset(0.f);
-    for (int j = 0; j < d; ++j) sum = vfma(vload(col + j * T), scale, sum);
-    const vf mean = vdiv(sum, dv);
-    vf ss = vset(0.f);
-    for (int j = 0; j < d; ++j) {
-      const vf c = vfma(vload(col + j * T), scale, vsub(vset(0.f), mean));
-      vstore(col + j * T, c);
-      ss = vfma(c, c, ss);
-    }
-    const vf norm = vsqrt(ss);  // of the scaled kernel
-    const vm live = mnot(vle(amax, vset(min_abs)));
-    const vm shaped = vgt(norm, vmul(vset(kFlatRelTol), vmul(amax, scale)));
-    const vm ok = mand(finite, mand(live, shaped));
-    const vf inv = vsel(ok, vdiv(vset(1.f), norm), vset(0.f));
-    for (int j = 0; j < d; ++j) vstore(col + j * T, vsel(ok, vmul(vload(col + j * T), inv), vset(0.f)));
-    vstore(good + v * W, vsel(ok, vset(1.f), vset(0.f)));
-    vstore(norms + v * W, vsel(finite, vsel(ok, vmul(norm, unscale), vset(0.f)), vset(qnan())));
-  }
+  for (int v = 0; v < NV; v += kGroup) normalize_group<kGroup>(xt, d, v, min_abs, good, norms);
 }
 
 // Activation as a compile-time parameter, so the micro-kernel epilogue stays in registers.
@@ -234,59 +260,112 @@ static inline vi find_segment(int n_seg, vf z, Lookup lookup) {
   return c;
 }
 
+// score = x.r / |r| (x is unit or zero), 0 where r = 0, for G row vectors from v0; r_of(j, g) is entry j of the
+// decoded pattern of vector g.  G vectors side by side: 2G independent FMA chains over the d entries.
+template <int G, class Recon>
+static inline void cosine_group(const float* xt, int d, int v0, float* scores, Recon r_of) {
+  vf xr[G], rr[G];
+  for (int g = 0; g < G; ++g) xr[g] = rr[g] = vset(0.f);
+  for (int j = 0; j < d; ++j)
+    for (int g = 0; g < G; ++g) {
+      const vf r = r_of(j, g);
+      xr[g] = vfma(vload(xt + j * T + (v0 + g) * W), r, xr[g]);
+      rr[g] = vfma(r, r, rr[g]);
+    }
+  for (int g = 0; g < G; ++g)
+    vstore(scores + (v0 + g) * W, vsel(vgt(rr[g], vset(0.f)), vdiv(xr[g], vsqrt(rr[g])), vset(0.f)));
+}
+
+#if KA_ISA >= 1
+// The decoded patterns r = c[s] + u b[s] of the tile (s the row's segment, u = z - zc[s]), built a row at a time
+// from the table's contiguous rows, W entries per FMA, and turned into lanes by the in-register transpose:
+// rt [d][T].  This replaces two gathers per entry and row vector (slow on every x86 core, and the whole cost
+// of the AVX2 path at k = 7) by two plain loads per W entries and row.
+constexpr int kLinearSearchMax = 48;  // breakpoints up to which counting beats a gathered binary search
+static void decode_segments_t(const ModelView& m, const float* z, float* rt) {
+  const int d = m.d;
+  alignas(64) int32_t seg[T];
+  alignas(64) float u[T];
+  const int nb = m.n_seg - 1;
+  for (int v = 0; v < NV; ++v) {
+    const vf zv = vload(z + v * W);
+    vi sv;
+    if (nb <= kLinearSearchMax) {
+      // the number of breakpoints <= z, counted against broadcasts: no gathers (the breakpoints are sorted,
+      // so this is the binary search's answer)
+      vi c = iset(0);
+      for (int b = 0; b < nb; ++b) c = isel(vge(zv, vset(m.seg_t[b])), iadd(c, iset(1)), c);
+      sv = c;
+    } else {
+      sv = find_segment(m.n_seg, zv, [&](vi idx) { return vgather(m.seg_t, idx); });
+    }
+    istore(seg + v * W, sv);
+  }
+  for (int r = 0; r < T; ++r) u[r] = z[r] - m.seg_zc[seg[r]];
+  for (int v = 0; v < NV; ++v) {
+    for (int cb = 0; cb < d; cb += W) {
+      const int nc = d - cb < W ? d - cb : W;
+      vf r[W];
+      for (int i = 0; i < W; ++i) {
+        const idx_t off = static_cast<idx_t>(seg[v * W + i]) * d + cb;
+        r[i] = vfma(vset(u[v * W + i]), load_part(m.seg_b + off, nc), load_part(m.seg_c + off, nc));
+      }
+      transpose(r);
+      for (int c = 0; c < nc; ++c) vstore(rt + (cb + c) * T + v * W, r[c]);
+    }
+  }
+}
+#endif
+
 // cosine(xt row, decoded(code)) for every row; aux[kCode] holds the codes.
 static void cosine_tile(const ModelView& m, bool use_segments, const TileScratch& s, float* scores) {
   const int d = m.d;
   const float* z = s.aux + kCode * T;
-#if KA_ISA == 2
-  if (use_segments && m.seg_pad > 0) {
-    // short table: every lookup is an in-register permute of a column of the transposed table
-    const int pad = m.seg_pad;
-    for (int v = 0; v < NV; ++v) {
-      const vf zv = vload(z + v * W);
-      const vi seg = find_segment(m.n_seg, zv, [&](vi idx) { return vlookup(m.seg_t_pad, pad, idx); });
-      const vf u = vsub(zv, vlookup(m.seg_zc_pad, pad, seg));
-      vf xr = vset(0.f), rr = vset(0.f);
-      for (int j = 0; j < d; ++j) {
-        const vf r = vfma(u, vlookup(m.seg_b_t + j * pad, pad, seg), vlookup(m.seg_c_t + j * pad, pad, seg));
-        xr = vfma(vload(s.xt + j * T + v * W), r, xr);
-        rr = vfma(r, r, rr);
-      }
-      vstore(scores + v * W, vsel(vgt(rr, vset(0.f)), vdiv(xr, vsqrt(rr)), vset(0.f)));
-    }
-    return;
-  }
-#endif
   if (use_segments && m.n_seg > 0) {
-    const vi dv = iset(d);
+#if KA_ISA == 2
+    if (m.seg_pad > 0) {
+      // short table: every lookup is an in-register permute of a column of the transposed table
+      const int pad = m.seg_pad;
+      for (int v0 = 0; v0 < NV; v0 += kGroup) {
+        vf u[kGroup];
+        vi seg[kGroup];
+        for (int g = 0; g < kGroup; ++g) {
+          const vf zv = vload(z + (v0 + g) * W);
+          seg[g] = find_segment(m.n_seg, zv, [&](vi idx) { return vlookup(m.seg_t_pad, pad, idx); });
+          u[g] = vsub(zv, vlookup(m.seg_zc_pad, pad, seg[g]));
+        }
+        cosine_group<kGroup>(s.xt, d, v0, scores, [&](int j, int g) {
+          return vfma(u[g], vlookup(m.seg_b_t + j * pad, pad, seg[g]), vlookup(m.seg_c_t + j * pad, pad, seg[g]));
+        });
+      }
+      return;
+    }
+#endif
+#if KA_ISA >= 1
+    float* rt = s.buf0;  // free once the code is in aux
+    decode_segments_t(m, z, rt);
+    for (int v0 = 0; v0 < NV; v0 += kGroup)
+      cosine_group<kGroup>(s.xt, d, v0, scores, [&](int j, int g) { return vload(rt + j * T + (v0 + g) * W); });
+#else
+    // one row per "vector": the lookups are plain indexed loads
     for (int v = 0; v < NV; ++v) {
       const vf zv = vload(z + v * W);
       const vi seg = find_segment(m.n_seg, zv, [&](vi idx) { return vgather(m.seg_t, idx); });
       const vf u = vsub(zv, vgather(m.seg_zc, seg));
-      const vi base = imul(seg, dv);
-      vf xr = vset(0.f), rr = vset(0.f);
-      for (int j = 0; j < d; ++j) {
+      const vi base = imul(seg, iset(d));
+      cosine_group<1>(s.xt, d, v, scores, [&](int j, int) {
         const vi idx = iadd(base, iset(j));
-        const vf r = vfma(u, vgather(m.seg_b, idx), vgather(m.seg_c, idx));
-        xr = vfma(vload(s.xt + j * T + v * W), r, xr);
-        rr = vfma(r, r, rr);
-      }
-      vstore(scores + v * W, vsel(vgt(rr, vset(0.f)), vdiv(xr, vsqrt(rr)), vset(0.f)));
+        return vfma(u, vgather(m.seg_b, idx), vgather(m.seg_c, idx));
+      });
     }
+#endif
   } else {
     // the decoder MLP, from a copy of the codes (the layer buffers are reused)
     float* zin = s.aux + kTmp * T;
     std::memcpy(zin, z, sizeof(float) * T);
     const float* rec = run_layers(m.dec, m.n_dec, zin, s);  // [d][T]
-    for (int v = 0; v < NV; ++v) {
-      vf xr = vset(0.f), rr = vset(0.f);
-      for (int j = 0; j < d; ++j) {
-        const vf r = vload(rec + j * T + v * W);
-        xr = vfma(vload(s.xt + j * T + v * W), r, xr);
-        rr = vfma(r, r, rr);
-      }
-      vstore(scores + v * W, vsel(vgt(rr, vset(0.f)), vdiv(xr, vsqrt(rr)), vset(0.f)));
-    }
+    for (int v0 = 0; v0 < NV; v0 += kGroup)
+      cosine_group<kGroup>(s.xt, d, v0, scores, [&](int j, int g) { return vload(rec + j * T + (v0 + g) * W); });
   }
 }
 

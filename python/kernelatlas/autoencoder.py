@@ -69,6 +69,8 @@ class Autoencoder:
     # for every interval whose (lo, hi) is unchanged, so load + save never loses what `clusters` wrote
     cluster_spec: dict[str, Any] | None = None
     _engine_cache: Any = field(default=None, init=False, repr=False, compare=False)
+    _margins_cache: dict[str, tuple[float, float]] = field(default_factory=dict, init=False, repr=False,
+                                                           compare=False)
 
     def __post_init__(self) -> None:
         d = self.d
@@ -120,10 +122,42 @@ class Autoencoder:
 
     # ------------------------------------------------------------------ inference
     def encode(
-        self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None
+        self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None,
+        precision: str = "fp32",
     ) -> np.ndarray:
-        """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite)."""
-        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=thread_count(threads))
+        """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite).
+        ``precision``: 'fp32' (default) or 'bf16' (opt-in, AVX512_BF16 CPUs; see :func:`kernelatlas.assign`)."""
+        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=thread_count(threads),
+                                   precision=precision)
+
+    def bf16_margins(self, decoder: str = "auto") -> tuple[float, float]:
+        """The recheck margins of ``precision='bf16'`` for this model: (code, score) = twice the 90th percentile
+        of the deviation of bf16 from fp32 in code and in score over a calibration set of 8,192 kernels -- the
+        model's decoded patterns at codes spread over its interval span, with Gaussian noise of 0-50% of their
+        spread, and standard normal kernels.  Rows whose bf16 code lies within the code margin of an interval
+        edge, or whose score within the score margin of the threshold, are recomputed in fp32.  (Margins from the
+        largest deviation recheck 70-95% of the rows of a trained model -- slower than fp32; these recheck 4-11%
+        and keep >= 99.96% of labels, BENCHMARKS.md "Reduced precision".)  Cached per decoder."""
+        if decoder not in self._margins_cache:
+            rng = np.random.default_rng(0)
+            noise = rng.standard_normal((4096, self.d)).astype(np.float32)
+            if self.clusters:
+                lo, hi = self.clusters[0][0], self.clusters[-1][1]
+            else:
+                codes = self.encode(noise)
+                lo, hi = float(np.nanmin(codes)), float(np.nanmax(codes))
+            pat = self.decode(np.linspace(lo, hi, 1024, dtype=np.float32))
+            spread = pat.std(axis=1, keepdims=True)
+            calib = np.concatenate([pat + level * spread * rng.standard_normal(pat.shape).astype(np.float32)
+                                    for level in (0.0, 0.05, 0.2, 0.5)] + [noise]).astype(np.float32)
+            ref = self._engine.assign(calib, threshold=-1.0, decoder=decoder, threads=thread_count(None))
+            low = self._engine.assign(calib, threshold=-1.0, decoder=decoder, threads=thread_count(None),
+                                      precision="bf16")
+            live = ~np.isnan(ref[2])
+            dz = float(np.quantile(np.abs(low[2][live] - ref[2][live]), 0.9)) if live.any() else 0.0
+            ds = float(np.quantile(np.abs(low[1][live] - ref[1][live]), 0.9)) if live.any() else 0.0
+            self._margins_cache[decoder] = (2.0 * dz, 2.0 * ds)
+        return self._margins_cache[decoder]
 
     def decode(self, codes: np.ndarray, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Decode codes float32 [n] into patterns [n, d] (rows of NaN for non-finite codes)."""

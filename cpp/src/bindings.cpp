@@ -212,7 +212,8 @@ PYBIND11_MODULE(_core, m) {
              const std::string& decoder, const std::string& precision, double recheck_code, double recheck_score) {
             const KernelsIn in = kernels_arg(x, self.d(), "x");
             const Precision prec = precision_arg(precision);
-            if (!(recheck_code >= 0 && recheck_score >= 0 && std::isfinite(recheck_code) && std::isfinite(recheck_score)))
+            if (!(recheck_code >= 0 && recheck_score >= 0 && std::isfinite(recheck_code) &&
+                  std::isfinite(recheck_score)))
               throw py::value_error("recheck margins must be finite and >= 0");
             const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(in.rows)};
             auto lab = out_arg<int16_t>(labels, shape, "labels");
@@ -225,8 +226,8 @@ PYBIND11_MODULE(_core, m) {
             float* c = cd.mutable_data();
             {
               py::gil_scoped_release release;
-              kernelatlas::assign(self.view(), in, thr, ma, seg, l, s, c, threads, prec, static_cast<float>(recheck_code),
-                                  static_cast<float>(recheck_score));
+              kernelatlas::assign(self.view(), in, thr, ma, seg, l, s, c, threads, prec,
+                                  static_cast<float>(recheck_code), static_cast<float>(recheck_score));
             }
             return py::make_tuple(lab, sc, cd);
           },

@@ -165,8 +165,9 @@ bool bf16_available(std::string* why) {
     if (!compiled)
       *why = "this build has no AVX-512 engine variant";
     else if (!cpu)
-      *why = "this CPU has no AVX512_BF16 instructions (e.g. AMD Zen 4 and later, Intel Cooper Lake and Sapphire "
-             "Rapids and later have them)";
+      *why =
+          "this CPU has no AVX512_BF16 instructions (e.g. AMD Zen 4 and later, Intel Cooper Lake and Sapphire "
+          "Rapids and later have them)";
     else
       *why = "the engine runs its " + isa_name(isa) + " path (KERNELATLAS_ISA / set_isa); bf16 runs on avx512 only";
   }

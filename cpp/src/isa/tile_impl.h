@@ -19,12 +19,16 @@
 namespace kernelatlas {
 namespace KA_NS {
 
+// Register blocking of the dense micro-kernel: BB units x V row vectors = BB*V accumulators, plus V row vectors
+// and one broadcast weight.  FMA units need (pipes x latency) independent chains to stay busy: 2 x 4 = 8 on
+// Zen 3/4 and Intel cores, 2 x 5 = 10 on Zen 2, so AVX2 takes 12 (4 x 3 + 3 + 1 = all 16 ymm) rather than the
+// 8 of the AVX-512 shape scaled down; AVX-512 takes 24 of its 32 zmm.
 #if KA_ISA == 2
-constexpr int T = 96;  // kernels per tile
+constexpr int T = 96;         // kernels per tile
 constexpr int BB = 8, V = 3;  // 24 accumulators of 32 zmm
 #elif KA_ISA == 1
 constexpr int T = 96;
-constexpr int BB = 4, V = 3; // 12 accumulators of 16 ymm
+constexpr int BB = 4, V = 3;  // 12 accumulators of 16 ymm
 #else
 constexpr int T = 64;
 constexpr int BB = 4, V = 4;
@@ -83,17 +87,27 @@ static void load_tile(const KernelsIn& x, idx_t r0, int rows, float* xt) {
       for (int r = rows; r < T; ++r) xt[j * T + r] = 0.f;
 }
 
-// xt [d][T] -> rows [rows, d] (the inverse of load_tile's transpose).
+// xt [d][T] -> rows [rows, d] (the inverse of load_tile's transpose).  The partial last block of columns is
+// stored first with whole-vector stores that run into the next row's first entries, which the later blocks
+// then overwrite with their values (masked stores are slow on AMD cores); only the tile's last row, whose
+// next row belongs to another tile (maybe another thread), gets a masked store.
 static void store_rows(const float* xt, int d, int rows, float* out) {
 #if KA_ISA >= 1
+  const int tail = d % W, cb_tail = d - tail;
   for (int v = 0; v < NV && v * W < rows; ++v) {
-    for (int cb = 0; cb < d; cb += W) {
+    for (int step = 0; step * W < d; ++step) {
+      const int cb = tail > 0 ? (step == 0 ? cb_tail : (step - 1) * W) : step * W;
       const int nc = d - cb < W ? d - cb : W;
       vf r[W];
       for (int c = 0; c < W; ++c) r[c] = c < nc ? vload(xt + (cb + c) * T + v * W) : vset(0.f);
       transpose(r);
-      for (int i = 0; i < W && v * W + i < rows; ++i)
-        store_part(out + static_cast<idx_t>(v * W + i) * d + cb, r[i], nc);
+      for (int i = 0; i < W && v * W + i < rows; ++i) {
+        float* dst = out + static_cast<idx_t>(v * W + i) * d + cb;
+        if (nc == W || v * W + i + 1 < rows)
+          vstore(dst, r[i]);
+        else
+          store_part(dst, r[i], nc);
+      }
     }
   }
 #else
@@ -245,8 +259,9 @@ static const float* run_layers(const LayerView* layers, int n, const float* src,
 
 KA_BF16_TARGET static inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
   // cvtne2ps gives words [bf16(lo) 0..15 | bf16(hi) 0..15]; the permute interleaves them to (lo_i, hi_i) pairs
-  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                            8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                           21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave),
                                   reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
 }
@@ -272,8 +287,7 @@ KA_BF16_TARGET static inline void dense_micro_bf16(const uint32_t* w, const floa
   }
   for (int p = 0; p < pairs; ++p) {
     __m512bh xv[NVB];
-    for (int v = 0; v < NVB; ++v)
-      xv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(src + p * T + (v0 + v) * W));
+    for (int v = 0; v < NVB; ++v) xv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(src + p * T + (v0 + v) * W));
     const uint32_t* wp = w + p * kBlockOut;
     for (int b = 0; b < NB; ++b) {
       const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(wp[b])));
@@ -497,8 +511,8 @@ static const float* run_row(const LayerView* layers, int n, const float* x, floa
           const __m256 xj = _mm256_set1_ps(src[j]);
           for (int g = 0; g < G; ++g)
             if (g < ng)
-              acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(panel + (static_cast<idx_t>(g) * L.in + j) * kBlockOut), xj,
-                                       acc[g]);
+              acc[g] =
+                  _mm256_fmadd_ps(_mm256_loadu_ps(panel + (static_cast<idx_t>(g) * L.in + j) * kBlockOut), xj, acc[g]);
         }
         for (int g = 0; g < ng; ++g) _mm256_storeu_ps(dst + ob0 + g * kBlockOut, acc[g]);
       }
@@ -564,8 +578,8 @@ static void normalize_entry(const KernelsIn& x, idx_t r0, int rows, float min_ab
   std::memcpy(norms, s.aux + kNorm * T, sizeof(float) * rows);
 }
 
-static void encode_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, float min_abs,
-                         Precision precision, float* codes, const TileScratch& s) {
+static void encode_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, float min_abs, Precision precision,
+                         float* codes, const TileScratch& s) {
   load_tile(x, r0, rows, s.xt);
   normalize_tile(s.xt, x.d, min_abs, s.aux + kGood * T, s.aux + kNorm * T);
   encode_normalized(m, precision, s);

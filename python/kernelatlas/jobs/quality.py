@@ -22,8 +22,9 @@ small linear algebra afterwards: H from the d x d centred scatter gram - sum sum
 the moments summed over layers.  A layer is always one segment of one call (its sparsity threshold needs the
 whole layer's max), so results do not depend on the chunk size.  It also returns the moments of each layer's
 sparse kernels (read once more natively, right after their piece), subtracted from the layer's moments to give
-entropy_clean.  Only orthogonality (a c_out x c_out Gram of whole filters, computed in blocks) needs the
-kernels once more in numpy, layer by layer, while the layer is still in the page cache.
+entropy_clean.  Only orthogonality (a c_out x c_out Gram of whole filters: native fp32 tiles for corpus
+dtypes, float64 numpy blocks otherwise) reads the kernels once more, layer by layer, while the layer is still
+in the page cache.
 
 Output: ``CORPUS/runs/RUN_ID/`` with quality.parquet (one row per stored layer), pca-kK.npz / pca-kK.csv
 (mean, basis, eigenvalues, explained-variance ratios) and figures (pca-kK.png, quality-kK.png); run.json is

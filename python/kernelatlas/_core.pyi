@@ -71,6 +71,10 @@ def layer_stats(x: _Kernels, starts: _I64, stops: _I64, *, threads: int = ...) -
     max|w|.  Non-finite rows count only in nonfinite; sparse: every |w| < 0.01 * max_abs (all finite rows when
     max_abs == 0).  Bit-identical for any thread count and ISA."""
 
+def orthogonality(filters: npt.NDArray[np.float16] | npt.NDArray[np.float32], *, threads: int = ...) -> float:
+    """Orthogonality (CVPRW 2022) of one layer's filters [c_out, m]: NaN/Inf filters left out, the others
+    L2-normalised, 1 - sum|F F^T - I| / (c (c - 1)); NaN below two finite filters.  fp32 Gram (~1e-7 per entry)."""
+
 def coef_range(
     x: _Kernels, starts: _I64, stops: _I64, mean: npt.ArrayLike, basis: npt.ArrayLike, *,
     scale_maxabs: bool = ..., threads: int = ...

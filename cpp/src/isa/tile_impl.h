@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "isa/simd.h"
 #include "tile_kernels.h"
@@ -227,15 +228,22 @@ static void dense_layer_t(const LayerView& L, const float* src, float* dst) {
   }
 }
 
-static void dense_layer(const LayerView& L, const float* src, float* dst) {
-  switch (L.act) {
-    case Activation::identity: return dense_layer_t<Activation::identity>(L, src, dst);
-    case Activation::relu: return dense_layer_t<Activation::relu>(L, src, dst);
-    case Activation::sigmoid: return dense_layer_t<Activation::sigmoid>(L, src, dst);
-    case Activation::tanh: return dense_layer_t<Activation::tanh>(L, src, dst);
-    case Activation::gelu: return dense_layer_t<Activation::gelu>(L, src, dst);
-    case Activation::gelu_tanh: return dense_layer_t<Activation::gelu_tanh>(L, src, dst);
+// fn(std::integral_constant<Activation, a>{}): the run-time activation as a compile-time one.
+template <class Fn>
+static inline void with_activation(Activation a, Fn&& fn) {
+  using A = Activation;
+  switch (a) {
+    case A::identity: return fn(std::integral_constant<A, A::identity>{});
+    case A::relu: return fn(std::integral_constant<A, A::relu>{});
+    case A::sigmoid: return fn(std::integral_constant<A, A::sigmoid>{});
+    case A::tanh: return fn(std::integral_constant<A, A::tanh>{});
+    case A::gelu: return fn(std::integral_constant<A, A::gelu>{});
+    case A::gelu_tanh: return fn(std::integral_constant<A, A::gelu_tanh>{});
   }
+}
+
+static void dense_layer(const LayerView& L, const float* src, float* dst) {
+  with_activation(L.act, [&](auto a) { dense_layer_t<decltype(a)::value>(L, src, dst); });
 }
 
 // Runs layers[0..n) from src; returns the buffer holding the last output.
@@ -310,14 +318,7 @@ KA_BF16_TARGET static void dense_layer_bf16_t(const LayerView& L, const uint32_t
 }
 
 KA_BF16_TARGET static void dense_layer_bf16(const LayerView& L, const uint32_t* src, float* dst) {
-  switch (L.act) {
-    case Activation::identity: return dense_layer_bf16_t<Activation::identity>(L, src, dst);
-    case Activation::relu: return dense_layer_bf16_t<Activation::relu>(L, src, dst);
-    case Activation::sigmoid: return dense_layer_bf16_t<Activation::sigmoid>(L, src, dst);
-    case Activation::tanh: return dense_layer_bf16_t<Activation::tanh>(L, src, dst);
-    case Activation::gelu: return dense_layer_bf16_t<Activation::gelu>(L, src, dst);
-    case Activation::gelu_tanh: return dense_layer_bf16_t<Activation::gelu_tanh>(L, src, dst);
-  }
+  with_activation(L.act, [&](auto a) { dense_layer_bf16_t<decltype(a)::value>(L, src, dst); });
 }
 
 // run_layers with the hidden (blocked) layers in bf16; the code layer (one unit) stays fp32.  The pairs of the

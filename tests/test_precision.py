@@ -20,7 +20,7 @@ AGREEMENT = 0.999  # issue 16: labels of bf16 vs fp32
 def calibrated(d: int, make_autoencoder, make_kernels):
     """A random autoencoder with intervals at quantiles of its codes on pattern-like kernels, and the threshold
     at the 40% quantile of their scores (every label common, many rows near a decision)."""
-    model, enc, dec = make_autoencoder(d)
+    model, _, _ = make_autoencoder(d)
     x = make_kernels(4096, d, seed=1, pattern_model=(d,))
     codes = model.encode(x)
     good = ~np.isnan(codes)
@@ -44,7 +44,7 @@ def test_bf16_off_the_avx512_path_is_refused_with_the_reason(make_autoencoder, m
     x = make_kernels(10, 9)
     previous = ka.set_isa("scalar")
     try:
-        with pytest.raises(ValueError, match="precision='bf16' is not available: .*scalar"):
+        with pytest.raises(ValueError, match=r"precision='bf16' is not available: .*scalar"):
             ka.assign(x, model, precision="bf16")
         with pytest.raises(ValueError, match="precision='bf16' is not available"):
             model.encode(x, precision="bf16")

@@ -8,9 +8,8 @@
 // x.r and r.r by FMA chains in entry order, score = x.r / sqrt(r.r) (0 when r = 0): a row's label, score and
 // code are bit-identical to the AVX2 / AVX-512 engine's.
 //
-// Shared memory: ae_layout (encode.cuh) -- [staged blob][xt d][buf0 w][buf1 w][zin 1 with the MLP], rows of
-// T + 1 floats.  Phases: 0 stage the blob (through the table, or all of it for the MLP) + load the tile,
-// 1 everything else, per thread.
+// Shared memory: ae_layout (encode.cuh) -- [staged blob][xt d][buf0 w][buf1 w], rows of T + 1 floats.  Phases: 0 stage
+// the blob (through the table, or all of it for the MLP) + load the tile, 1 everything else, per thread.
 #pragma once
 #include "encode.cuh"
 
@@ -68,19 +67,27 @@ struct AssignOp {
     float* buf1 = b.smem + L.buf1 + b.thread;
     float good, norm;
     normalize_column(x, stride, m.d, a.min_abs, &good, &norm);
-    const float z = *run_layers_column(m.enc, m.n_enc, mp, x, buf0, buf1, stride);
+    // the encoder, then (with the MLP) the decoder, as one chain of layers: the decoder's first layer reads the
+    // code where the encoder left it (one inlined copy of the layer code instead of two)
+    const int n_layers = m.n_enc + (mlp ? m.n_dec : 0);
+    const float* src = x;
+    float z = 0.f;
+    for (int i = 0; i < n_layers; ++i) {
+      float* dst = (i & 1) ? buf1 : buf0;
+      dense_column(i < m.n_enc ? m.enc[i] : m.dec[i - m.n_enc], mp, src, dst, stride);
+      src = dst;
+      if (i == m.n_enc - 1) z = *dst;
+    }
     float score;
     if (!mlp) {
       const int32_t s = segment_of(z, m.n_seg, mp + m.seg_t);
       const float u = z - mp[m.seg_zc + s];
-      const float* c = mp + m.seg_c + static_cast<int64_t>(s) * m.d;  // [d]
+      const float* c = mp + m.seg_c + static_cast<int64_t>(s) * m.d;   // [d]
       const float* sl = mp + m.seg_b + static_cast<int64_t>(s) * m.d;  // [d]
-      score = cosine_column(x, stride, m.d, [&](int j) { return std::fma(u, sl[j], c[j]); });
+      score = cosine_column(x, stride, m.d, [=](int j) { return std::fma(u, sl[j], c[j]); });
     } else {
-      float* zin = b.smem + L.zin + b.thread;
-      *zin = z;
-      const float* rec = run_layers_column(m.dec, m.n_dec, mp, zin, buf0, buf1, stride);
-      score = cosine_column(x, stride, m.d, [&](int j) { return rec[j * stride]; });
+      const float* rec = src;  // [d] column of the decoded pattern
+      score = cosine_column(x, stride, m.d, [=](int j) { return rec[j * stride]; });
     }
     const bool ok = good != 0.f;
     const int32_t label = interval_label(z, m.n_int, mp + m.int_lo, mp + m.int_hi);
@@ -92,3 +99,21 @@ struct AssignOp {
 
 }  // namespace gpu
 }  // namespace kernelatlas
+
+#if defined(__CUDACC__)
+namespace kernelatlas {
+namespace gpu {
+// labels, scores, codes [rows] from x [rows, d] with the model blob (device pointers), on `stream`.
+inline void launch_assign(AssignArgs a, cudaStream_t stream) {
+  check_kernels_arg(a.x, a.dtype, a.rows, a.m.d);
+  if (a.rows > 0 && (a.labels == nullptr || a.scores == nullptr || a.codes == nullptr || a.blob == nullptr))
+    throw std::invalid_argument("assign: null pointer");
+  if (a.use_segments && a.m.n_seg == 0) throw std::invalid_argument("assign: the model has no segment table");
+  const bool mlp = !a.use_segments;
+  const LaunchPlan plan = plan_or_throw(ae_row_floats(a.m, mlp), mlp ? a.m.floats_all : a.m.floats_table);
+  a.stage_floats = plan.stage_floats;
+  launch_phased<AssignOp>(a, a.rows, plan.threads, plan.smem_bytes, stream);
+}
+}  // namespace gpu
+}  // namespace kernelatlas
+#endif

@@ -68,3 +68,19 @@ struct PrototypesOp {
 
 }  // namespace gpu
 }  // namespace kernelatlas
+
+#if defined(__CUDACC__)
+namespace kernelatlas {
+namespace gpu {
+// labels, scores [rows] from x [rows, d] with the normalised prototypes (device pointers), on `stream`.
+inline void launch_assign_prototypes(PrototypesArgs a, cudaStream_t stream) {
+  check_kernels_arg(a.x, a.dtype, a.rows, a.p.d);
+  if (a.rows > 0 && (a.labels == nullptr || a.scores == nullptr || a.blob == nullptr))
+    throw std::invalid_argument("assign_prototypes: null pointer");
+  const LaunchPlan plan = plan_or_throw(a.p.d, a.p.floats_all);
+  a.stage_floats = plan.stage_floats;
+  launch_phased<PrototypesOp>(a, a.rows, plan.threads, plan.smem_bytes, stream);
+}
+}  // namespace gpu
+}  // namespace kernelatlas
+#endif

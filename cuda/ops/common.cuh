@@ -22,6 +22,13 @@
 #else
 #define KA_DEV_INLINE inline
 #endif
+// Full unrolling of a constant-trip loop in device code (the host compiler unrolls such loops by itself and
+// would warn about nvcc's pragma).
+#if defined(__CUDA_ARCH__)
+#define KA_UNROLL _Pragma("unroll")
+#else
+#define KA_UNROLL
+#endif
 
 namespace kernelatlas {
 namespace gpu {
@@ -112,7 +119,7 @@ template <class Op>
 __global__ void __launch_bounds__(kMaxThreads) phased_kernel(const typename Op::Args args) {
   extern __shared__ float smem[];
   const BlockCtx b{static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), smem};
-#pragma unroll
+  KA_UNROLL
   for (int p = 0; p < Op::kPhases; ++p) {
     if (p > 0) __syncthreads();
     Op::phase(p, args, b);
@@ -153,3 +160,63 @@ inline LaunchPlan plan_launch(int row_floats, int blob_floats, int64_t budget_by
 
 }  // namespace gpu
 }  // namespace kernelatlas
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <stdexcept>
+#include <string>
+
+namespace kernelatlas {
+namespace gpu {
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so that the next call starts clean
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+  }
+}
+
+// Opt-in shared memory per block of the current device (227 KB on sm_90, 163 KB on sm_80).
+inline int64_t smem_budget() {
+  int dev = 0, bytes = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  return bytes;
+}
+
+inline void check_kernels_arg(const void* x, DType dtype, int64_t rows, int d) {
+  if (rows < 0) throw std::invalid_argument("rows must be >= 0, got " + std::to_string(rows));
+  if (d < 1 || d > kMaxDim)
+    throw std::invalid_argument("kernels have " + std::to_string(d) + " entries; the engine takes 1.." +
+                                std::to_string(kMaxDim));
+  if (dtype != DType::float32 && dtype != DType::float16)
+    throw std::invalid_argument("kernels must be float32 or float16");
+  if (rows > 0 && x == nullptr) throw std::invalid_argument("kernels: null device pointer");
+}
+
+// Launches Op over rows (one thread per row, `threads` per block); no launch on empty input.
+template <class Op>
+void launch_phased(const typename Op::Args& a, int64_t rows, int threads, int64_t smem_bytes, cudaStream_t stream) {
+  if (rows == 0) return;
+  const int64_t blocks = (rows + threads - 1) / threads;
+  if (blocks > INT_MAX) throw std::invalid_argument("too many rows for one launch: " + std::to_string(rows));
+  check_cuda(cudaFuncSetAttribute(phased_kernel<Op>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem_bytes)),
+             "cudaFuncSetAttribute(max dynamic shared memory)");
+  phased_kernel<Op><<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem_bytes), stream>>>(a);
+  check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+inline LaunchPlan plan_or_throw(int row_floats, int blob_floats) {
+  const LaunchPlan plan = plan_launch(row_floats, blob_floats, smem_budget());
+  if (plan.threads == 0)
+    throw std::invalid_argument("the model's layers are too wide for this GPU's shared memory (" +
+                                std::to_string(row_floats) + " floats per row)");
+  return plan;
+}
+
+}  // namespace gpu
+}  // namespace kernelatlas
+#endif

@@ -23,14 +23,14 @@ KA_DEV_INLINE void dense_column_blocks(const GpuLayer& L, const float* mp, const
   for (int ob = 0; ob < L.out_pad; ob += BLK) {
     const float* panel = mp + L.w + static_cast<int64_t>(ob) * L.in;  // [in][BLK]
     float acc[BLK];
-#pragma unroll
+    KA_UNROLL
     for (int u = 0; u < BLK; ++u) acc[u] = mp[L.b + ob + u];
     for (int j = 0; j < L.in; ++j) {
       const float xj = src[j * stride];
-#pragma unroll
+      KA_UNROLL
       for (int u = 0; u < BLK; ++u) acc[u] = std::fma(panel[j * BLK + u], xj, acc[u]);
     }
-#pragma unroll
+    KA_UNROLL
     for (int u = 0; u < BLK; ++u) dst[(ob + u) * stride] = activate_poly(act, acc[u]);
   }
 }
@@ -55,11 +55,11 @@ KA_DEV_INLINE const float* run_layers_column(const GpuLayer* layers, int n, cons
 
 // Where each buffer of an autoencoder op lives in shared memory (offsets in floats).
 struct AeLayout {
-  int64_t xt, buf0, buf1, zin, total;
+  int64_t xt, buf0, buf1, total;
 };
 
-// stage_floats: the blob prefix staged at offset 0 (0: the blob is read from global memory); mlp: room for
-// the decoder MLP (its widths and the code column it starts from).
+// stage_floats: the blob prefix staged at offset 0 (0: the blob is read from global memory); mlp: buffers wide
+// enough for the decoder MLP too.
 KA_DEV_INLINE AeLayout ae_layout(const GpuModel& m, int stage_floats, bool mlp, int threads) {
   const int stride = row_stride(threads);
   const int w = mlp && m.dec_width > m.enc_width ? m.dec_width : m.enc_width;
@@ -67,15 +67,14 @@ KA_DEV_INLINE AeLayout ae_layout(const GpuModel& m, int stage_floats, bool mlp, 
   L.xt = (static_cast<int64_t>(stage_floats) + 3) / 4 * 4;
   L.buf0 = L.xt + static_cast<int64_t>(m.d) * stride;
   L.buf1 = L.buf0 + static_cast<int64_t>(w) * stride;
-  L.zin = L.buf1 + static_cast<int64_t>(w) * stride;
-  L.total = L.zin + (mlp ? stride : 0);
+  L.total = L.buf1 + static_cast<int64_t>(w) * stride;
   return L;
 }
 
 // Floats per row of T + 1 in ae_layout (for plan_launch).
 inline int ae_row_floats(const GpuModel& m, bool mlp) {
   const int w = mlp && m.dec_width > m.enc_width ? m.dec_width : m.enc_width;
-  return m.d + 2 * w + (mlp ? 1 : 0);
+  return m.d + 2 * w;
 }
 
 struct EncodeArgs {
@@ -116,3 +115,18 @@ struct EncodeOp {
 
 }  // namespace gpu
 }  // namespace kernelatlas
+
+#if defined(__CUDACC__)
+namespace kernelatlas {
+namespace gpu {
+// codes [rows] from x [rows, d] with the model blob (device pointers), on `stream`; a.stage_floats is set here.
+inline void launch_encode(EncodeArgs a, cudaStream_t stream) {
+  check_kernels_arg(a.x, a.dtype, a.rows, a.m.d);
+  if (a.rows > 0 && (a.codes == nullptr || a.blob == nullptr)) throw std::invalid_argument("encode: null pointer");
+  const LaunchPlan plan = plan_or_throw(ae_row_floats(a.m, false), a.m.floats_enc);
+  a.stage_floats = plan.stage_floats;
+  launch_phased<EncodeOp>(a, a.rows, plan.threads, plan.smem_bytes, stream);
+}
+}  // namespace gpu
+}  // namespace kernelatlas
+#endif

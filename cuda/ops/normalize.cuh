@@ -87,3 +87,19 @@ struct NormalizeOp {
 
 }  // namespace gpu
 }  // namespace kernelatlas
+
+#if defined(__CUDACC__)
+namespace kernelatlas {
+namespace gpu {
+// normalized [rows, d], norms [rows] from x [rows, d] (all device pointers), on `stream`.
+inline void launch_normalize(const NormalizeArgs& a, cudaStream_t stream) {
+  check_kernels_arg(a.x, a.dtype, a.rows, a.d);
+  if (a.rows > 0 && (a.normalized == nullptr || a.norms == nullptr))
+    throw std::invalid_argument("normalize: null output pointer");
+  const int threads = kMaxThreads;
+  launch_phased<NormalizeOp>(a, a.rows, threads, static_cast<int64_t>(sizeof(float)) * a.d * row_stride(threads),
+                             stream);
+}
+}  // namespace gpu
+}  // namespace kernelatlas
+#endif

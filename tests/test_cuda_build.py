@@ -93,3 +93,12 @@ def test_the_module_was_built_with_the_kernels():
     assert dev["device_count"] >= 0
     if dev["device_count"] == 0:
         assert info["cuda_available"] is False
+
+
+def test_gpu_check_script_exists_and_is_documented():
+    script = ROOT / "scripts" / "gpu-check.sh"
+    assert script.is_file() and os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    for doc in ("README.md", "BENCHMARKS.md"):
+        assert "scripts/gpu-check.sh" in (ROOT / doc).read_text(), doc
+    assert "CUDA backend: not yet verified on hardware" in (ROOT / "README.md").read_text()

@@ -69,6 +69,7 @@ class Autoencoder:
     # for every interval whose (lo, hi) is unchanged, so load + save never loses what `clusters` wrote
     cluster_spec: dict[str, Any] | None = None
     _engine_cache: Any = field(default=None, init=False, repr=False, compare=False)
+    _gpu_cache: Any = field(default=None, init=False, repr=False, compare=False)  # kernelatlas.gpu's upload
 
     def __post_init__(self) -> None:
         d = self.d
@@ -120,10 +121,24 @@ class Autoencoder:
 
     # ------------------------------------------------------------------ inference
     def encode(
-        self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None
+        self,
+        x: np.ndarray,
+        *,
+        min_abs: float = 0.0,
+        threads: int | None = None,
+        out: np.ndarray | None = None,
+        device: str = "auto",
     ) -> np.ndarray:
-        """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite)."""
-        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=thread_count(threads))
+        """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite).
+        ``device``: 'cpu', 'cuda' or 'auto', as for :func:`kernelatlas.assign`."""
+        from kernelatlas import gpu
+
+        where, dev_in = gpu.resolve(device, x)
+        if where == "cuda":
+            return gpu.encode(self, x, dev_in, out, float(min_abs))
+        host = dev_in.to_host() if dev_in is not None else x
+        codes = self._engine.encode(host, out=out, min_abs=float(min_abs), threads=thread_count(threads))
+        return dev_in.from_host(codes) if dev_in is not None else codes
 
     def decode(self, codes: np.ndarray, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Decode codes float32 [n] into patterns [n, d] (rows of NaN for non-finite codes)."""

@@ -183,11 +183,11 @@ def device_input(x: Any) -> DeviceInput | None:
         raise ValueError(f"x must have shape [n, k*k] or [n, k, k], got {shape}")
     itemsize = 4 if dtype == "float32" else 2
     strides = cai.get("strides")
-    if strides is not None and rows > 1:
+    if strides is not None and rows > 1:  # None: C-contiguous by the interface's definition
         want = [itemsize]
         for s in reversed(shape[1:]):
             want.insert(0, want[0] * s)
-        if tuple(strides) != tuple(want) and not (rows <= 1):
+        if tuple(strides) != tuple(want):
             raise ValueError("x is not C-contiguous on the GPU (a transposed view or a strided slice?): pass "
                              "x.contiguous() (torch) or cupy.ascontiguousarray(x); kernelatlas never copies silently")
     if library == "torch":

@@ -158,3 +158,29 @@ def test_coef_histograms_engine(benchmark, corpus):
     t = benchmark.stats.stats.median
     print(f"\ncoef_range {N / t_range / 1e6:.0f} M kernels/s, coef_histograms {N / t / 1e6:.0f} M kernels/s "
           f"({N:,} kernels, 9 components x 70 bins, 10 groups, {THREADS} threads)")
+
+
+@pytest.mark.benchmark(group="orthogonality")
+def test_orthogonality_native_against_float64_numpy(benchmark):
+    """Orthogonality of regular 3x3 float16 layers of the CNN Filter DB's widths (c_in = c_out from 64 to 512):
+    the native fp32 kernel (_core.orthogonality, all threads) against the float64 numpy blocks it replaced for
+    corpus dtypes (the same function given float64 filters), same layers, same run; values within
+    ORTHOGONALITY_TOL."""
+    from kernelatlas.jobs import quality as lq
+
+    rng = np.random.default_rng(2)
+    layers = [(rng.standard_normal((c, c * 9)) * 0.05).astype(np.float16) for c in (64, 128, 256, 512)]
+    fma = sum(c * c * c * 9 / 2 for c in (64, 128, 256, 512))  # upper-triangle multiply-adds
+    wide = [f.astype(np.float64) for f in layers]
+
+    def native() -> list[float]:
+        return [lq.orthogonality(f, threads=THREADS) for f in layers]
+
+    got = benchmark.pedantic(native, rounds=3, iterations=1)
+    t = benchmark.stats.stats.median
+    t0 = time.perf_counter()
+    want = [lq.orthogonality(f) for f in wide]
+    t_ref = time.perf_counter() - t0
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= lq.ORTHOGONALITY_TOL
+    print(f"\northogonality of 4 layers (c = 64..512, 3x3, float16): native {t * 1e3:.1f} ms "
+          f"({2 * fma / t / 1e9:.0f} GFLOP/s), float64 numpy {t_ref * 1e3:.1f} ms: {t_ref / t:.1f}x (same run)")

@@ -51,9 +51,9 @@ def threads(request: pytest.FixtureRequest) -> int:
 
 
 # The matrix every kernel is compared with its reference on: rows that break tiling (0, 1, a partial tile,
-# one short of / exactly / one past the AVX-512 tile of 96 rows, one row past 16 tiles of 64, exactly the
-# 4096 rows from which the parallel path runs -- 64 whole 64-row tiles, a partial last 96-row one -- and a
-# large odd count) x kernel sizes x input dtypes x ISAs.
+# one short of / exactly / one past the AVX-512 and AVX2 tile of 96 rows, one row past 16 scalar tiles of 64,
+# exactly the 4096 rows from which the parallel path runs -- 64 whole 64-row tiles, a partial last 96-row
+# one -- and a large odd count) x kernel sizes x input dtypes x ISAs.
 MATRIX_ROWS = (0, 1, 7, 95, 96, 97, 1025, 4096, 100003)
 MATRIX_DIMS = (9, 25, 49)
 MATRIX_DTYPES = (np.float32, np.float16)

@@ -150,6 +150,27 @@ def test_orthogonality_matches_reference_in_blocks() -> None:
     assert np.isnan(lq.orthogonality(f[:1]))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_orthogonality_of_corpus_dtypes_is_native_within_tolerance(dtype) -> None:
+    """float16 / float32 layers take the native kernel (fp32 Gram): within ORTHOGONALITY_TOL of the float64
+    reference; non-contiguous views are copied explicitly; a layer too big for block_bytes falls back to the
+    float64 blocks (and then agrees with them to 1e-12)."""
+    rng = np.random.default_rng(9)
+    f = (rng.standard_normal((70, 4, 3, 3)) * 0.1).astype(dtype)
+    f[6] = 0.0
+    f[9, 1, 1, 1] = np.nan
+    want = R.layer_quality(f.astype(np.float64))["orthogonality"]
+    flat = f.reshape(70, 36)
+    assert abs(lq.orthogonality(flat) - want) <= lq.ORTHOGONALITY_TOL
+    assert lq.orthogonality(flat) != lq.orthogonality(flat.astype(np.float64))  # the fp32 path ran
+    wide = np.zeros((70, 72), dtype)
+    wide[:, ::2] = flat
+    assert abs(lq.orthogonality(wide[:, ::2]) - want) <= lq.ORTHOGONALITY_TOL
+    small_blocks = lq.orthogonality(flat, block_bytes=70 * 48 * 4 - 1)  # the native rows would not fit
+    assert small_blocks == pytest.approx(lq.orthogonality(flat.astype(np.float64)), abs=1e-12)
+    assert np.isnan(lq.orthogonality(flat[:1])) and np.isnan(lq.orthogonality(flat[:0]))
+
+
 def test_orthogonality_of_a_tall_depthwise_layer_stays_within_its_block_memory() -> None:
     """A depthwise layer is many 9-wide filters: the Gram blocks (rows x rows), not just the input blocks, must
     stay within block_bytes (sized by the input alone, 20,000 filters asked for a 1.7 GB block here)."""

@@ -461,3 +461,133 @@ def test_histogram_arguments_checked():
     with pytest.raises(ValueError, match=r"bins must be in 1\.\.1048576"):
         hist(bins=0)
     assert hist(bins=1).shape == (1, 3, 1) and hist(n_groups=0, groups=np.full(1, -1, np.int32)).shape == (0, 3, 70)
+
+
+# ---------------------------------------------------------------------------------------------- sparse moments
+
+
+def sparse_moments_in_row_order(x: np.ndarray, max_abs: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The sparse rows' float64 sum and Gram as running sums in row order (np.cumsum adds sequentially; the
+    products of float32 entries are exact in float64): the bits the native pass must give on every ISA; and
+    their count."""
+    w = x.astype(np.float64)
+    finite = np.isfinite(w).all(axis=1)
+    m = np.where(finite, np.abs(np.where(finite[:, None], w, 0.0)).max(axis=1, initial=0.0), np.inf)
+    sp = w[m < 0.01 * max_abs]
+    d = x.shape[1]
+    if len(sp) == 0:
+        return np.zeros(d), np.zeros((d, d)), 0
+    return np.cumsum(sp, axis=0)[-1], np.cumsum(sp[:, :, None] * sp[:, None, :], axis=0)[-1], len(sp)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 1023, 1024, 1025, 3000])  # around the 1024-row scan batch
+@pytest.mark.parametrize("d", [1, 2, 9, 16, 17, 25, 49, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_sparse_moments_bit_exact_in_row_order(isa, n, d, dtype):
+    """Every ISA's vectorised sparse pass gives exactly the row-order float64 sums (one segment of one piece),
+    with NaN/Inf rows, all-zero rows (sparse, adding zeros) and a big first row."""
+    rng = np.random.default_rng([n, d])
+    x = rng.standard_normal((n, d)) * np.where(rng.random((n, 1)) < 0.4, 1e-3, 1.0)
+    x[0] = 10.0  # above every other entry
+    if n > 10:
+        x[3, d // 2] = np.nan
+        x[5, 0] = -np.inf
+        x[7] = 0.0
+    x = np.ascontiguousarray(x.astype(dtype))
+    got = layer_stats(x, [0], [n], threads=1)
+    want_sum, want_gram, count = sparse_moments_in_row_order(x, float(got["max_abs"][0]))
+    assert got["max_abs"][0] == 10.0
+    assert got["sparse"][0] == count
+    np.testing.assert_array_equal(got["sum_sparse"][0], want_sum)
+    np.testing.assert_array_equal(got["gram_sparse"][0], want_gram)
+    if n >= 1000:
+        assert got["sparse"][0] > n // 5  # the case this test is about
+
+
+def test_sparse_moments_segments_across_pieces_bit_exact():
+    """A segment of several pieces: per-piece row-order sums added in piece order -- compared against that, and
+    the sparse rows of the piece boundary included exactly once."""
+    n = PIECE + 2500
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n, 9)) * np.where(rng.random((n, 1)) < 0.3, 1e-3, 1.0)
+    x[PIECE - 1] *= 1e-3
+    x[PIECE] *= 1e-3
+    x = np.ascontiguousarray(x.astype(np.float32))
+    got = layer_stats(x, [0], [n], threads=2)
+    big = float(got["max_abs"][0])
+    parts = [sparse_moments_in_row_order(x[a:a + PIECE], big) for a in (0, PIECE)]
+    assert got["sparse"][0] == parts[0][2] + parts[1][2] > n // 5
+    np.testing.assert_array_equal(got["sum_sparse"][0], parts[0][0] + parts[1][0])
+    np.testing.assert_array_equal(got["gram_sparse"][0], parts[0][1] + parts[1][1])
+
+
+# ---------------------------------------------------------------------------------------------- orthogonality
+
+
+ORTH_TOL = 1e-6  # kernelatlas.jobs.quality.ORTHOGONALITY_TOL
+
+
+def orthogonality_float64(f: np.ndarray) -> float:
+    if len(f) == 0:
+        return float("nan")  # (the reference's reshape needs a row)
+    return R.layer_quality(f.reshape(f.shape[0], 1, f.shape[1], 1).astype(np.float64))["orthogonality"]
+
+
+@pytest.mark.parametrize("c_out", [0, 1, 2, 3, 4, 5, 17, 65])
+@pytest.mark.parametrize("m", [1, 9, 15, 16, 17, 144, 577])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_orthogonality_matches_float64(isa, c_out, m, dtype):
+    rng = np.random.default_rng([c_out, m])
+    f = rng.standard_normal((c_out, m)) * rng.uniform(0.01, 1.0, (c_out, 1))
+    if c_out >= 5:
+        f[1] = 0.0  # an all-zero filter stays a zero row
+        f[3, m // 2] = np.nan  # left out
+        f[4] = f[0] * -2.0  # anti-parallel: |G| = 1
+    f = f.astype(dtype)
+    want = orthogonality_float64(f)
+    got = _core.orthogonality(f)
+    if c_out - (c_out >= 5) < 2:
+        assert np.isnan(want) and np.isnan(got)
+    else:
+        assert abs(got - want) <= ORTH_TOL, (got, want)
+
+
+def test_orthogonality_edge_layers(isa):
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.standard_normal((36, 36)))
+    assert _core.orthogonality((q[:20] * 3.0).astype(np.float32)) == pytest.approx(1.0, abs=ORTH_TOL)
+    same = np.tile(rng.standard_normal((1, 27)).astype(np.float32), (6, 1))
+    assert _core.orthogonality(same) == pytest.approx(0.0, abs=ORTH_TOL)
+    zeros = np.zeros((7, 9), np.float16)  # every filter all-zero: G = 0, the diagonal counts 1 each
+    assert _core.orthogonality(zeros) == pytest.approx(orthogonality_float64(zeros), abs=ORTH_TOL)
+    nan = np.full((4, 9), np.nan, np.float32)
+    nan[0] = 1.0
+    assert np.isnan(_core.orthogonality(nan))  # one finite filter
+    inf = rng.standard_normal((6, 9)).astype(np.float32)
+    inf[2, 0] = np.inf
+    assert _core.orthogonality(inf) == pytest.approx(orthogonality_float64(inf), abs=ORTH_TOL)
+    assert np.isnan(_core.orthogonality(np.zeros((0, 9), np.float32)))
+    assert np.isnan(_core.orthogonality(np.zeros((0, 0), np.float32)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_orthogonality_threads_deterministic_and_large(threads):
+    """Past the threading threshold (512 filters of 1152: many panels): the same bits for 1 and 2 threads."""
+    rng = np.random.default_rng(8)
+    f = (rng.standard_normal((515, 1152)) * 0.05).astype(np.float16)
+    got = _core.orthogonality(f, threads=threads)
+    assert got == _core.orthogonality(f, threads=1)
+    assert abs(got - orthogonality_float64(f)) <= ORTH_TOL
+
+
+def test_orthogonality_arguments_checked():
+    with pytest.raises(TypeError, match=r"filters must be float32 or float16, got float64.*astype\(np\.float32\)"):
+        _core.orthogonality(np.zeros((4, 9)))
+    with pytest.raises(ValueError, match=r"not C-contiguous.*np\.ascontiguousarray\(filters\)"):
+        _core.orthogonality(np.zeros((4, 18), np.float32)[:, ::2])
+    with pytest.raises(ValueError, match=r"2-D \[c_out"):
+        _core.orthogonality(np.zeros((4, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"at least one entry"):
+        _core.orthogonality(np.zeros((4, 0), np.float32))
+    with pytest.raises(ValueError, match=r"threads must be >= 0"):
+        _core.orthogonality(np.zeros((4, 9), np.float32), threads=-1)

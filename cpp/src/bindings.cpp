@@ -85,6 +85,12 @@ py::array_t<T> vec_to_array(const std::vector<T>& v, std::vector<py::ssize_t> sh
   return a;
 }
 
+Precision precision_arg(const std::string& name) {
+  if (name == "fp32") return Precision::fp32;
+  if (name == "bf16") return Precision::bf16;
+  throw py::value_error("precision must be 'fp32' or 'bf16', got '" + name + "'");
+}
+
 bool use_segments_arg(const AutoencoderModel& m, const std::string& decoder) {
   if (decoder == "auto") return m.piecewise_linear();
   if (decoder == "mlp") return false;
@@ -151,18 +157,20 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "encode",
           [](const AutoencoderModel& self, const py::array& x, std::optional<py::array> out, double min_abs,
-             int threads) {
+             int threads, const std::string& precision) {
             const KernelsIn in = kernels_arg(x, self.d(), "x");
+            const Precision prec = precision_arg(precision);
             auto codes = out_arg<float>(out, {static_cast<py::ssize_t>(in.rows)}, "out");
             const float ma = check_min_abs(min_abs);
             float* c = codes.mutable_data();
             {
               py::gil_scoped_release release;
-              kernelatlas::encode(self.view(), in, ma, c, threads);
+              kernelatlas::encode(self.view(), in, ma, c, threads, prec);
             }
             return codes;
           },
-          py::arg("x"), py::kw_only(), py::arg("out") = py::none(), py::arg("min_abs") = 0.0, py::arg("threads") = 0)
+          py::arg("x"), py::kw_only(), py::arg("out") = py::none(), py::arg("min_abs") = 0.0, py::arg("threads") = 0,
+          py::arg("precision") = "fp32")
       .def(
           "decode",
           [](const AutoencoderModel& self, const py::array& codes, std::optional<py::array> out, int threads) {
@@ -201,8 +209,12 @@ PYBIND11_MODULE(_core, m) {
           "assign",
           [](const AutoencoderModel& self, const py::array& x, double threshold, std::optional<py::array> labels,
              std::optional<py::array> scores, std::optional<py::array> codes, double min_abs, int threads,
-             const std::string& decoder) {
+             const std::string& decoder, const std::string& precision, double recheck_code, double recheck_score) {
             const KernelsIn in = kernels_arg(x, self.d(), "x");
+            const Precision prec = precision_arg(precision);
+            if (!(recheck_code >= 0 && recheck_score >= 0 && std::isfinite(recheck_code) &&
+                  std::isfinite(recheck_score)))
+              throw py::value_error("recheck margins must be finite and >= 0");
             const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(in.rows)};
             auto lab = out_arg<int16_t>(labels, shape, "labels");
             auto sc = out_arg<float>(scores, shape, "scores");
@@ -214,13 +226,15 @@ PYBIND11_MODULE(_core, m) {
             float* c = cd.mutable_data();
             {
               py::gil_scoped_release release;
-              kernelatlas::assign(self.view(), in, thr, ma, seg, l, s, c, threads);
+              kernelatlas::assign(self.view(), in, thr, ma, seg, l, s, c, threads, prec,
+                                  static_cast<float>(recheck_code), static_cast<float>(recheck_score));
             }
             return py::make_tuple(lab, sc, cd);
           },
           py::arg("x"), py::kw_only(), py::arg("threshold") = 0.85, py::arg("labels") = py::none(),
           py::arg("scores") = py::none(), py::arg("codes") = py::none(), py::arg("min_abs") = 0.0,
-          py::arg("threads") = 0, py::arg("decoder") = "auto");
+          py::arg("threads") = 0, py::arg("decoder") = "auto", py::arg("precision") = "fp32",
+          py::arg("recheck_code") = 0.0, py::arg("recheck_score") = 0.0);
 
   py::class_<PrototypeSet>(m, "PrototypeEngine")
       .def(py::init([](const py::array& prototypes) {
@@ -339,6 +353,9 @@ PYBIND11_MODULE(_core, m) {
     info["isa_forced"] = forced_isa();
     info["isa_supported"] = supported_isas();
     info["isa_compiled"] = compiled_isas();
+    std::string why;
+    info["bf16"] = bf16_available(&why);
+    info["bf16_note"] = why;
     info["openmp"] = openmp_enabled();
     info["threads"] = default_threads();
     info["cuda_built"] = static_cast<bool>(KERNELATLAS_CUDA_BUILT);

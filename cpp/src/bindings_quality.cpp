@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -181,4 +182,45 @@ void bind_quality(py::module_& m) {
       "Histograms of c = basis @ (w' - mean) per group and component -> int64 [n_groups, n_components, bins]. "
       "Segment j's finite rows count for group groups[j] (-1: skipped); bin = floor((c - lo) / (hi - lo) * "
       "bins) clamped into [0, bins - 1], so values outside [lo, hi] land in the edge bins.");
+
+  m.def(
+      "orthogonality",
+      [](const py::array& filters, int threads) {
+        const char kind = filters.dtype().kind();
+        KernelsIn in;
+        if (kind == 'f' && filters.itemsize() == 4) {
+          in.dtype = DType::float32;
+        } else if (kind == 'f' && filters.itemsize() == 2) {
+          in.dtype = DType::float16;
+        } else {
+          throw py::type_error("filters must be float32 or float16, got " + dtype_str(filters) +
+                               ": convert it with filters.astype(np.float32)");
+        }
+        require_native_byte_order(filters, "filters", in.dtype == DType::float32 ? "np.float32" : "np.float16");
+        if (filters.ndim() != 2)
+          throw py::value_error("filters must be 2-D [c_out, c_in/groups * k * k], got " + shape_str(filters) +
+                                ": reshape it with filters.reshape(len(filters), -1)");
+        if (!is_c_contiguous(filters))
+          throw py::value_error(
+              "filters is not C-contiguous (a transposed view or strided slice?): pass "
+              "np.ascontiguousarray(filters); kernelatlas never copies large inputs silently");
+        if (filters.shape(0) > 0 && filters.shape(1) < 1)
+          throw py::value_error("filters must have at least one entry per filter, got " + shape_str(filters));
+        in.data = filters.data();
+        in.rows = filters.shape(0);
+        in.d = int_extent(filters.shape(1), std::numeric_limits<int>::max(), "entries per filter");
+        threads = threads_arg(threads);
+        idx_t count = 0;
+        double value = 0.0;
+        {
+          py::gil_scoped_release release;
+          value = kernelatlas::orthogonality(in, &count, threads);
+        }
+        return value;
+      },
+      py::arg("filters"), py::kw_only(), py::arg("threads") = 0,
+      "Orthogonality of one layer (CVPRW 2022) from its filters [c_out, m], float32 or float16: filters with a "
+      "NaN/Inf entry left out, the others L2-normalised (all-zero ones stay zero), 1 - sum|F F^T - I| / "
+      "(c (c - 1)) over the c finite filters; NaN below two.  Gram entries are fp32 sums of the float32-rounded "
+      "unit rows (error ~1e-7 per entry, see kernelatlas/quality.h); holds c x m float32.");
 }

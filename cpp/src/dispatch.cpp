@@ -37,8 +37,14 @@ Isa detect() {
   if (os_avx && avx2 && fma && f16c) return Isa::avx2;
   return Isa::scalar;
 }
+bool detect_bf16() {
+  unsigned int a, b, c, d;
+  if (detect() != Isa::avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return a & (1u << 5);  // AVX512_BF16 (CPUID.(EAX=7,ECX=1):EAX[5])
+}
 #else
 Isa detect() { return Isa::scalar; }
+bool detect_bf16() { return false; }
 #endif
 
 // The compiled variants, lowest ISA first; scalar is always built (CMakeLists.txt, ka_isa_variant).
@@ -148,6 +154,24 @@ Isa active_isa() {
   init_from_env();
   const int f = g_forced.load();
   return f == kAuto ? best_supported_isa() : static_cast<Isa>(f);
+}
+
+bool bf16_available(std::string* why) {
+  static const bool cpu = detect_bf16();
+  const bool compiled = find_variant(Isa::avx512) != nullptr;
+  const Isa isa = active_isa();
+  if (compiled && cpu && isa == Isa::avx512) return true;
+  if (why != nullptr) {
+    if (!compiled)
+      *why = "this build has no AVX-512 engine variant";
+    else if (!cpu)
+      *why =
+          "this CPU has no AVX512_BF16 instructions (e.g. AMD Zen 4 and later, Intel Cooper Lake and Sapphire "
+          "Rapids and later have them)";
+    else
+      *why = "the engine runs its " + isa_name(isa) + " path (KERNELATLAS_ISA / set_isa); bf16 runs on avx512 only";
+  }
+  return false;
 }
 
 const IsaVariant& active_variant() {

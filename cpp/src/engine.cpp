@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <stdexcept>
+#include <string>
 
 #include "isa_registry.h"
 #include "parallel.h"
@@ -12,6 +14,12 @@ namespace kernelatlas {
 namespace {
 
 const TileKernels& kernels() { return *active_variant().tile; }
+
+void check_precision(Precision precision) {
+  std::string why;
+  if (precision == Precision::bf16 && !bf16_available(&why))
+    throw std::invalid_argument("precision='bf16' is not available: " + why + "; use precision='fp32'");
+}
 
 }  // namespace
 
@@ -32,10 +40,12 @@ void normalize(const KernelsIn& x, float min_abs, float* normalized, float* norm
   });
 }
 
-void encode(const ModelView& m, const KernelsIn& x, float min_abs, float* codes, int threads) {
+void encode(const ModelView& m, const KernelsIn& x, float min_abs, float* codes, int threads, Precision precision) {
+  check_precision(precision);
   const TileKernels& k = kernels();
-  for_each_tile(x.rows, k.tile_rows, m.max_width_pad, threads,
-                [&](idx_t r0, int rows, const TileScratch& s) { k.encode(m, x, r0, rows, min_abs, codes + r0, s); });
+  for_each_tile(x.rows, k.tile_rows, m.max_width_pad, threads, [&](idx_t r0, int rows, const TileScratch& s) {
+    k.encode(m, x, r0, rows, min_abs, precision, codes + r0, s);
+  });
 }
 
 void decode(const ModelView& m, const float* codes, idx_t n, float* decoded, int threads) {
@@ -49,15 +59,19 @@ void reconstruct(const ModelView& m, const KernelsIn& x, float min_abs, float* d
   const TileKernels& k = kernels();
   for_each_tile(x.rows, k.tile_rows, m.max_width_pad, threads, [&](idx_t r0, int rows, const TileScratch& s) {
     float codes[256];
-    k.encode(m, x, r0, rows, min_abs, codes, s);
+    k.encode(m, x, r0, rows, min_abs, Precision::fp32, codes, s);
     k.decode(m, codes, rows, decoded + r0 * m.d, s);
   });
 }
 
 void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments, int16_t* labels,
-            float* scores, float* codes, int threads) {
+            float* scores, float* codes, int threads, Precision precision, float recheck_code, float recheck_score) {
+  check_precision(precision);
   const TileKernels& k = kernels();
   AssignParams p;
+  p.precision = precision;
+  p.recheck_code = recheck_code;
+  p.recheck_score = recheck_score;
   p.threshold = threshold;
   p.min_abs = min_abs;
   p.use_segments = use_segments;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 namespace kernelatlas {
@@ -51,6 +52,14 @@ void check_layer(const DenseSpec& L, const std::string& where) {
     if (!std::isfinite(b)) throw std::invalid_argument(where + ": bias holds NaN or Inf; the model is corrupt");
 }
 
+// float -> bfloat16 bits, round to nearest even (what the AVX512_BF16 conversions do for the inputs); the
+// weights are finite (validated), so no NaN handling is needed.
+uint32_t to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+}
+
 PackedLayer pack(const DenseSpec& L) {
   PackedLayer p;
   const int block = L.out == 1 ? 1 : kBlockOut;
@@ -71,6 +80,18 @@ PackedLayer pack(const DenseSpec& L) {
   p.view.act = L.act;
   p.view.w = p.w.data();
   p.view.b = p.b.data();
+  if (block == kBlockOut) {
+    const int pairs = (L.in + 1) / 2;
+    p.w_bf16.assign(static_cast<size_t>(out_pad) * pairs, 0u);
+    for (int o = 0; o < L.out; ++o) {
+      const int ob = o / block * block, b = o % block;
+      for (int j = 0; j < L.in; ++j) {
+        const uint32_t h = to_bf16(L.weight[static_cast<size_t>(o) * L.in + j]);
+        p.w_bf16[static_cast<size_t>(ob) * pairs + static_cast<size_t>(j / 2) * block + b] |= h << (16 * (j % 2));
+      }
+    }
+    p.view.w_bf16 = p.w_bf16.data();
+  }
   return p;
 }
 

@@ -92,32 +92,6 @@ idx_t count_below(const float* rowmax, idx_t rows, float threshold) {
   return count;
 }
 
-// Adds the float64 sum [d] and upper-triangle sum of outer products [d, d] (i <= k) of the sparse rows of
-// x[r0, r0 + rows) -- those with rowmax < threshold, the rule of count_below -- in row order.  Sparse rows are
-// a minority of the rows of nearly every layer and are read once more here while still in cache; plain scalar
-// float64, so the moments do not depend on the ISA path.
-void add_sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold, double* sum,
-                        double* gram) {
-  const int d = x.d;
-  double w[kMaxDim];
-  for (idx_t r = 0; r < rows; ++r) {
-    if (!(rowmax[r] < threshold)) continue;
-    const idx_t at = (r0 + r) * d;
-    if (x.dtype == DType::float16) {
-      const auto* p = static_cast<const uint16_t*>(x.data) + at;
-      for (int i = 0; i < d; ++i) w[i] = static_cast<double>(half_to_float(p[i]));
-    } else {
-      const auto* p = static_cast<const float*>(x.data) + at;
-      for (int i = 0; i < d; ++i) w[i] = static_cast<double>(p[i]);
-    }
-    for (int i = 0; i < d; ++i) {
-      sum[i] += w[i];
-      double* g = gram + i * d;
-      for (int k = i; k < d; ++k) g[k] += w[i] * w[k];
-    }
-  }
-}
-
 // The lower triangle of a [d, d] matrix from its upper one.
 void mirror_upper(double* g, int d) {
   for (int i = 0; i < d; ++i)
@@ -211,7 +185,7 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
     out.sparse[p.segment] = count_below(s.rowmax, p.rows, threshold);
     if (out.sparse[p.segment] > 0) {  // accumulated apart: neighbouring segments' outputs share cache lines
       std::vector<double> m(static_cast<size_t>(d) + dd, 0.0);
-      add_sparse_moments(x, p.r0, p.rows, s.rowmax, threshold, m.data(), m.data() + d);
+      k.sparse_moments(x, p.r0, p.rows, s.rowmax, threshold, m.data(), m.data() + d);
       std::copy(m.begin(), m.begin() + d, out.sum_sparse + p.segment * d);
       double* g = out.gram_sparse + p.segment * static_cast<idx_t>(dd);
       std::copy(m.begin() + d, m.end(), g);
@@ -262,7 +236,7 @@ void layer_stats(const KernelsIn& x, const int64_t* starts, const int64_t* stops
     sparse[static_cast<size_t>(i)] = count_below(s.rowmax, p.rows, threshold);
     if (sparse[static_cast<size_t>(i)] > 0) {
       double* m = piece_moments.data() + static_cast<size_t>(i) * moments;
-      add_sparse_moments(x, p.r0, p.rows, s.rowmax, threshold, m, m + d);
+      k.sparse_moments(x, p.r0, p.rows, s.rowmax, threshold, m, m + d);
     }
   });
   for (size_t i = 0; i < recount.size(); ++i) {
@@ -361,6 +335,59 @@ void coef_histograms(const KernelsIn& x, const int64_t* starts, const int64_t* s
     for (size_t e = 0; e < per_group; ++e)
       dst[e] += static_cast<int64_t>(h[e]) + h[copy + e] + h[2 * copy + e] + h[3 * copy + e];
   });
+}
+
+double orthogonality(const KernelsIn& x, idx_t* count_out, int threads) {
+  const QualityKernels& k = kernels();
+  const idx_t c_out = x.rows, m = x.d;
+  const idx_t mp = (m + 15) / 16 * 16;  // a multiple of every ISA's vector width
+  // pass 1, per filter: finite or not, and 1 / its L2 norm (float64)
+  std::vector<double> inv_norm(static_cast<size_t>(c_out));
+  std::vector<uint8_t> finite(static_cast<size_t>(c_out));
+  const int workers = workers_for(c_out * m, c_out, threads, kSerialRows * 16);
+  const auto entry = [&](idx_t r, idx_t e) {
+    const idx_t at = r * m + e;
+    return x.dtype == DType::float16 ? static_cast<double>(half_to_float(static_cast<const uint16_t*>(x.data)[at]))
+                                     : static_cast<double>(static_cast<const float*>(x.data)[at]);
+  };
+  parallel_for(c_out, workers, 16, [&](int, idx_t r) {
+    double ss = 0.0;
+    bool ok = true;
+    for (idx_t e = 0; e < m; ++e) {
+      const double w = entry(r, e);
+      ok = ok && std::isfinite(w);
+      ss += w * w;
+    }
+    finite[static_cast<size_t>(r)] = ok;
+    inv_norm[static_cast<size_t>(r)] = ok && ss > 0.0 ? 1.0 / std::sqrt(ss) : 1.0;
+  });
+  std::vector<idx_t> keep;
+  for (idx_t r = 0; r < c_out; ++r)
+    if (finite[static_cast<size_t>(r)]) keep.push_back(r);
+  const auto count = static_cast<idx_t>(keep.size());
+  *count_out = count;
+  if (count < 2) return std::numeric_limits<double>::quiet_NaN();
+  // pass 2: the finite filters, normalised, as float32 rows of mp entries (zero padded, rows up to a tile)
+  const idx_t rows = (count + 3) / 4 * 4;
+  std::vector<float> u(static_cast<size_t>(rows * mp), 0.f);
+  parallel_for(count, workers, 16, [&](int, idx_t i) {
+    const idx_t r = keep[static_cast<size_t>(i)];
+    const double s = inv_norm[static_cast<size_t>(r)];
+    float* dst = u.data() + i * mp;
+    for (idx_t e = 0; e < m; ++e) dst[e] = static_cast<float>(entry(r, e) * s);
+  });
+  // panels of 16 rows, each against every row from its first on; summed in panel order (any thread count)
+  constexpr idx_t kPanel = 16;
+  const idx_t panels = (rows + kPanel - 1) / kPanel;
+  std::vector<double> part(static_cast<size_t>(panels), 0.0);
+  // (threads only past ~2^24 FMAs, a few ms: waking a second worker for less measured slower on a busy machine)
+  const int panel_workers = workers_for(count * count * m / 2, panels, threads, idx_t{1} << 24);
+  parallel_for(panels, panel_workers, 1, [&](int, idx_t p) {
+    part[static_cast<size_t>(p)] = k.orth_panel(u.data(), count, mp, p * kPanel, std::min(rows, (p + 1) * kPanel));
+  });
+  double total = 0.0;
+  for (const double v : part) total += v;
+  return 1.0 - total / (static_cast<double>(count) * static_cast<double>(count - 1));
 }
 
 int64_t label_counts(const int16_t* labels, const float* values, const int64_t* starts, const int64_t* stops,

@@ -58,6 +58,10 @@ struct QualityKernels {
   void (*piece_stats)(const KernelsIn& x, idx_t r0, idx_t rows, const QualityScratch& s, PieceStats& out);
   // Only s.rowmax[0, rows) (for the sparse count of segments longer than one piece).
   void (*piece_rowmax)(const KernelsIn& x, idx_t r0, idx_t rows, const QualityScratch& s);
+  // Adds to sum [d] and to the upper triangle (i <= k) of gram [d, d] the float64 moments of the rows r of
+  // x[r0, r0 + rows) with rowmax[r] < threshold, each entry summed in row order (bit-identical on every ISA).
+  void (*sparse_moments)(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold, double* sum,
+                         double* gram);
   // Per component min and max of the coefficients of the finite rows, folded into lo / hi [n_components].
   void (*coef_minmax)(const KernelsIn& x, idx_t r0, idx_t rows, const CoefParams& p, const QualityScratch& s,
                       double* lo, double* hi);
@@ -71,6 +75,10 @@ struct QualityKernels {
   // with value 0).  Labels outside [-1, n_labels) are not counted.
   void (*count_labels)(const int16_t* labels, const float* values, idx_t a, idx_t b, int n_labels, bool nan_is_dead,
                        int64_t* row);
+  // Orthogonality of a layer: sum over rows i in [p0, p1) (p0 a multiple of 4) and columns j in [i, count) of
+  // |G_ij - [i == j]|, off-diagonal entries twice, where G = U U^T; u: [count rounded up to 4][mp] float32
+  // L2-normalised rows, zero past count and past the row's entries (mp a multiple of 16).
+  double (*orth_panel)(const float* u, idx_t count, idx_t mp, idx_t p0, idx_t p1);
 };
 
 }  // namespace kernelatlas

@@ -22,6 +22,10 @@ struct AssignParams {
   float threshold = 0.85f;
   float min_abs = 0.0f;
   bool use_segments = true;
+  Precision precision = Precision::fp32;  // bf16: only on the AVX-512 variant, when the CPU has AVX512_BF16
+  // bf16: rows whose bf16 code lies within recheck_code of an interval edge, or whose score lies within
+  // recheck_score of the threshold, are recomputed in fp32 (bit-identical to Precision::fp32)
+  float recheck_code = 0.f, recheck_score = 0.f;
 };
 
 struct TileKernels {
@@ -30,8 +34,8 @@ struct TileKernels {
   void (*normalize)(const KernelsIn& x, idx_t r0, int rows, float min_abs, float* normalized, float* norms,
                     const TileScratch& s);
   // -> codes [rows] (NaN for dead / non-finite kernels)
-  void (*encode)(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, float min_abs, float* codes,
-                 const TileScratch& s);
+  void (*encode)(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, float min_abs, Precision precision,
+                 float* codes, const TileScratch& s);
   // codes [rows] -> decoded [rows, d] (the decoder MLP; NaN rows for non-finite codes)
   void (*decode)(const ModelView& m, const float* codes, int rows, float* decoded, const TileScratch& s);
   // fused paper-mode assignment -> labels [rows], scores [rows], codes [rows]

@@ -70,6 +70,8 @@ class Autoencoder:
     cluster_spec: dict[str, Any] | None = None
     _engine_cache: Any = field(default=None, init=False, repr=False, compare=False)
     _gpu_cache: Any = field(default=None, init=False, repr=False, compare=False)  # kernelatlas.gpu's upload
+    _margins_cache: dict[str, tuple[float, float]] = field(default_factory=dict, init=False, repr=False,
+                                                           compare=False)
 
     def __post_init__(self) -> None:
         d = self.d
@@ -127,18 +129,53 @@ class Autoencoder:
         min_abs: float = 0.0,
         threads: int | None = None,
         out: np.ndarray | None = None,
+        precision: str = "fp32",
         device: str = "auto",
     ) -> np.ndarray:
         """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite).
-        ``device``: 'cpu', 'cuda' or 'auto', as for :func:`kernelatlas.assign`."""
+        ``precision``: 'fp32' (default) or 'bf16' (opt-in, AVX512_BF16 CPUs; see :func:`kernelatlas.assign`).
+        ``device``: 'cpu', 'cuda' or 'auto', as for :func:`kernelatlas.assign` (the GPU runs fp32 only)."""
         from kernelatlas import gpu
 
         where, dev_in = gpu.resolve(device, x)
         if where == "cuda":
+            if precision != "fp32":
+                raise ValueError(f"precision={precision!r} is a CPU path (AVX512_BF16); the GPU runs exact fp32 so "
+                                 "far: use device='cpu' or precision='fp32'")
             return gpu.encode(self, x, dev_in, out, float(min_abs))
         host = dev_in.to_host() if dev_in is not None else x
-        codes = self._engine.encode(host, out=out, min_abs=float(min_abs), threads=thread_count(threads))
+        codes = self._engine.encode(host, out=out, min_abs=float(min_abs), threads=thread_count(threads),
+                                    precision=precision)
         return dev_in.from_host(codes) if dev_in is not None else codes
+
+    def bf16_margins(self, decoder: str = "auto") -> tuple[float, float]:
+        """The recheck margins of ``precision='bf16'`` for this model: (code, score) = twice the 90th percentile
+        of the deviation of bf16 from fp32 in code and in score over a calibration set of 8,192 kernels -- the
+        model's decoded patterns at codes spread over its interval span, with Gaussian noise of 0-50% of their
+        spread, and standard normal kernels.  Rows whose bf16 code lies within the code margin of an interval
+        edge, or whose score within the score margin of the threshold, are recomputed in fp32.  (Margins from the
+        largest deviation recheck 70-95% of the rows of a trained model -- slower than fp32; these recheck 4-11%
+        and keep >= 99.96% of labels, BENCHMARKS.md "Reduced precision".)  Cached per decoder."""
+        if decoder not in self._margins_cache:
+            rng = np.random.default_rng(0)
+            noise = rng.standard_normal((4096, self.d)).astype(np.float32)
+            if self.clusters:
+                lo, hi = self.clusters[0][0], self.clusters[-1][1]
+            else:
+                codes = self.encode(noise)
+                lo, hi = float(np.nanmin(codes)), float(np.nanmax(codes))
+            pat = self.decode(np.linspace(lo, hi, 1024, dtype=np.float32))
+            spread = pat.std(axis=1, keepdims=True)
+            calib = np.concatenate([pat + level * spread * rng.standard_normal(pat.shape).astype(np.float32)
+                                    for level in (0.0, 0.05, 0.2, 0.5)] + [noise]).astype(np.float32)
+            ref = self._engine.assign(calib, threshold=-1.0, decoder=decoder, threads=thread_count(None))
+            low = self._engine.assign(calib, threshold=-1.0, decoder=decoder, threads=thread_count(None),
+                                      precision="bf16")
+            live = ~np.isnan(ref[2])
+            dz = float(np.quantile(np.abs(low[2][live] - ref[2][live]), 0.9)) if live.any() else 0.0
+            ds = float(np.quantile(np.abs(low[1][live] - ref[1][live]), 0.9)) if live.any() else 0.0
+            self._margins_cache[decoder] = (2.0 * dz, 2.0 * ds)
+        return self._margins_cache[decoder]
 
     def decode(self, codes: np.ndarray, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Decode codes float32 [n] into patterns [n, d] (rows of NaN for non-finite codes)."""

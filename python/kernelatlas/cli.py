@@ -676,7 +676,7 @@ def _add_quality(sub: Any) -> None:
             "and the global PCA of all kernels of each size (each kernel scaled by its max|w| first, as in the "
             "paper, unless --scale none).",
             "One native streaming pass over the shards (per-layer first and second moments; small "
-            "eigenproblems afterwards) plus one numpy pass per layer for orthogonality.  Writes "
+            "eigenproblems afterwards) plus one native pass per layer for orthogonality.  Writes "
             "CORPUS/runs/RUN_ID/quality.parquet, pca-kK.npz/.csv, pca-kK.png and quality-kK.png; run.json last.  "
             "RUN_ID is a hash of the options and the corpus state: rerunning returns the finished run at once."),
         epilog=_text(

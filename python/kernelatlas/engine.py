@@ -98,6 +98,7 @@ def assign(
     device: str = "auto",
     decoder: str = "auto",
     out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paper-mode assignment in one fused pass: normalise, encode to the 1-D code, decode, take the cosine of
     kernel and reconstruction; label = index of the model's cluster interval holding the code when the cosine
@@ -106,11 +107,22 @@ def assign(
     Returns ``(labels int16, scores float32, codes float32)``, each [n].  ``out`` may give the three output
     arrays (e.g. writable memmaps).  ``decoder``: 'auto' uses the exact piecewise-linear table of a ReLU
     decoder (see DESIGN.md), 'mlp' forces the decoder network, 'segments' requires the table.
+
+    ``precision``: 'fp32' (default: every result within the reference tests' tolerances) or 'bf16' (opt-in, on
+    CPUs with AVX512_BF16: the encoder's hidden layers take bfloat16 inputs and weights, summed in fp32; rows
+    near a decision -- code within :meth:`Autoencoder.bf16_margins` of an interval edge, score within it of
+    the threshold -- are recomputed in fp32, so labels agree with fp32 on >= 99.9% of kernels (measured
+    speed-up and agreement: BENCHMARKS.md "Reduced precision"); other rows' codes and scores differ by up to
+    ~1e-2).  'bf16' raises ValueError, naming the reason, where it cannot run (``build_info()['bf16']``).
     """
     where, dev_in = gpu.resolve(device, x)
     if where == "cuda":
+        if precision != "fp32":
+            raise ValueError(f"precision={precision!r} is a CPU path (AVX512_BF16); the GPU runs exact fp32 so far: "
+                             "use device='cpu' or precision='fp32'")
         return gpu.assign(model, x, dev_in, float(threshold), float(min_abs), decoder, out)
     labels, scores, codes = out if out is not None else (None, None, None)
+    margins = model.bf16_margins(decoder) if precision == "bf16" else (0.0, 0.0)
     res = model._engine.assign(
         _on_host(dev_in, x),
         threshold=float(threshold),
@@ -120,6 +132,9 @@ def assign(
         min_abs=float(min_abs),
         threads=thread_count(threads),
         decoder=decoder,
+        precision=precision,
+        recheck_code=margins[0],
+        recheck_score=margins[1],
     )
     return _back(dev_in, res)
 

@@ -21,6 +21,9 @@ std::string isa_name(Isa isa);
 // Throws std::invalid_argument when the CPU cannot run it.  Initialised from $KERNELATLAS_ISA.
 std::string set_isa(const std::string& name);
 std::string forced_isa();
+// Whether Precision::bf16 can run now (an AVX-512 variant with AVX512_BF16 on this CPU, and the avx512 path
+// active); otherwise false and *why (when given) says why.
+bool bf16_available(std::string* why = nullptr);
 
 int default_threads();  // OpenMP's max threads (1 without OpenMP)
 bool openmp_enabled();
@@ -28,15 +31,19 @@ bool openmp_enabled();
 // ---- kernels ----
 // normalized: [n, d] float32, norms: [n] float32
 void normalize(const KernelsIn& x, float min_abs, float* normalized, float* norms, int threads);
-// codes: [n]
-void encode(const ModelView& m, const KernelsIn& x, float min_abs, float* codes, int threads);
+// codes: [n].  precision bf16 throws std::invalid_argument when !bf16_available().
+void encode(const ModelView& m, const KernelsIn& x, float min_abs, float* codes, int threads,
+            Precision precision = Precision::fp32);
 // codes: [n] -> decoded: [n, d]
 void decode(const ModelView& m, const float* codes, idx_t n, float* decoded, int threads);
 // decoded: [n, d] = decode(encode(x))
 void reconstruct(const ModelView& m, const KernelsIn& x, float min_abs, float* decoded, int threads);
 // labels: [n] int16, scores: [n], codes: [n]
 void assign(const ModelView& m, const KernelsIn& x, float threshold, float min_abs, bool use_segments, int16_t* labels,
-            float* scores, float* codes, int threads);
+            float* scores, float* codes, int threads, Precision precision = Precision::fp32, float recheck_code = 0.f,
+            float recheck_score = 0.f);
+// precision bf16: rows whose bf16 code is within recheck_code of an interval edge, or whose score is within
+// recheck_score of the threshold, are recomputed in fp32 (exactly the fp32 result).
 // labels: [n] int16, scores: [n]
 void assign_prototypes(const PrototypeView& p, const KernelsIn& x, float threshold, float min_abs, int16_t* labels,
                        float* scores, int threads);

@@ -20,6 +20,7 @@ const char* activation_name(Activation act);
 
 struct PackedLayer {
   std::vector<float> w, b;
+  std::vector<uint32_t> w_bf16;  // LayerView::w_bf16 (empty for single-unit layers)
   LayerView view;
 };
 

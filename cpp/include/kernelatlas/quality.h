@@ -59,4 +59,15 @@ void coef_histograms(const KernelsIn& x, const int64_t* starts, const int64_t* s
                      idx_t segments, int n_groups, const double* mean, const double* basis, int n_components,
                      const double* lo, const double* hi, int bins, bool scale_maxabs, int64_t* hist, int threads);
 
+// Orthogonality of one layer (CVPRW 2022) from its filters x [c_out, m] (x.rows = c_out, x.d = m, any m >= 1):
+// rows with a non-finite entry are left out, the others L2-normalised (norms in float64; an all-zero filter stays
+// zero), G = F F^T, result 1 - sum |G - I| / (count (count - 1)) with count the finite filters (NaN below two).
+// The normalised rows are held as float32 (count x m rounded up to 16, 4 bytes each: the caller bounds it); each
+// Gram entry sums fp32 products in fp32 per SIMD lane, the lanes in fp32, then |G - I| in float64.  Error of each
+// Gram entry: the rounding of the rows to fp32 (<= 2^-23 relative, so <= 1.2e-7 absolute for unit rows) plus the
+// fp32 sums (worst case about (m / 16 + 4) * 2^-24, a random walk of ~sqrt(m / 16) * 2^-24 in practice); the
+// result's error is at most the mean of those.  Deterministic for any thread count; the ISAs differ in the last
+// bits (their lanes differ).  *count_out receives count.
+double orthogonality(const KernelsIn& x, idx_t* count_out, int threads);
+
 }  // namespace kernelatlas

@@ -11,6 +11,10 @@ enum class Activation : int32_t { identity = 0, relu = 1, sigmoid = 2, tanh = 3,
 
 enum class DType : int32_t { float32 = 0, float16 = 1 };
 
+// Arithmetic of the encoder's hidden layers: fp32 (the default, exact to the reference's tolerances) or bf16
+// (opt-in: inputs and weights rounded to bfloat16, products summed in fp32 by AVX512_BF16 dot products).
+enum class Precision : int32_t { fp32 = 0, bf16 = 1 };
+
 // Instruction-set levels of the CPU kernels, lowest first (cpp/src/dispatch.cpp picks one per call).
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
 
@@ -31,6 +35,9 @@ struct LayerView {
   Activation act = Activation::identity;
   const float* w = nullptr;  // [out_pad/block, in, block]
   const float* b = nullptr;  // [out_pad]
+  // The weights as bfloat16 pairs for Precision::bf16 (layers with block = kBlockOut): [out_pad/block,
+  // (in+1)/2, block], each uint32 = bf16(w[o][2p]) | bf16(w[o][2p+1]) << 16 (0 past `in`).
+  const uint32_t* w_bf16 = nullptr;
 };
 
 // Everything the tile kernels need to know about an autoencoder.

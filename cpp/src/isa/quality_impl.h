@@ -13,6 +13,7 @@
 // on the scalar, AVX2 and AVX-512 paths (tested).  The PCA coefficients are float64, with every FMA spelled
 // out, so histogram bins agree across ISAs too; the histogram increments, not the arithmetic, bound that pass.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -387,6 +388,150 @@ static void piece_rowmax(const KernelsIn& x, idx_t r0, idx_t rows, const Quality
   }
 }
 
+// ---- float64 moments of the sparse rows ----
+
+// Rows scanned per batch: their indices, when sparse, go to a stack list first, so that the accumulation loop
+// runs over sparse rows only, without a branch per row.
+constexpr int kSparseBatch = 1024;
+
+// Entries [cb, cb + nc) of the row at element offset `at` of x as fp32, lanes past nc zero.
+static inline vf load_row_part(const KernelsIn& x, idx_t at, int nc) {
+#if KA_ISA == 1
+  if (x.dtype == DType::float16 && x.rows * x.d - at >= W)  // a whole vector, the tail masked (see load_cols)
+    return vsel(lanes_live(nc), load_half_vec(static_cast<const uint16_t*>(x.data) + at), vset(0.f));
+#endif
+#if KA_ISA >= 1
+  if (x.dtype == DType::float16) return load_part(static_cast<const uint16_t*>(x.data) + at, nc);
+  return load_part(static_cast<const float*>(x.data) + at, nc);
+#else
+  (void)nc;
+  if (x.dtype == DType::float16) return load_half(static_cast<const uint16_t*>(x.data) + at);
+  return static_cast<const float*>(x.data)[at];
+#endif
+}
+
+// The lanes of a mask as the low W bits of an integer, lane 0 in bit 0.
+static inline unsigned mask_bits(vm m) {
+#if KA_ISA == 2
+  return m;
+#elif KA_ISA == 1
+  return static_cast<unsigned>(_mm256_movemask_ps(m));
+#else
+  return m ? 1u : 0u;
+#endif
+}
+
+// min(n, W) floats from p (n >= 1), lanes past n undefined but finite or ignored by the caller's mask.
+static inline vf load_part_f32(const float* p, int n) {
+#if KA_ISA >= 1
+  return n >= W ? vload(p) : load_part(p, n);
+#else
+  (void)n;
+  return *p;
+#endif
+}
+
+// An fp32 vector as W / WD float64 vectors (exact).
+static inline void widen(vf a, vd out[W / WD]) {
+#if KA_ISA == 2
+  out[0] = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+  out[1] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+#elif KA_ISA == 1
+  out[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+  out[1] = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
+#else
+  out[0] = static_cast<double>(a);
+#endif
+}
+
+// Adds to sum [d] and to the upper triangle (i <= k) of gram [d, d] the float64 first and second moments of the
+// rows r of x[r0, r0 + rows) with rowmax[r] < threshold (NaN rows never are), in row order.  Entries are fp32
+// values, so each product w_i w_k is exact in float64 and every Gram entry is the same float64 sum, in the same
+// order, whether computed by a scalar loop or WD entries side by side: the bits agree on every ISA (and with
+// FMA or without).  Accumulator (i, c) holds entries k in [c * WD, (c + 1) * WD) of Gram row i; vectors wholly
+// below the diagonal are skipped, the few entries below it inside a vector are computed and not stored.
+template <int D>
+static void sparse_moments_d(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold,
+                             double* sum, double* gram) {
+  constexpr int kDim = D > 0 ? D : kMaxDim;
+  constexpr int kVd = (kDim + WD - 1) / WD;  // float64 vectors per row
+  constexpr int kVf = (kDim + W - 1) / W;    // fp32 vectors per row
+  const int d = D > 0 ? D : (x.d < kDim ? x.d : kDim);  // (x.d <= kMaxDim: the clamp tells the compiler)
+  const int nvd = (d + WD - 1) / WD, nvf = (d + W - 1) / W;
+  // (fully unrolled for a compile-time size: the accumulators then live in registers)
+  vd acc[kDim][kVd];
+  vd acc_sum[kVd];
+#pragma GCC unroll 16
+  for (int c = 0; c < nvd; ++c) {
+    acc_sum[c] = dset(0.0);
+#pragma GCC unroll 64
+    for (int i = 0; i < d; ++i) acc[i][c] = dset(0.0);
+  }
+  alignas(64) double wd[kVd * WD];
+  int32_t batch[kSparseBatch + W];  // + W: whole-vector stores of the compressed indices
+  for (idx_t b0 = 0; b0 < rows; b0 += kSparseBatch) {
+    const int nb = static_cast<int>(rows - b0 < kSparseBatch ? rows - b0 : kSparseBatch);
+    int n = 0;
+    const vf t = vset(threshold);
+    for (int r = 0; r < nb; r += W) {  // one compare per vector of rows; sparse rows are a minority
+      const int nr = nb - r < W ? nb - r : W;
+      const vm below = mand(lanes_live(nr), vlt(load_part_f32(rowmax + b0 + r, nr), t));
+#if KA_ISA == 2
+      // branch-free: compressed in a register (the memory form of vpcompressd is slow on Zen 4)
+      const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(r),
+                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      _mm512_storeu_si512(batch + n, _mm512_maskz_compress_epi32(below, at));
+      n += __builtin_popcount(below);
+#else
+      for (unsigned bits = mask_bits(below); bits != 0; bits &= bits - 1) batch[n++] = r + __builtin_ctz(bits);
+#endif
+    }
+    for (int q = 0; q < n; ++q) {
+      const idx_t at = (r0 + b0 + batch[q]) * d;
+#if KA_ISA >= 1
+      if (q + 16 < n)
+        prefetch_l1(static_cast<const char*>(x.data) +
+                    (r0 + b0 + batch[q + 16]) * d * (x.dtype == DType::float16 ? 2 : 4));
+#endif
+      vd w[kVf * (W / WD)];
+#pragma GCC unroll 16
+      for (auto& v : w) v = dset(0.0);  // (every used one is written below; this tells the compiler so)
+#pragma GCC unroll 8
+      for (int f = 0; f < nvf; ++f) {
+        const int nc = d - f * W < W ? d - f * W : W;
+        widen(load_row_part(x, at + f * W, nc), w + f * (W / WD));
+      }
+#pragma GCC unroll 16
+      for (int c = 0; c < nvd; ++c) {
+        dstore(wd + c * WD, w[c]);
+        acc_sum[c] = dadd(acc_sum[c], w[c]);
+      }
+#pragma GCC unroll 64
+      for (int i = 0; i < d; ++i) {
+        const vd wi = dset(wd[i]);
+#pragma GCC unroll 16
+        for (int c = i / WD; c < nvd; ++c) acc[i][c] = dfma(wi, w[c], acc[i][c]);
+      }
+    }
+  }
+  alignas(64) double lanes[kVd * WD];
+#pragma GCC unroll 16
+  for (int c = 0; c < nvd; ++c) dstore(lanes + c * WD, acc_sum[c]);
+  for (int i = 0; i < d; ++i) sum[i] += lanes[i];
+#pragma GCC unroll 64
+  for (int i = 0; i < d; ++i) {
+#pragma GCC unroll 16
+    for (int c = i / WD; c < nvd; ++c) dstore(lanes + c * WD, acc[i][c]);
+    for (int k = i; k < d; ++k) gram[i * d + k] += lanes[k];
+  }
+}
+
+static void sparse_moments(const KernelsIn& x, idx_t r0, idx_t rows, const float* rowmax, float threshold, double* sum,
+                           double* gram) {
+  if (x.d == 9) return sparse_moments_d<9>(x, r0, rows, rowmax, threshold, sum, gram);
+  sparse_moments_d<0>(x, r0, rows, rowmax, threshold, sum, gram);
+}
+
 // ---- PCA coefficients, in float64 ----
 
 static_assert(kL % WD == 0, "a group of rows must be whole float64 vectors");
@@ -504,6 +649,69 @@ static void coef_hist(const KernelsIn& x, idx_t r0, idx_t rows, const CoefParams
                       uint32_t* hist) {
   if (x.d == 9) return coef_hist_d<9>(x, r0, rows, p, s, hist);
   coef_hist_d<0>(x, r0, rows, p, s, hist);
+}
+
+// ---- orthogonality: sum |G - I| of a layer's L2-normalised filters ----
+
+// Rows and columns of a Gram tile: 16 accumulators, enough independent FMA chains on every ISA.  A work item is a
+// panel of rows (quality.cpp: 16), whose rows stay in L2 while every tile of columns from its first on streams
+// past them once.
+constexpr int kOrthTile = 4;
+static_assert((kOrthTile * kOrthTile) % W == 0, "a tile is whole vectors");
+
+// g[4 a + b] = dot(u row i0 + a, u row j0 + b) over mp entries (mp a multiple of W): fp32 products summed per
+// lane over mp / W steps, then the lanes (by a transpose, W accumulators at a time).
+static inline void orth_tile(const float* u, idx_t mp, idx_t i0, idx_t j0, float g[kOrthTile * kOrthTile]) {
+  vf acc[kOrthTile * kOrthTile];
+#pragma GCC unroll 16
+  for (int t = 0; t < kOrthTile * kOrthTile; ++t) acc[t] = vset(0.f);
+  const float* ri = u + i0 * mp;
+  const float* rj = u + j0 * mp;
+  for (idx_t k = 0; k < mp; k += W) {
+    vf a[kOrthTile];
+#pragma GCC unroll 4
+    for (int q = 0; q < kOrthTile; ++q) a[q] = vload(ri + q * mp + k);
+#pragma GCC unroll 4
+    for (int b = 0; b < kOrthTile; ++b) {
+      const vf t = vload(rj + b * mp + k);
+#pragma GCC unroll 4
+      for (int q = 0; q < kOrthTile; ++q) acc[q * kOrthTile + b] = vfma(a[q], t, acc[q * kOrthTile + b]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t0 = 0; t0 < kOrthTile * kOrthTile; t0 += W) {
+#if KA_ISA >= 1
+    transpose(acc + t0);  // lane l of every accumulator in vector l: the sums are W vector adds
+#endif
+    vf total = acc[t0];
+#pragma GCC unroll 16
+    for (int l = 1; l < W; ++l) total = vadd(total, acc[t0 + l]);
+    vstore(g + t0, total);
+  }
+}
+
+// Sum over rows i in [p0, p1) and columns j in [i, count) of |G_ij - [i == j]|, off-diagonal entries counted
+// twice (G is symmetric), in float64 in a fixed order.  u: [rows rounded up to kOrthTile][mp], the rows past
+// count zero; p0 a multiple of kOrthTile.
+static double orth_panel(const float* u, idx_t count, idx_t mp, idx_t p0, idx_t p1) {
+  const idx_t rows = (count + kOrthTile - 1) / kOrthTile * kOrthTile;
+  double total = 0.0;
+  for (idx_t j0 = p0; j0 < rows; j0 += kOrthTile) {  // a tile of columns, against every tile of the panel
+    for (idx_t i0 = p0; i0 < p1 && i0 <= j0; i0 += kOrthTile) {
+      alignas(64) float g[kOrthTile * kOrthTile];
+      orth_tile(u, mp, i0, j0, g);
+      for (int a = 0; a < kOrthTile; ++a) {
+        const idx_t i = i0 + a;
+        for (int b = 0; b < kOrthTile; ++b) {
+          const idx_t j = j0 + b;
+          if (i >= count || j >= count || j < i) continue;
+          const double v = static_cast<double>(g[a * kOrthTile + b]);
+          total += i == j ? std::fabs(v - 1.0) : 2.0 * std::fabs(v);
+        }
+      }
+    }
+  }
+  return total;
 }
 
 // ---- label counts of assign outputs ----

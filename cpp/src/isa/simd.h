@@ -310,6 +310,7 @@ static inline vd dset(double a) { return _mm512_set1_pd(a); }
 static inline vd dload(const double* p) { return _mm512_loadu_pd(p); }
 static inline void dstore(double* p, vd a) { _mm512_storeu_pd(p, a); }
 static inline vd dfrom(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+static inline vd dadd(vd a, vd b) { return _mm512_add_pd(a, b); }
 static inline vd dsub(vd a, vd b) { return _mm512_sub_pd(a, b); }
 static inline vd dmul(vd a, vd b) { return _mm512_mul_pd(a, b); }
 static inline vd dfma(vd a, vd b, vd c) { return _mm512_fmadd_pd(a, b, c); }
@@ -330,6 +331,7 @@ static inline vd dset(double a) { return _mm256_set1_pd(a); }
 static inline vd dload(const double* p) { return _mm256_loadu_pd(p); }
 static inline void dstore(double* p, vd a) { _mm256_storeu_pd(p, a); }
 static inline vd dfrom(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+static inline vd dadd(vd a, vd b) { return _mm256_add_pd(a, b); }
 static inline vd dsub(vd a, vd b) { return _mm256_sub_pd(a, b); }
 static inline vd dmul(vd a, vd b) { return _mm256_mul_pd(a, b); }
 static inline vd dfma(vd a, vd b, vd c) { return _mm256_fmadd_pd(a, b, c); }
@@ -349,6 +351,7 @@ static inline vd dset(double a) { return a; }
 static inline vd dload(const double* p) { return *p; }
 static inline void dstore(double* p, vd a) { *p = a; }
 static inline vd dfrom(const float* p) { return static_cast<double>(*p); }
+static inline vd dadd(vd a, vd b) { return a + b; }
 static inline vd dsub(vd a, vd b) { return a - b; }
 static inline vd dmul(vd a, vd b) { return a * b; }
 static inline vd dfma(vd a, vd b, vd c) { return std::fma(a, b, c); }

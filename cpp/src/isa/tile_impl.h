@@ -19,12 +19,16 @@
 namespace kernelatlas {
 namespace KA_NS {
 
+// Register blocking of the dense micro-kernel: BB units x V row vectors = BB*V accumulators, plus V row vectors
+// and one broadcast weight.  FMA units need (pipes x latency) independent chains to stay busy: 2 x 4 = 8 on
+// Zen 3/4 and Intel cores, 2 x 5 = 10 on Zen 2, so AVX2 takes 12 (4 x 3 + 3 + 1 = all 16 ymm) rather than the
+// 8 of the AVX-512 shape scaled down; AVX-512 takes 24 of its 32 zmm.
 #if KA_ISA == 2
-constexpr int T = 96;  // kernels per tile
+constexpr int T = 96;         // kernels per tile
 constexpr int BB = 8, V = 3;  // 24 accumulators of 32 zmm
 #elif KA_ISA == 1
 constexpr int T = 96;
-constexpr int BB = 4, V = 3; // 12 accumulators of 16 ymm
+constexpr int BB = 4, V = 3;  // 12 accumulators of 16 ymm
 #else
 constexpr int T = 64;
 constexpr int BB = 4, V = 4;
@@ -83,17 +87,27 @@ static void load_tile(const KernelsIn& x, idx_t r0, int rows, float* xt) {
       for (int r = rows; r < T; ++r) xt[j * T + r] = 0.f;
 }
 
-// xt [d][T] -> rows [rows, d] (the inverse of load_tile's transpose).
+// xt [d][T] -> rows [rows, d] (the inverse of load_tile's transpose).  The partial last block of columns is
+// stored first with whole-vector stores that run into the next row's first entries, which the later blocks
+// then overwrite with their values (masked stores are slow on AMD cores); only the tile's last row, whose
+// next row belongs to another tile (maybe another thread), gets a masked store.
 static void store_rows(const float* xt, int d, int rows, float* out) {
 #if KA_ISA >= 1
+  const int tail = d % W, cb_tail = d - tail;
   for (int v = 0; v < NV && v * W < rows; ++v) {
-    for (int cb = 0; cb < d; cb += W) {
+    for (int step = 0; step * W < d; ++step) {
+      const int cb = tail > 0 ? (step == 0 ? cb_tail : (step - 1) * W) : step * W;
       const int nc = d - cb < W ? d - cb : W;
       vf r[W];
       for (int c = 0; c < W; ++c) r[c] = c < nc ? vload(xt + (cb + c) * T + v * W) : vset(0.f);
       transpose(r);
-      for (int i = 0; i < W && v * W + i < rows; ++i)
-        store_part(out + static_cast<idx_t>(v * W + i) * d + cb, r[i], nc);
+      for (int i = 0; i < W && v * W + i < rows; ++i) {
+        float* dst = out + static_cast<idx_t>(v * W + i) * d + cb;
+        if (nc == W || v * W + i + 1 < rows)
+          vstore(dst, r[i]);
+        else
+          store_part(dst, r[i], nc);
+      }
     }
   }
 #else
@@ -235,9 +249,107 @@ static const float* run_layers(const LayerView* layers, int n, const float* src,
   return src;
 }
 
+#if KA_ISA == 2
+// ---- bf16 encoder (Precision::bf16; AVX512_BF16, compiled per function so that the rest of the AVX-512 variant
+// still runs on AVX-512 CPUs without it -- the engine checks the CPU before it asks for this path) ----
+// A layer's input [in][T] fp32 becomes [(in+1)/2][T] uint32, each the bf16 pair (x[2p], x[2p+1]) of one row
+// (rounded to nearest even), so that one vdpbf16ps does two multiply-adds per row lane against a broadcast
+// weight pair: twice the MACs per instruction of an fp32 FMA.
+#define KA_BF16_TARGET __attribute__((target("avx512bf16")))
+
+KA_BF16_TARGET static inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  // cvtne2ps gives words [bf16(lo) 0..15 | bf16(hi) 0..15]; the permute interleaves them to (lo_i, hi_i) pairs
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                           21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave),
+                                  reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+// src [in][T] fp32 -> dst [(in+1)/2][T] bf16 pairs; dst may be src (pair p is written over row p, after rows 2p
+// and 2p+1 were read, and p <= 2p).
+KA_BF16_TARGET static void to_bf16_pairs(const float* src, int in, uint32_t* dst) {
+  for (int p = 0; p < (in + 1) / 2; ++p)
+    for (int v = 0; v < NV; ++v) {
+      const __m512 lo = vload(src + 2 * p * T + v * W);
+      const __m512 hi = 2 * p + 1 < in ? vload(src + (2 * p + 1) * T + v * W) : vset(0.f);
+      _mm512_storeu_si512(dst + p * T + v * W, bf16_pairs(lo, hi));
+    }
+}
+
+template <int NB, int NVB, Activation A>
+KA_BF16_TARGET static inline void dense_micro_bf16(const uint32_t* w, const float* bias, int pairs, const uint32_t* src,
+                                                   float* dst, int v0) {
+  __m512 acc[NB][NVB];
+  for (int b = 0; b < NB; ++b) {
+    const vf bb = vset(bias[b]);
+    for (int v = 0; v < NVB; ++v) acc[b][v] = bb;
+  }
+  for (int p = 0; p < pairs; ++p) {
+    __m512bh xv[NVB];
+    for (int v = 0; v < NVB; ++v) xv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(src + p * T + (v0 + v) * W));
+    const uint32_t* wp = w + p * kBlockOut;
+    for (int b = 0; b < NB; ++b) {
+      const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(wp[b])));
+      for (int v = 0; v < NVB; ++v) acc[b][v] = _mm512_dpbf16_ps(acc[b][v], xv[v], wb);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < NVB; ++v) vstore(dst + b * T + (v0 + v) * W, act<A>(acc[b][v]));
+}
+
+template <Activation A>
+KA_BF16_TARGET static void dense_layer_bf16_t(const LayerView& L, const uint32_t* src, float* dst) {
+  const int pairs = (L.in + 1) / 2;
+  for (int ob = 0; ob < L.out_pad; ob += kBlockOut) {
+    const uint32_t* panel = L.w_bf16 + static_cast<idx_t>(ob) * pairs;  // [pairs][kBlockOut]
+    for (int boff = 0; boff < kBlockOut; boff += BB)
+      for (int v0 = 0; v0 < NV; v0 += V)
+        dense_micro_bf16<BB, V, A>(panel + boff, L.b + ob + boff, pairs, src, dst + (ob + boff) * T, v0);
+  }
+}
+
+KA_BF16_TARGET static void dense_layer_bf16(const LayerView& L, const uint32_t* src, float* dst) {
+  switch (L.act) {
+    case Activation::identity: return dense_layer_bf16_t<Activation::identity>(L, src, dst);
+    case Activation::relu: return dense_layer_bf16_t<Activation::relu>(L, src, dst);
+    case Activation::sigmoid: return dense_layer_bf16_t<Activation::sigmoid>(L, src, dst);
+    case Activation::tanh: return dense_layer_bf16_t<Activation::tanh>(L, src, dst);
+    case Activation::gelu: return dense_layer_bf16_t<Activation::gelu>(L, src, dst);
+    case Activation::gelu_tanh: return dense_layer_bf16_t<Activation::gelu_tanh>(L, src, dst);
+  }
+}
+
+// run_layers with the hidden (blocked) layers in bf16; the code layer (one unit) stays fp32.  The pairs of the
+// first layer's input go to the buffer the layer does not write (s.xt stays intact for the cosine); later
+// inputs are converted in place.
+KA_BF16_TARGET static const float* run_layers_bf16(const LayerView* layers, int n, const float* src,
+                                                   const TileScratch& s) {
+  float* bufs[2] = {s.buf0, s.buf1};
+  for (int i = 0; i < n; ++i) {
+    float* dst = bufs[i & 1];
+    const LayerView& L = layers[i];
+    if (L.w_bf16 == nullptr) {
+      dense_layer(L, src, dst);
+    } else {
+      uint32_t* pairs = reinterpret_cast<uint32_t*>(src == s.xt ? bufs[(i + 1) & 1] : const_cast<float*>(src));
+      to_bf16_pairs(src, L.in, pairs);
+      dense_layer_bf16(L, pairs, dst);
+    }
+    src = dst;
+  }
+  return src;
+}
+#endif
+
 // Encodes the normalised tile in s.xt; writes the raw code of every row to aux[kCode].
-static void encode_normalized(const ModelView& m, const TileScratch& s) {
-  const float* z = run_layers(m.enc, m.n_enc, s.xt, s);
+static void encode_normalized(const ModelView& m, Precision precision, const TileScratch& s) {
+  const float* z = nullptr;
+#if KA_ISA == 2
+  if (precision == Precision::bf16) z = run_layers_bf16(m.enc, m.n_enc, s.xt, s);
+#endif
+  if (z == nullptr) z = run_layers(m.enc, m.n_enc, s.xt, s);  // fp32 (bf16 is refused off AVX-512 by the engine)
+  (void)precision;
   std::memcpy(s.aux + kCode * T, z, sizeof(float) * T);
 }
 
@@ -369,6 +481,93 @@ static void cosine_tile(const ModelView& m, bool use_segments, const TileScratch
   }
 }
 
+#if KA_ISA == 2
+// ---- the fp32 recheck of bf16 rows near a decision: one row at a time, units in lanes (the packed [in][8]
+// panels give 8 units per ymm).  Same operations in the same order as the tile path (bias, then one FMA per
+// input in input order; the same activation code), so a rechecked row gets exactly its fp32 result. ----
+
+// layers[0..n) on one row x [in]; returns the buffer holding the output (a or b, each kMaxWidth + W floats).
+static const float* run_row(const LayerView* layers, int n, const float* x, float* a, float* b) {
+  const float* src = x;
+  float* bufs[2] = {a, b};
+  for (int i = 0; i < n; ++i) {
+    const LayerView& L = layers[i];
+    float* dst = bufs[i & 1];
+    if (L.block == 1) {
+      for (int o = 0; o < L.out_pad; ++o) {
+        float acc = L.b[o];
+        for (int j = 0; j < L.in; ++j) acc = std::fma(L.w[o * L.in + j], src[j], acc);
+        dst[o] = acc;
+      }
+    } else {
+      // up to 8 blocks of 8 units at once: independent FMA chains (one chain would be latency-bound)
+      constexpr int G = 8;
+      for (int ob0 = 0; ob0 < L.out_pad; ob0 += G * kBlockOut) {
+        const int ng = (L.out_pad - ob0) / kBlockOut < G ? (L.out_pad - ob0) / kBlockOut : G;
+        __m256 acc[G];
+        for (int g = 0; g < G; ++g) acc[g] = g < ng ? _mm256_loadu_ps(L.b + ob0 + g * kBlockOut) : _mm256_setzero_ps();
+        const float* panel = L.w + static_cast<idx_t>(ob0) * L.in;  // blocks of [in][kBlockOut]
+        for (int j = 0; j < L.in; ++j) {
+          const __m256 xj = _mm256_set1_ps(src[j]);
+          for (int g = 0; g < G; ++g)
+            if (g < ng)
+              acc[g] =
+                  _mm256_fmadd_ps(_mm256_loadu_ps(panel + (static_cast<idx_t>(g) * L.in + j) * kBlockOut), xj, acc[g]);
+        }
+        for (int g = 0; g < ng; ++g) _mm256_storeu_ps(dst + ob0 + g * kBlockOut, acc[g]);
+      }
+    }
+    for (int o = 0; o < L.out_pad; o += W) vstore(dst + o, vactivate(L.act, vload(dst + o)));
+    src = dst;
+  }
+  return src;
+}
+
+static float cosine_row(const ModelView& m, bool use_segments, const float* x, float z, float* a, float* b) {
+  const int d = m.d;
+  float xr = 0.f, rr = 0.f;
+  if (use_segments && m.n_seg > 0) {
+    int seg = 0;
+    for (int i = 0; i < m.n_seg - 1; ++i) seg += z >= m.seg_t[i] ? 1 : 0;
+    const float u = z - m.seg_zc[seg];
+    const float* bs = m.seg_b + static_cast<idx_t>(seg) * d;
+    const float* cs = m.seg_c + static_cast<idx_t>(seg) * d;
+    for (int j = 0; j < d; ++j) {
+      const float r = std::fma(u, bs[j], cs[j]);
+      xr = std::fma(x[j], r, xr);
+      rr = std::fma(r, r, rr);
+    }
+  } else {
+    const float* r = run_row(m.dec, m.n_dec, &z, a, b);
+    for (int j = 0; j < d; ++j) {
+      xr = std::fma(x[j], r[j], xr);
+      rr = std::fma(r[j], r[j], rr);
+    }
+  }
+  return rr > 0.f ? xr / std::sqrt(rr) : 0.f;
+}
+
+static bool near_decision(const ModelView& m, const AssignParams& p, float z, float score) {
+  if (std::fabs(score - p.threshold) <= p.recheck_score) return true;
+  for (int i = 0; i < m.n_int; ++i)
+    if (std::fabs(z - m.int_lo[i]) <= p.recheck_code || std::fabs(z - m.int_hi[i]) <= p.recheck_code) return true;
+  return false;
+}
+
+// Recomputes code and score in fp32 for the live rows of the tile near a decision (aux[kCode], scores).
+static void recheck_bf16(const ModelView& m, const AssignParams& p, int rows, const TileScratch& s, float* scores) {
+  const float* good = s.aux + kGood * T;
+  float* z = s.aux + kCode * T;
+  alignas(64) float x[kMaxDim], a[kMaxWidth + W] = {}, b[kMaxWidth + W] = {};
+  for (int r = 0; r < rows; ++r) {
+    if (good[r] == 0.f || !near_decision(m, p, z[r], scores[r])) continue;
+    for (int j = 0; j < m.d; ++j) x[j] = s.xt[j * T + r];
+    z[r] = run_row(m.enc, m.n_enc, x, a, b)[0];
+    scores[r] = cosine_row(m, p.use_segments, x, z[r], a, b);
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------- entry points
 
 static void normalize_entry(const KernelsIn& x, idx_t r0, int rows, float min_abs, float* normalized, float* norms,
@@ -379,11 +578,11 @@ static void normalize_entry(const KernelsIn& x, idx_t r0, int rows, float min_ab
   std::memcpy(norms, s.aux + kNorm * T, sizeof(float) * rows);
 }
 
-static void encode_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, float min_abs, float* codes,
-                         const TileScratch& s) {
+static void encode_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int rows, float min_abs, Precision precision,
+                         float* codes, const TileScratch& s) {
   load_tile(x, r0, rows, s.xt);
   normalize_tile(s.xt, x.d, min_abs, s.aux + kGood * T, s.aux + kNorm * T);
-  encode_normalized(m, s);
+  encode_normalized(m, precision, s);
   const float* good = s.aux + kGood * T;
   const float* z = s.aux + kCode * T;
   for (int r = 0; r < rows; ++r) codes[r] = good[r] != 0.f ? z[r] : qnan();
@@ -405,9 +604,12 @@ static void assign_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int r
   load_tile(x, r0, rows, s.xt);
   float* good = s.aux + kGood * T;
   normalize_tile(s.xt, x.d, p.min_abs, good, s.aux + kNorm * T);
-  encode_normalized(m, s);
+  encode_normalized(m, p.precision, s);
   float* sc = s.aux + kScore * T;
   cosine_tile(m, p.use_segments, s, sc);
+#if KA_ISA == 2
+  if (p.precision == Precision::bf16) recheck_bf16(m, p, rows, s, sc);
+#endif
   const float* z = s.aux + kCode * T;
   int32_t lab[T];
   const vf thr = vset(p.threshold);

@@ -26,7 +26,8 @@ constexpr TileKernels kTile{
     kProbeChains * W * 2,
 };
 
-constexpr QualityKernels kQuality{&piece_stats, &piece_rowmax, &coef_minmax, &coef_hist, &count_labels};
+constexpr QualityKernels kQuality{&piece_stats, &piece_rowmax, &sparse_moments, &coef_minmax,
+                                  &coef_hist,   &count_labels, &orth_panel};
 
 }  // namespace
 

@@ -22,8 +22,9 @@ small linear algebra afterwards: H from the d x d centred scatter gram - sum sum
 the moments summed over layers.  A layer is always one segment of one call (its sparsity threshold needs the
 whole layer's max), so results do not depend on the chunk size.  It also returns the moments of each layer's
 sparse kernels (read once more natively, right after their piece), subtracted from the layer's moments to give
-entropy_clean.  Only orthogonality (a c_out x c_out Gram of whole filters, computed in blocks) needs the
-kernels once more in numpy, layer by layer, while the layer is still in the page cache.
+entropy_clean.  Only orthogonality (a c_out x c_out Gram of whole filters: native fp32 tiles for corpus
+dtypes, float64 numpy blocks otherwise) reads the kernels once more, layer by layer, while the layer is still
+in the page cache.
 
 Output: ``CORPUS/runs/RUN_ID/`` with quality.parquet (one row per stored layer), pca-kK.npz / pca-kK.csv
 (mean, basis, eigenvalues, explained-variance ratios) and figures (pca-kK.png, quality-kK.png); run.json is
@@ -107,6 +108,9 @@ DEGENERATE_SPARSITY = 0.14
 # relative error ~3.8e-6 of sum |w_i w_j|, ~1e-7 typical), so identical kernels leave rounding noise of that
 # size in gram - sum sum^T / n, which must not be read as variance.
 ZERO_VARIANCE_REL = 1e-5
+# Absolute error allowed to the native orthogonality against the float64 computation (fp32 unit rows and
+# sums: ~1e-7 per Gram entry, the value is a mean of them; kernelatlas/quality.h bounds it)
+ORTHOGONALITY_TOL = 1e-6
 CHUNK_ROWS = 1 << 22
 
 
@@ -162,14 +166,26 @@ def entropy_from_moments(n: Any, sums: Any, grams: Any) -> np.ndarray:
     return np.where(n > 0, h, np.nan)
 
 
-def orthogonality(filters: Any, *, block_bytes: int = 1 << 26) -> float:
+def orthogonality(filters: Any, *, block_bytes: int = 1 << 26, threads: int | None = None) -> float:
     """Orthogonality of a layer (CVPRW 2022) from its filters [c_out, m] (m = c_in/groups * k * k; a memmap is
     read block by block): rows L2-normalised (an all-zero filter stays zero, as in torchconvquality),
     G = F F^T, c = sum|G - I| / (c_out (c_out - 1)), result 1 - c.  Filters with a non-finite entry are left
     out (c_out counts the others); NaN below two filters.  For a depthwise layer each filter is one k x k
-    kernel."""
+    kernel.
+
+    float16 / float32 filters (corpus layers) go to the native kernel (``_core.orthogonality``) when their unit
+    rows as float32 (c_out x m rounded up to 16) fit in ``block_bytes``: Gram entries are fp32 sums of
+    fp32-rounded unit rows, within ORTHOGONALITY_TOL of the float64 computation (about 1e-7 per entry; tested
+    against it).  Other dtypes and larger layers take the float64 numpy path below, in blocks of block_bytes.
+    A non-contiguous float16 / float32 array is copied (once, explicitly) for the native kernel."""
     c_out = len(filters)
     m = int(np.prod(filters.shape[1:])) if c_out else 0
+    dtype = np.dtype(getattr(filters, "dtype", np.float64))
+    if dtype in (np.float16, np.float32) and c_out * (-(-m // 16) * 16) * 4 <= block_bytes:
+        from kernelatlas import _core
+
+        contiguous = np.ascontiguousarray(np.asarray(filters).reshape(c_out, m))
+        return float(_core.orthogonality(contiguous, threads=threads or 0))
     # a block's rows in float64 and the Gram of two blocks (rows x rows) each stay within block_bytes: sizing by
     # the input alone made a 9-wide depthwise layer of 80k filters ask for a 47 GiB Gram block
     rows = max(1, min(block_bytes // max(1, 8 * m), math.isqrt(block_bytes // 8)))
@@ -493,7 +509,7 @@ def _group_quality(arr: np.ndarray, group: list[LayerSpan], k: int, scale: str, 
             h_clean = entropy_from_moments([n_dense], [st["sum"][i] - st["sum_sparse"][i]],
                                            [st["gram"][i] - st["gram_sparse"][i]])[0]
         if with_orthogonality and g.c_out * g.c_in_per_group == g.rows and g.c_out >= 2:
-            orth = orthogonality(rows.reshape(g.c_out, g.c_in_per_group * d))
+            orth = orthogonality(rows.reshape(g.c_out, g.c_in_per_group * d), threads=threads)
         else:
             orth = float("nan")
         rows_out.append({

@@ -69,6 +69,7 @@ class Autoencoder:
     # for every interval whose (lo, hi) is unchanged, so load + save never loses what `clusters` wrote
     cluster_spec: dict[str, Any] | None = None
     _engine_cache: Any = field(default=None, init=False, repr=False, compare=False)
+    _gpu_cache: Any = field(default=None, init=False, repr=False, compare=False)  # kernelatlas.gpu's upload
     _margins_cache: dict[str, tuple[float, float]] = field(default_factory=dict, init=False, repr=False,
                                                            compare=False)
 
@@ -122,13 +123,30 @@ class Autoencoder:
 
     # ------------------------------------------------------------------ inference
     def encode(
-        self, x: np.ndarray, *, min_abs: float = 0.0, threads: int | None = None, out: np.ndarray | None = None,
+        self,
+        x: np.ndarray,
+        *,
+        min_abs: float = 0.0,
+        threads: int | None = None,
+        out: np.ndarray | None = None,
         precision: str = "fp32",
+        device: str = "auto",
     ) -> np.ndarray:
         """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite).
-        ``precision``: 'fp32' (default) or 'bf16' (opt-in, AVX512_BF16 CPUs; see :func:`kernelatlas.assign`)."""
-        return self._engine.encode(x, out=out, min_abs=float(min_abs), threads=thread_count(threads),
-                                   precision=precision)
+        ``precision``: 'fp32' (default) or 'bf16' (opt-in, AVX512_BF16 CPUs; see :func:`kernelatlas.assign`).
+        ``device``: 'cpu', 'cuda' or 'auto', as for :func:`kernelatlas.assign` (the GPU runs fp32 only)."""
+        from kernelatlas import gpu
+
+        where, dev_in = gpu.resolve(device, x)
+        if where == "cuda":
+            if precision != "fp32":
+                raise ValueError(f"precision={precision!r} is a CPU path (AVX512_BF16); the GPU runs exact fp32 so "
+                                 "far: use device='cpu' or precision='fp32'")
+            return gpu.encode(self, x, dev_in, out, float(min_abs))
+        host = dev_in.to_host() if dev_in is not None else x
+        codes = self._engine.encode(host, out=out, min_abs=float(min_abs), threads=thread_count(threads),
+                                    precision=precision)
+        return dev_in.from_host(codes) if dev_in is not None else codes
 
     def bf16_margins(self, decoder: str = "auto") -> tuple[float, float]:
         """The recheck margins of ``precision='bf16'`` for this model: (code, score) = twice the 90th percentile

@@ -543,7 +543,9 @@ def _add_assign(sub: Any) -> None:
                    help="assign only these models' layers (ids or names), e.g. with a per-model autoencoder "
                    "(default: every model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to compute (default: auto; the CUDA backend is not built yet, so the CPU)")
+                   help="where to compute: cuda streams the shards through the GPU (refused, with the reason, "
+                   "without a GPU that passes its self-check); auto uses the GPU when one passes it, else the CPU "
+                   "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     p.add_argument("--min-abs", type=float, default=0.0,
                    help="kernels whose entries are all <= this are dead (default: 0, exact zeros only)")
@@ -561,6 +563,7 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     check_device(args.device)
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
                         kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
+                        device=args.device,
                         models=args.models, progress=not args.no_progress,
                         command=" ".join(["kernelatlas", *sys.argv[1:]]), cluster=args.cluster,
                         task_rows=args.task_rows)

@@ -6,6 +6,11 @@ view is rejected with the fix rather than copied, since a silent copy of a billi
 exhaust memory.  Every call releases the GIL and runs on ``threads`` OpenMP threads (default: all).
 Outputs can be preallocated (``out=`` arguments), e.g. as writable memmaps, so results stream to disk.
 
+``device``: 'cpu' (this engine), 'cuda' (the GPU: cupy arrays / torch CUDA tensors in place, numpy arrays and
+memmaps streamed; :mod:`kernelatlas.gpu`) or 'auto' (the GPU for GPU arrays and for host arrays of at least
+``kernelatlas.gpu.AUTO_MIN_ROWS`` rows when a GPU passed its self-check, else the CPU).  On the GPU ``threads``
+does not apply.
+
 Semantics shared by every call (and every backend):
 
 * a kernel is centred (its mean subtracted) and divided by the L2 norm of the centred kernel;
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kernelatlas import _core
+from kernelatlas import _core, gpu
 
 if TYPE_CHECKING:
     from kernelatlas.autoencoder import Autoencoder
@@ -40,14 +45,25 @@ def thread_count(threads: int | None) -> int:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device this build cannot run on, naming the fix."""
-    if device in ("auto", "cpu"):
-        return
+    """Refuse an unknown device name; device='cuda' without a usable GPU is refused with the reason (the
+    self-check runs here when a GPU is found)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda":
-        raise ValueError(
-            "device='cuda': the CUDA backend has no kernels in this build yet; use device='cpu' or 'auto'"
-        )
-    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        ok, why = gpu._probe()
+        error = gpu.self_check() if ok else f"device='cuda' needs a usable GPU: {why}"
+        if error is not None:
+            raise gpu.GpuUnavailable(error)
+
+
+def _on_host(dev_in: gpu.DeviceInput | None, x: Any) -> Any:
+    """x for the CPU engine: a GPU array (the 'auto' fallback) copied to the host."""
+    return dev_in.to_host() if dev_in is not None else x
+
+
+def _back(dev_in: gpu.DeviceInput | None, results: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The CPU engine's results, moved to the input's GPU when the input was there (the 'auto' fallback)."""
+    return tuple(dev_in.from_host(r) for r in results) if dev_in is not None else results
 
 
 def normalize(
@@ -57,13 +73,19 @@ def normalize(
     norms: np.ndarray | None = None,
     min_abs: float = 0.0,
     threads: int | None = None,
+    device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centre every kernel and divide it by its L2 norm.
 
     Returns ``(normalized, norms)``: float32 of x's shape, and float32 [n] with the centred norms (0 for dead
     or flat kernels, NaN for non-finite ones, whose rows are zero).
     """
-    return _core.normalize(x, out=out, norms=norms, min_abs=float(min_abs), threads=thread_count(threads))
+    where, dev_in = gpu.resolve(device, x)
+    if where == "cuda":
+        return gpu.normalize(x, dev_in, out, norms, float(min_abs))
+    res = _core.normalize(_on_host(dev_in, x), out=out, norms=norms, min_abs=float(min_abs),
+                          threads=thread_count(threads))
+    return _back(dev_in, res)
 
 
 def assign(
@@ -93,11 +115,16 @@ def assign(
     speed-up and agreement: BENCHMARKS.md "Reduced precision"); other rows' codes and scores differ by up to
     ~1e-2).  'bf16' raises ValueError, naming the reason, where it cannot run (``build_info()['bf16']``).
     """
-    check_device(device)
+    where, dev_in = gpu.resolve(device, x)
+    if where == "cuda":
+        if precision != "fp32":
+            raise ValueError(f"precision={precision!r} is a CPU path (AVX512_BF16); the GPU runs exact fp32 so far: "
+                             "use device='cpu' or precision='fp32'")
+        return gpu.assign(model, x, dev_in, float(threshold), float(min_abs), decoder, out)
     labels, scores, codes = out if out is not None else (None, None, None)
     margins = model.bf16_margins(decoder) if precision == "bf16" else (0.0, 0.0)
-    return model._engine.assign(
-        x,
+    res = model._engine.assign(
+        _on_host(dev_in, x),
         threshold=float(threshold),
         labels=labels,
         scores=scores,
@@ -109,6 +136,7 @@ def assign(
         recheck_code=margins[0],
         recheck_score=margins[1],
     )
+    return _back(dev_in, res)
 
 
 def assign_prototypes(
@@ -127,19 +155,25 @@ def assign_prototypes(
     ``prototypes``: an array [P, k*k] or [P, k, k] (1 <= P <= 256), or a ``_core.PrototypeEngine`` built once
     and reused.  Returns ``(labels int16, scores float32)``.
     """
-    check_device(device)
+    where, dev_in = gpu.resolve(device, x)
+    if where == "cuda":
+        raw = prototypes.normalized if isinstance(prototypes, _core.PrototypeEngine) else _prototype_rows(prototypes)
+        return gpu.assign_prototypes(raw, x, dev_in, float(threshold), float(min_abs), out)
     engine = prototypes if isinstance(prototypes, _core.PrototypeEngine) else prototype_engine(prototypes)
     labels, scores = out if out is not None else (None, None)
-    return engine.assign(x, threshold=float(threshold), labels=labels, scores=scores, min_abs=float(min_abs),
-                         threads=thread_count(threads))
+    res = engine.assign(_on_host(dev_in, x), threshold=float(threshold), labels=labels, scores=scores,
+                        min_abs=float(min_abs), threads=thread_count(threads))
+    return _back(dev_in, res)
+
+
+def _prototype_rows(prototypes: np.ndarray) -> np.ndarray:
+    p = np.asarray(prototypes, dtype=np.float32)
+    return np.ascontiguousarray(p.reshape(len(p), -1) if p.ndim == 3 else p)
 
 
 def prototype_engine(prototypes: np.ndarray) -> _core.PrototypeEngine:
     """Normalise and pack a prototype set once, for repeated :func:`assign_prototypes` calls."""
-    p = np.asarray(prototypes, dtype=np.float32)
-    if p.ndim == 3:
-        p = p.reshape(len(p), -1)
-    return _core.PrototypeEngine(np.ascontiguousarray(p))
+    return _core.PrototypeEngine(_prototype_rows(prototypes))
 
 
 def set_isa(name: str | None) -> str | None:
@@ -157,6 +191,9 @@ def build_info() -> dict[str, Any]:
     info["omp_num_threads_env"] = os.environ.get("OMP_NUM_THREADS")
     info["cuda_available"] = False
     info["cuda_devices"] = []
+    info["cuda_verified"] = gpu.VERIFIED_ON_HARDWARE
+    if info["cuda_built"] and not gpu.VERIFIED_ON_HARDWARE:
+        info["cuda_backend"] = gpu.NOT_VERIFIED
     if info["cuda_built"]:
         try:
             from kernelatlas import _cuda

@@ -338,6 +338,7 @@ def assign_corpus(
     cluster: Any = None,
     client: Any = None,
     task_rows: int | None = None,
+    device: str = "cpu",
 ) -> str:
     """Assign every kernel of the model's size (of layers of ``kind``: depthwise | regular | grouped | all) in
     the corpus; returns the run id.  Exactly one of ``model`` (a model directory) or ``prototypes`` (a file,
@@ -354,11 +355,19 @@ def assign_corpus(
     ``client`` (a dask.distributed Client): run the shards as tasks of at most ``task_rows`` rows (default: one
     engine chunk) on a Dask cluster whose workers share the corpus folder; each task writes its rows of the
     shard's output files in place, and this process alone renames a shard's files once all its tasks are done
-    and commits the run.  The files are byte-identical to an in-process run's (kernelatlas.cluster)."""
+    and commits the run.  The files are byte-identical to an in-process run's (kernelatlas.cluster).
 
+    ``device``: 'cpu' (the default), 'cuda' (every chunk streamed through the GPU: kernelatlas.gpu) or 'auto'
+    (the GPU when one passes its self-check, else the CPU).  The cluster path runs on the workers' CPUs."""
+
+    from kernelatlas import gpu
     from kernelatlas.autoencoder import Autoencoder
     from kernelatlas.engine import prototype_engine
 
+    if device == "auto":
+        device = "cuda" if gpu.available() and gpu.self_check() is None else "cpu"
+    if device == "cuda" and (cluster is not None or client is not None):
+        raise ValueError("--device cuda runs in this process; with --cluster the workers use their CPUs: drop one")
     c = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
     if (model is None) == (prototypes is None):
         raise ValueError("give exactly one of --model MODEL or --prototypes FILE")
@@ -424,7 +433,7 @@ def assign_corpus(
                        chunk_rows=chunk_rows, progress=progress, command=command,
                        runner=(ae if model is not None else engine), cluster=cl, task_rows=task_rows,
                        remote=(("autoencoder", str(Path(model).resolve()), options["model"]) if model is not None
-                               else ("prototypes", protos)))
+                               else ("prototypes", protos)), device=device)
     return rid
 
 
@@ -433,7 +442,7 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
                    clusters: list[dict[str, Any]], extra: dict[str, Any], model_ids: list[int] | None,
                    threads: int | None, min_abs: float, decoder: str, chunk_rows: int | None, progress: bool,
                    command: str, runner: Any, cluster: Any = None, task_rows: int | None = None,
-                   remote: tuple[Any, ...] = ()) -> None:
+                   remote: tuple[Any, ...] = (), device: str = "cpu") -> None:
     """The shards of a run, each committed labels-last, then assign_layers.parquet and run.json (the commit),
     every file and folder fsynced before the next step depends on it.  With a cluster, the shards not done yet
     are computed by its workers first (:func:`_assign_on_cluster`)."""
@@ -463,7 +472,7 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
         elif not final["labels"].is_file():
             out = _ShardOutput(final, len(arr), rows_per_call, sp.layers, n_labels)
             _fill_outputs(arr, out, pieces, runner, with_model=model is not None, threshold=threshold,
-                          min_abs=min_abs, threads=threads, decoder=decoder, done=bar.update)
+                          min_abs=min_abs, threads=threads, decoder=decoder, done=bar.update, device=device)
             out.commit()
             counts = out.counts
         else:  # done by an earlier, interrupted run: count from its files
@@ -494,7 +503,7 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
 
 def _fill_outputs(arr: np.ndarray, out: _ShardOutput, pieces: Sequence[tuple[int, int]], runner: Any, *,
                   with_model: bool, threshold: float, min_abs: float, threads: int | None, decoder: str,
-                  done: Any = None) -> None:
+                  done: Any = None, device: str = "cpu") -> None:
     """The engine over ``pieces`` (row ranges, ascending) of a shard, its outputs written in place into ``out``'s
     staging blocks, the next piece's pages asked for ahead; ``out`` closed (the rows up to its end filled) or,
     on an error, discarded.  ``done(rows)`` after each piece.  The one loop of in-process runs and cluster
@@ -510,10 +519,10 @@ def _fill_outputs(arr: np.ndarray, out: _ShardOutput, pieces: Sequence[tuple[int
             buf = out.buffers(a, b)
             if with_model:
                 kernelatlas.assign(arr[a:b], runner, threshold=threshold, min_abs=min_abs, threads=threads,
-                                   decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]))
+                                   decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]), device=device)
             else:
                 kernelatlas.assign_prototypes(arr[a:b], runner, threshold=threshold, min_abs=min_abs,
-                                              threads=threads, out=(buf["labels"], buf["scores"]))
+                                              threads=threads, out=(buf["labels"], buf["scores"]), device=device)
             out.put()
             if done is not None:
                 done(b - a)

@@ -25,6 +25,8 @@ def build_info_text(info: dict[str, Any]) -> str:
     if info.get("cuda_built"):
         devices = info.get("cuda_devices") or []
         rows.append(("CUDA available", "yes" if info.get("cuda_available") else "no"))
+        if info.get("cuda_backend"):
+            rows.append(("CUDA kernels", info["cuda_backend"]))
         if devices:
             rows.append(("CUDA devices", "; ".join(str(d) for d in devices)))
         if info.get("cuda_error"):

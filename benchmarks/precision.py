@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import kernelatlas
 from kernelatlas import Autoencoder
 from kernelatlas.bench import synthetic
 from kernelatlas.bench.harness import cpu_model
+from kernelatlas.cli import _default_threads
 
 
 def compare(x: np.ndarray, model: Autoencoder, threshold: float, threads: int, rounds: int) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def main() -> int:
     if not info.get("bf16"):
         print(f"precision='bf16' cannot run here: {info.get('bf16_note')}", file=sys.stderr)
         return 2
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or _default_threads()
     peak = kernelatlas._core.fma_peak_gflops(1.0, threads)
     machine = f"{cpu_model()}, ISA {info['isa']}, {threads} threads, FP32 FMA peak {peak:.0f} GFLOP/s (measured)"
     print(f"machine: {machine}")

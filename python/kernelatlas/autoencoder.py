@@ -103,17 +103,17 @@ class Autoencoder:
     def n_segments(self) -> int:
         return int(self._engine.n_segments)
 
+    def _engine_args(self) -> tuple[int, list, list, list[float], list[float]]:
+        """The native model's constructor arguments (d, encoder, decoder, interval lows, interval highs), the same
+        for the CPU engine and the GPU module."""
+        lo, hi = _float32_bounds(self.clusters or [])
+        return (self.d, [(L.weight, L.bias, L.activation) for L in self.encoder],
+                [(L.weight, L.bias, L.activation) for L in self.decoder], lo, hi)
+
     @property
     def _engine(self) -> _core.AutoencoderEngine:
         if self._engine_cache is None:
-            lo, hi = _float32_bounds(self.clusters or [])
-            self._engine_cache = _core.AutoencoderEngine(
-                self.d,
-                [(L.weight, L.bias, L.activation) for L in self.encoder],
-                [(L.weight, L.bias, L.activation) for L in self.decoder],
-                lo,
-                hi,
-            )
+            self._engine_cache = _core.AutoencoderEngine(*self._engine_args())
         return self._engine_cache
 
     def with_clusters(self, clusters: Sequence[tuple[float, float]], names: Sequence[str] | None = None) -> Autoencoder:

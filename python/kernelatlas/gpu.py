@@ -261,7 +261,6 @@ def self_check() -> str | None:
     if "state" in _SELF_CHECK:
         return _SELF_CHECK.get("error")
     from kernelatlas import _core
-    from kernelatlas.autoencoder import _float32_bounds
 
     mod = _module()
     problems: list[str] = []
@@ -271,9 +270,7 @@ def self_check() -> str | None:
             model = _check_model(d)
             cpu_norm = _core.normalize(x, threads=0)
             _compare(f"normalize d={d}", mod.normalize_host(x, chunk_rows=1000)[0], cpu_norm[0], 1e-6, problems)
-            layers = ([(L.weight, L.bias, L.activation) for L in model.encoder],
-                      [(L.weight, L.bias, L.activation) for L in model.decoder])
-            dev = mod.DeviceAutoencoder(d, *layers, *_float32_bounds(model.clusters or []))
+            dev = mod.DeviceAutoencoder(*model._engine_args())
             for decoder in ("segments", "mlp"):
                 got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000)
                 want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
@@ -334,16 +331,7 @@ def module() -> Any:
 def device_autoencoder(model: Any) -> Any:
     """The model uploaded to the GPU (once per Autoencoder object; cached on it)."""
     if model._gpu_cache is None:
-        from kernelatlas.autoencoder import _float32_bounds
-
-        lo, hi = _float32_bounds(model.clusters or [])
-        model._gpu_cache = module().DeviceAutoencoder(
-            model.d,
-            [(L.weight, L.bias, L.activation) for L in model.encoder],
-            [(L.weight, L.bias, L.activation) for L in model.decoder],
-            lo,
-            hi,
-        )
+        model._gpu_cache = module().DeviceAutoencoder(*model._engine_args())
     return model._gpu_cache
 
 

@@ -10,6 +10,13 @@ the share of rows the bf16 path recomputed in fp32 (rows whose bf16 and fp32 cod
 machine (CPU model, ISA in use, measured FMA peak).
 
     python benchmarks/precision.py --n 5000000 --run kernelatlas-run
+
+``--tf32``: the label agreement of the GPU's precision='tf32' instead, on any machine: the CUDA kernels' own
+bodies run by the CPU harness (kernelatlas._cuda_harness), the tensor-core mma emulated on TF32-rounded
+operands, with the recheck margins derived as Autoencoder.tf32_margins derives them.  No speed (the harness is
+not a GPU: benchmarks/gpu_bench.py measures that on a device).
+
+    python benchmarks/precision.py --tf32 --n 1000000 --run kernelatlas-run
 """
 
 from __future__ import annotations
@@ -56,6 +63,64 @@ def compare(x: np.ndarray, model: Autoencoder, threshold: float, threads: int, r
     }
 
 
+def compare_tf32(x: np.ndarray, model: Autoencoder, threshold: float) -> dict[str, Any]:
+    """precision='tf32' against fp32 through the CUDA harness, recheck margins from the model's calibration set."""
+    from kernelatlas import _cuda_harness
+
+    hm = _cuda_harness.Autoencoder(*model._engine_args())
+    calib = model._calibration_set()
+    ref = hm.assign(calib, threshold=-1.0)
+    low = hm.assign(calib, threshold=-1.0, precision="tf32")
+    live = ~np.isnan(ref[2])
+    dz = 2 * float(np.quantile(np.abs(low[2][live] - ref[2][live]), 0.9))
+    ds = 2 * float(np.quantile(np.abs(low[1][live] - ref[1][live]), 0.9))
+    l32, _, c32, _ = hm.assign(x, threshold=threshold)
+    raw = hm.assign(x, threshold=threshold, precision="tf32")
+    lt, _, ct, _ = hm.assign(x, threshold=threshold, precision="tf32", recheck_code=dz, recheck_score=ds)
+    live = ~np.isnan(c32)
+    return {
+        "rows": len(x),
+        "labels_agree": float(np.mean(lt == l32)),
+        "labels_differ": int(np.sum(lt != l32)),
+        "labels_agree_without_recheck": float(np.mean(raw[0] == l32)),
+        "rechecked_share": float(np.mean(ct[live] == c32[live])) if live.any() else 0.0,
+        "code_error_max": float(np.abs(raw[2][live] - c32[live]).max()) if live.any() else 0.0,
+        "margins": (dz, ds),
+    }
+
+
+def main_tf32(args: argparse.Namespace) -> int:
+    results: dict[str, Any] = {"machine": "CPU harness (kernelatlas._cuda_harness), TF32 mma emulated", "cases": {}}
+
+    def report(name: str, r: dict[str, Any]) -> None:
+        results["cases"][name] = r
+        print(f"{name:34s} labels agree {r['labels_agree']:.4%} ({r['labels_differ']} differ; "
+              f"{r['labels_agree_without_recheck']:.4%} without recheck)  rechecked {r['rechecked_share']:.1%}  "
+              f"max |code - fp32| {r['code_error_max']:.1e}", flush=True)
+
+    for k in (int(v) for v in args.k.split(",")):
+        rng = np.random.default_rng(0)
+        patterns = synthetic.synthetic_patterns(k)
+        x = synthetic.synth_kernels(rng, args.n, k, patterns)
+        enc, dec = synthetic.make_autoencoder(k)
+        model, tau, _ = synthetic.calibrate(enc, dec, patterns, x[:100_000], _default_threads())
+        report(f"synthetic k={k} (bench model)", compare_tf32(x, model, tau))
+    if args.run is not None:
+        from kernelatlas.corpus.store import Corpus
+
+        corpus = Corpus.open(args.run / "corpus")
+        for model_dir in sorted((args.run / "models").glob("k*")):
+            model = Autoencoder.load(model_dir)
+            k = model.kernel_size
+            x = np.concatenate([np.asarray(ch.kernels) for ch in corpus.iter_chunks(k)])
+            report(f"trained k={k}, {len(x):,} real kernels", compare_tf32(x, model, 0.85))
+            noise = np.random.default_rng(1).standard_normal((max(len(x), 100_000), k * k)).astype(np.float32)
+            report(f"trained k={k}, random control", compare_tf32(noise, model, 0.85))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=5_000_000, help="synthetic kernels per size (default 5,000,000)")
@@ -64,7 +129,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="engine threads (default: all cores)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    ap.add_argument("--tf32", action="store_true", help="the GPU's precision='tf32' through the CPU harness instead")
     args = ap.parse_args()
+    if args.tf32:
+        return main_tf32(args)
     info = kernelatlas.build_info()
     if not info.get("bf16"):
         print(f"precision='bf16' cannot run here: {info.get('bf16_note')}", file=sys.stderr)

@@ -63,5 +63,19 @@ inline float min_abs_arg(double min_abs) {
   return static_cast<float>(min_abs);
 }
 
+// precision='fp32' (exact, the default) or 'tf32' (the first encoder layer by tensor-core mma): whether TF32.
+inline bool tf32_arg(const std::string& precision) {
+  if (precision == "fp32") return false;
+  if (precision == "tf32") return true;
+  throw py::value_error("precision on the GPU must be 'fp32' or 'tf32', got '" + precision + "'");
+}
+
+// A recheck margin of precision='tf32' (>= 0, finite; 0 rechecks nothing).
+inline float margin_arg(double margin, const char* name) {
+  if (!(margin >= 0.0) || margin > 1e30)
+    throw py::value_error(std::string(name) + " must be finite and >= 0, got " + std::to_string(margin));
+  return static_cast<float>(margin);
+}
+
 }  // namespace gpu
 }  // namespace kernelatlas

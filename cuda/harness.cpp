@@ -122,7 +122,10 @@ PYBIND11_MODULE(_cuda_harness, m) {
       py::arg("order") = "forward");
 
   m.def(
-      "plan", [](int row_floats, int blob_floats, int64_t budget) { return plan_dict(plan_launch(row_floats, blob_floats, budget)); },
+      "plan",
+      [](int row_floats, int blob_floats, int64_t budget) {
+        return plan_dict(plan_launch(row_floats, blob_floats, budget));
+      },
       py::arg("row_floats"), py::arg("blob_floats"), py::arg("budget"));
 
   py::class_<HarnessAutoencoder>(m, "Autoencoder")
@@ -131,32 +134,38 @@ PYBIND11_MODULE(_cuda_harness, m) {
            py::arg("intervals_hi") = std::vector<float>{})
       .def_property_readonly("n_segments", [](const HarnessAutoencoder& s) { return s.blob.m.n_seg; })
       .def_property_readonly("blob_floats", [](const HarnessAutoencoder& s) { return s.blob.m.floats_all; })
+      .def_property_readonly("tf32_applies", [](const HarnessAutoencoder& s) { return tf32_applies(s.blob.m); })
       .def(
           "encode",
           [](const HarnessAutoencoder& self, const py::array& x, double min_abs, int64_t budget,
-             const std::string& order) {
+             const std::string& order, const std::string& precision) {
             const KernelsIn in = bindings::kernels_arg(x, self.model.d(), "x");
             py::array_t<float> codes(static_cast<py::ssize_t>(in.rows));
             EncodeArgs a;
             a.m = self.blob.m;
             a.blob = self.blob.floats.data();
-            const LaunchPlan plan = plan_or_refuse(ae_row_floats(a.m, false), a.m.floats_enc, budget);
+            a.tf32 = tf32_arg(precision) && tf32_applies(a.m);  // as launch_encode decides
+            const LaunchPlan plan = plan_or_refuse(ae_row_floats(a.m, false, a.tf32), a.m.floats_enc, budget);
             a.stage_floats = plan.stage_floats;
             a.x = in.data;
             a.dtype = in.dtype;
             a.rows = in.rows;
             a.min_abs = min_abs_arg(min_abs);
             a.codes = codes.mutable_data();
-            run_launch<EncodeOp>(a, in.rows, plan.threads, ae_layout(a.m, a.stage_floats, false, plan.threads).total,
-                                 order);
+            const int64_t smem = ae_layout(a.m, a.stage_floats, false, plan.threads, a.tf32).total;
+            if (a.tf32)
+              run_launch<EncodeOpT<true>>(a, in.rows, plan.threads, smem, order);
+            else
+              run_launch<EncodeOp>(a, in.rows, plan.threads, smem, order);
             return py::make_tuple(codes, plan_dict(plan));
           },
           py::arg("x"), py::kw_only(), py::arg("min_abs") = 0.0, py::arg("budget") = kDefaultBudget,
-          py::arg("order") = "forward")
+          py::arg("order") = "forward", py::arg("precision") = "fp32")
       .def(
           "assign",
           [](const HarnessAutoencoder& self, const py::array& x, double threshold, double min_abs,
-             const std::string& decoder, int64_t budget, const std::string& order) {
+             const std::string& decoder, int64_t budget, const std::string& order, const std::string& precision,
+             double recheck_code, double recheck_score) {
             const KernelsIn in = bindings::kernels_arg(x, self.model.d(), "x");
             const py::ssize_t n = static_cast<py::ssize_t>(in.rows);
             py::array_t<int16_t> labels(n);
@@ -166,8 +175,11 @@ PYBIND11_MODULE(_cuda_harness, m) {
             a.blob = self.blob.floats.data();
             a.use_segments = use_segments_arg(self.model, decoder);
             const bool mlp = !a.use_segments;
+            a.tf32 = tf32_arg(precision) && tf32_applies(a.m);  // as launch_assign decides
+            a.recheck_code = margin_arg(recheck_code, "recheck_code");
+            a.recheck_score = margin_arg(recheck_score, "recheck_score");
             const LaunchPlan plan =
-                plan_or_refuse(ae_row_floats(a.m, mlp), mlp ? a.m.floats_all : a.m.floats_table, budget);
+                plan_or_refuse(ae_row_floats(a.m, mlp, a.tf32), mlp ? a.m.floats_all : a.m.floats_table, budget);
             a.stage_floats = plan.stage_floats;
             a.x = in.data;
             a.dtype = in.dtype;
@@ -177,12 +189,16 @@ PYBIND11_MODULE(_cuda_harness, m) {
             a.labels = labels.mutable_data();
             a.scores = scores.mutable_data();
             a.codes = codes.mutable_data();
-            run_launch<AssignOp>(a, in.rows, plan.threads, ae_layout(a.m, a.stage_floats, mlp, plan.threads).total,
-                                 order);
+            const int64_t smem = ae_layout(a.m, a.stage_floats, mlp, plan.threads, a.tf32).total;
+            if (a.tf32)
+              run_launch<AssignOpT<true>>(a, in.rows, plan.threads, smem, order);
+            else
+              run_launch<AssignOp>(a, in.rows, plan.threads, smem, order);
             return py::make_tuple(labels, scores, codes, plan_dict(plan));
           },
           py::arg("x"), py::kw_only(), py::arg("threshold") = 0.85, py::arg("min_abs") = 0.0,
-          py::arg("decoder") = "auto", py::arg("budget") = kDefaultBudget, py::arg("order") = "forward");
+          py::arg("decoder") = "auto", py::arg("budget") = kDefaultBudget, py::arg("order") = "forward",
+          py::arg("precision") = "fp32", py::arg("recheck_code") = 0.0, py::arg("recheck_score") = 0.0);
 
   py::class_<HarnessPrototypes>(m, "Prototypes")
       .def(py::init([](const py::array& p) {
@@ -212,10 +228,10 @@ PYBIND11_MODULE(_cuda_harness, m) {
             a.min_abs = min_abs_arg(min_abs);
             a.labels = labels.mutable_data();
             a.scores = scores.mutable_data();
-            run_launch<PrototypesOp>(a, in.rows, plan.threads,
-                                     PrototypesOp::xt_offset(a.stage_floats) + static_cast<int64_t>(a.p.d) *
-                                                                                   row_stride(plan.threads),
-                                     order);
+            run_launch<PrototypesOp>(
+                a, in.rows, plan.threads,
+                PrototypesOp::xt_offset(a.stage_floats) + static_cast<int64_t>(a.p.d) * row_stride(plan.threads),
+                order);
             return py::make_tuple(labels, scores, plan_dict(plan));
           },
           py::arg("x"), py::kw_only(), py::arg("threshold"), py::arg("min_abs") = 0.0,

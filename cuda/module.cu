@@ -200,8 +200,9 @@ struct DeviceAutoencoder {
   }
   const float* device_blob() const { return static_cast<const float*>(dev.ptr); }
 
-  EncodeArgs encode_args(const void* x, DType dtype, int64_t rows, float min_abs, float* codes) const {
+  EncodeArgs encode_args(const void* x, DType dtype, int64_t rows, float min_abs, float* codes, bool tf32) const {
     EncodeArgs a;
+    a.tf32 = tf32;
     a.m = blob.m;
     a.blob = device_blob();
     a.x = x;
@@ -212,8 +213,12 @@ struct DeviceAutoencoder {
     return a;
   }
   AssignArgs assign_args(const void* x, DType dtype, int64_t rows, float threshold, float min_abs, bool segments,
-                         int16_t* labels, float* scores, float* codes) const {
+                         int16_t* labels, float* scores, float* codes, bool tf32, float recheck_code,
+                         float recheck_score) const {
     AssignArgs a;
+    a.tf32 = tf32;
+    a.recheck_code = recheck_code;
+    a.recheck_score = recheck_score;
     a.m = blob.m;
     a.blob = device_blob();
     a.use_segments = segments;
@@ -332,48 +337,54 @@ PYBIND11_MODULE(_cuda, m) {
       .def(
           "encode_ptr",
           [](const DeviceAutoencoder& self, uintptr_t x, const std::string& dtype, int64_t rows, double min_abs,
-             uintptr_t codes, uintptr_t stream) {
-            launch_encode(
-                self.encode_args(ptr<const void>(x), dtype_arg(dtype), rows, min_abs_arg(min_abs), ptr<float>(codes)),
-                stream_arg(stream));
+             uintptr_t codes, uintptr_t stream, const std::string& precision) {
+            launch_encode(self.encode_args(ptr<const void>(x), dtype_arg(dtype), rows, min_abs_arg(min_abs),
+                                           ptr<float>(codes), tf32_arg(precision)),
+                          stream_arg(stream));
           },
-          py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("min_abs"), py::arg("codes"), py::arg("stream"))
+          py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("min_abs"), py::arg("codes"), py::arg("stream"),
+          py::arg("precision") = "fp32")
       .def(
           "assign_ptr",
           [](const DeviceAutoencoder& self, uintptr_t x, const std::string& dtype, int64_t rows, double threshold,
              double min_abs, const std::string& decoder, uintptr_t labels, uintptr_t scores, uintptr_t codes,
-             uintptr_t stream) {
-            launch_assign(self.assign_args(ptr<const void>(x), dtype_arg(dtype), rows, threshold_arg(threshold),
-                                           min_abs_arg(min_abs), use_segments_arg(self.model, decoder),
-                                           ptr<int16_t>(labels), ptr<float>(scores), ptr<float>(codes)),
-                          stream_arg(stream));
+             uintptr_t stream, const std::string& precision, double recheck_code, double recheck_score) {
+            launch_assign(
+                self.assign_args(ptr<const void>(x), dtype_arg(dtype), rows, threshold_arg(threshold),
+                                 min_abs_arg(min_abs), use_segments_arg(self.model, decoder), ptr<int16_t>(labels),
+                                 ptr<float>(scores), ptr<float>(codes), tf32_arg(precision),
+                                 margin_arg(recheck_code, "recheck_code"), margin_arg(recheck_score, "recheck_score")),
+                stream_arg(stream));
           },
           py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("threshold"), py::arg("min_abs"), py::arg("decoder"),
-          py::arg("labels"), py::arg("scores"), py::arg("codes"), py::arg("stream"))
+          py::arg("labels"), py::arg("scores"), py::arg("codes"), py::arg("stream"), py::arg("precision") = "fp32",
+          py::arg("recheck_code") = 0.0, py::arg("recheck_score") = 0.0)
       .def(
           "encode_host",
           [](const DeviceAutoencoder& self, const py::array& x, std::optional<py::array> out, double min_abs,
-             int64_t chunk_rows) {
+             int64_t chunk_rows, const std::string& precision) {
             const KernelsIn in = bindings::kernels_arg(x, self.model.d(), "x");
             auto codes = host_out<float>(out, {static_cast<py::ssize_t>(in.rows)}, "out");
             const float ma = min_abs_arg(min_abs);
+            const bool tf32 = tf32_arg(precision);
             const std::vector<HostOut> outs{{reinterpret_cast<char*>(codes.mutable_data()), sizeof(float)}};
             {
               py::gil_scoped_release release;
               stream_rows(in, chunk_rows, outs,
                           [&](cudaStream_t s, const void* dx, int64_t rows, const std::vector<void*>& o) {
-                            launch_encode(self.encode_args(dx, in.dtype, rows, ma, static_cast<float*>(o[0])), s);
+                            launch_encode(self.encode_args(dx, in.dtype, rows, ma, static_cast<float*>(o[0]), tf32), s);
                           });
             }
             return codes;
           },
           py::arg("x"), py::kw_only(), py::arg("out") = py::none(), py::arg("min_abs") = 0.0,
-          py::arg("chunk_rows") = kDefaultChunk)
+          py::arg("chunk_rows") = kDefaultChunk, py::arg("precision") = "fp32")
       .def(
           "assign_host",
           [](const DeviceAutoencoder& self, const py::array& x, double threshold, std::optional<py::array> labels,
              std::optional<py::array> scores, std::optional<py::array> codes, double min_abs,
-             const std::string& decoder, int64_t chunk_rows) {
+             const std::string& decoder, int64_t chunk_rows, const std::string& precision, double recheck_code,
+             double recheck_score) {
             const KernelsIn in = bindings::kernels_arg(x, self.model.d(), "x");
             const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(in.rows)};
             auto lab = host_out<int16_t>(labels, shape, "labels");
@@ -381,6 +392,8 @@ PYBIND11_MODULE(_cuda, m) {
             auto cd = host_out<float>(codes, shape, "codes");
             const float thr = threshold_arg(threshold), ma = min_abs_arg(min_abs);
             const bool seg = use_segments_arg(self.model, decoder);
+            const bool tf32 = tf32_arg(precision);
+            const float rc = margin_arg(recheck_code, "recheck_code"), rs = margin_arg(recheck_score, "recheck_score");
             const std::vector<HostOut> outs{{reinterpret_cast<char*>(lab.mutable_data()), sizeof(int16_t)},
                                             {reinterpret_cast<char*>(sc.mutable_data()), sizeof(float)},
                                             {reinterpret_cast<char*>(cd.mutable_data()), sizeof(float)}};
@@ -389,7 +402,7 @@ PYBIND11_MODULE(_cuda, m) {
               stream_rows(
                   in, chunk_rows, outs, [&](cudaStream_t s, const void* dx, int64_t rows, const std::vector<void*>& o) {
                     launch_assign(self.assign_args(dx, in.dtype, rows, thr, ma, seg, static_cast<int16_t*>(o[0]),
-                                                   static_cast<float*>(o[1]), static_cast<float*>(o[2])),
+                                                   static_cast<float*>(o[1]), static_cast<float*>(o[2]), tf32, rc, rs),
                                   s);
                   });
             }
@@ -397,7 +410,8 @@ PYBIND11_MODULE(_cuda, m) {
           },
           py::arg("x"), py::kw_only(), py::arg("threshold") = 0.85, py::arg("labels") = py::none(),
           py::arg("scores") = py::none(), py::arg("codes") = py::none(), py::arg("min_abs") = 0.0,
-          py::arg("decoder") = "auto", py::arg("chunk_rows") = kDefaultChunk);
+          py::arg("decoder") = "auto", py::arg("chunk_rows") = kDefaultChunk, py::arg("precision") = "fp32",
+          py::arg("recheck_code") = 0.0, py::arg("recheck_score") = 0.0);
 
   // ---- prototypes
   py::class_<DevicePrototypes>(m, "DevicePrototypes")

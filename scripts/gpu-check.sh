@@ -34,7 +34,8 @@ say "built in $(elapsed) s"
 "$py" -c "import json, kernelatlas; print(json.dumps(kernelatlas.build_info(), indent=1))" > "$out/build-info.json"
 
 say "device tests ..."
-timeout 300 "$py" -m pytest tests/gpu tests/test_cuda_harness.py tests/test_cuda_build.py tests/test_gpu_dispatch.py \
+timeout 300 "$py" -m pytest tests/gpu tests/test_cuda_harness.py tests/test_cuda_tf32.py tests/test_cuda_build.py \
+  tests/test_gpu_dispatch.py \
   -q -p no:cacheprovider -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
 tests_rc=$?
 say "tests exit $tests_rc after $(elapsed) s"

@@ -26,7 +26,8 @@ import kernelatlas as ka
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = os.environ.get("CUDACXX") or shutil.which("nvcc")
 ARCHS = (80, 90)
-REGISTER_BUDGET = {"NormalizeOp": 40, "PrototypesOp": 40, "EncodeOp": 56, "AssignOp": 56}
+REGISTER_BUDGET = {"NormalizeOp": 40, "PrototypesOp": 40, "EncodeOp": 56, "AssignOp": 56, "EncodeOpTF32": 56,
+                   "AssignOpTF32": 64}
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (set CUDACXX or put nvcc on PATH)")
 
@@ -50,9 +51,10 @@ def ptxas_usage() -> dict[tuple[str, int], dict[str, int]]:
     for line in _ptxas_report().splitlines():
         m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
         if m:
-            op = re.search(r"_\d+([A-Za-z]+Op)E", m.group(1))
+            # EncodeOp / AssignOp are EncodeOpT<false> / AssignOpT<false>; the <true> forms are the TF32 path
+            op = re.search(r"_\d+([A-Za-z]+Op)(?:TILb([01])EE|E)", m.group(1))
             assert op, f"unexpected kernel {m.group(1)}"
-            current = (op.group(1), int(m.group(2)))
+            current = (op.group(1) + ("TF32" if op.group(2) == "1" else ""), int(m.group(2)))
             usage[current] = {}
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)

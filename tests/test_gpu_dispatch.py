@@ -46,24 +46,29 @@ class FakeCuda:
                 self.d = d
                 self.h = H.Autoencoder(d, encoder, decoder, lo, hi)
 
-            def encode_host(self, x, *, out=None, min_abs=0.0, chunk_rows=1 << 20):
-                fake.calls.append("encode")
+            def encode_host(self, x, *, out=None, min_abs=0.0, chunk_rows=1 << 20, precision="fp32"):
+                fake.calls.append("encode" if precision == "fp32" else f"encode {precision}")
                 codes = _into(out, (len(x),), np.float32)
                 for a, b in _chunked(len(x), chunk_rows):
-                    codes[a:b] = self.h.encode(x[a:b], min_abs=min_abs)[0]
+                    codes[a:b] = self.h.encode(x[a:b], min_abs=min_abs, precision=precision)[0]
                 return codes
 
             def assign_host(self, x, *, threshold=0.85, labels=None, scores=None, codes=None, min_abs=0.0,
-                            decoder="auto", chunk_rows=1 << 20):
-                fake.calls.append("assign")
+                            decoder="auto", chunk_rows=1 << 20, precision="fp32", recheck_code=0.0,
+                            recheck_score=0.0):
+                fake.calls.append("assign" if precision == "fp32" else f"assign {precision}")
                 n = (len(x),)
                 outs = (_into(labels, n, np.int16), _into(scores, n, np.float32), _into(codes, n, np.float32))
                 for a, b in _chunked(len(x), chunk_rows):
-                    got = self.h.assign(x[a:b], threshold=threshold, min_abs=min_abs, decoder=decoder)
+                    got = self.h.assign(x[a:b], threshold=threshold, min_abs=min_abs, decoder=decoder,
+                                        precision=precision, recheck_code=recheck_code,
+                                        recheck_score=recheck_score)
                     for o, g in zip(outs, got[:3], strict=True):
                         o[a:b] = g
                 if fake.corrupt == "assign" and len(x) > 20:
                     outs[0][20] = 7  # a wrong label
+                if fake.corrupt == "tf32" and precision == "tf32":
+                    outs[2][:] += 0.02  # codes off by far more than TF32 rounding (a wrong fragment layout)
                 return outs
 
         class DevicePrototypes:
@@ -213,3 +218,53 @@ def test_gpu_arrays_are_refused_on_the_cpu_and_out_on_the_gpu():
     assert gpu.device_input(np.zeros((3, 9), np.float32)) is None
     with pytest.raises(ValueError, match="drop out="):
         gpu.no_out_for_gpu_arrays((np.zeros(3), None))
+
+
+# ---------------------------------------------------------------------------------------------- precision='tf32'
+
+
+def test_tf32_is_refused_on_the_cpu_and_bf16_on_the_gpu(fresh_backend, make_autoencoder, make_kernels):
+    model, _, _ = make_autoencoder(9)
+    x = make_kernels(33, 9)
+    for call in (lambda: ka.assign(x, model, device="cpu", precision="tf32"),
+                 lambda: model.encode(x, device="cpu", precision="tf32")):
+        with pytest.raises(ValueError, match="precision='tf32' is the GPU's tensor-core path"):
+            call()
+    fresh_backend(FakeCuda())
+    with pytest.raises(ValueError, match=r"precision on the GPU must be 'fp32' or 'tf32', got 'bf16'.*device='cpu'"):
+        ka.assign(x, model, device="cuda", precision="bf16")
+
+
+def test_tf32_on_the_kernels_bodies_agrees_with_fp32(fresh_backend, make_autoencoder, make_kernels):
+    fake = fresh_backend(FakeCuda())
+    model, _, _, _, threshold = calibrated_model(25, make_autoencoder, make_kernels)
+    x = make_kernels(20000, 25, pattern_model=(25,))
+    labels, _, codes = ka.assign(x, model, threshold=threshold, device="cuda", precision="tf32")
+    assert gpu.status()["cuda_tf32_check"] == "passed"
+    want = ka.assign(x, model, threshold=threshold, device="cpu")
+    np.testing.assert_array_equal(np.isnan(codes), np.isnan(want[2]))
+    live = ~np.isnan(want[2])
+    assert np.abs(codes[live] - want[2][live]).max() < 5e-3
+    assert not np.array_equal(codes[live], want[2][live]), "tf32 codes equal fp32's: the TF32 path did not run"
+    assert np.mean(labels == want[0]) >= 0.999
+    # rows near a decision were recomputed with the exact first layer: their outputs are fp32's to the bit
+    rechecked = live & (codes == want[2])
+    assert 0 < rechecked.mean() < 0.5
+    np.testing.assert_array_equal(labels[rechecked], want[0][rechecked])
+    # encode has no decision to recheck: its codes are the TF32 path's everywhere
+    enc = model.encode(x, device="cuda", precision="tf32")
+    np.testing.assert_array_equal(enc[live & ~rechecked], codes[live & ~rechecked])
+    assert np.abs(enc[live] - want[2][live]).max() < 5e-3
+    assert "assign tf32" in fake.calls and "encode tf32" in fake.calls
+
+
+def test_a_tf32_path_that_disagrees_is_refused_and_fp32_still_runs(fresh_backend, make_autoencoder, make_kernels):
+    fresh_backend(FakeCuda(corrupt="tf32"))
+    model, _, _ = make_autoencoder(9)
+    x = make_kernels(1025, 9)
+    with pytest.raises(gpu.GpuUnavailable, match=r"precision='tf32' disagrees with the CPU engine's fp32.*codes"):
+        ka.assign(x, model, device="cuda", precision="tf32")
+    assert gpu.status()["cuda_tf32_check"] == "failed" and gpu.status()["cuda_usable"] is True
+    for g, w in zip(ka.assign(x, model, device="cuda"), ka.assign(x, model, device="cpu"), strict=True):
+        if SIMD:
+            np.testing.assert_array_equal(g, w)

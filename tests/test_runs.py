@@ -193,6 +193,36 @@ def test_errors_name_the_fix(tmp_path):
         c.run()
 
 
+def test_precision_of_a_corpus_run(tmp_path):
+    """--precision: a run id of its own (fp32 runs keep theirs), the engine's outputs for that precision, and the
+    refusals that name the fix."""
+    c = make_corpus(tmp_path / "c")
+    mdir, model = make_model(tmp_path)
+    fp32 = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, progress=False)
+    assert fp32 == runs_mod.run_id_for(c, {"mode": "autoencoder", "model": runs_mod._model_digest(mdir),
+                                           "threshold": 0.3, "kind": "depthwise", "min_abs": 0.0, "decoder": "auto"})
+    with pytest.raises(ValueError, match="precision='tf32' is the GPU's tensor-core path"):
+        runs_mod.assign_corpus(c, model=mdir, threshold=0.3, precision="tf32", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="prototype runs are fp32"):
+        runs_mod.assign_corpus(c, prototypes=np.eye(9, dtype=np.float32).reshape(9, 3, 3)[:2], threshold=0.3,
+                               precision="bf16", progress=False)
+    with pytest.raises(ValueError, match="precision must be 'fp32', 'bf16' or 'tf32'"):
+        runs_mod.assign_corpus(c, model=mdir, threshold=0.3, precision="fp16", progress=False)
+    if not ka.build_info().get("bf16"):
+        with pytest.raises(ValueError, match="precision='bf16' is not available"):
+            runs_mod.assign_corpus(c, model=mdir, threshold=0.3, precision="bf16", progress=False)
+        return
+    bf16 = runs_mod.assign_corpus(c, model=mdir, threshold=0.3, precision="bf16", progress=False)
+    assert bf16 != fp32 and c.run(bf16).info["options"]["precision"] == "bf16"
+    for shard in c.shards(3):
+        arr = np.ascontiguousarray(c.shard_array(shard))
+        want = ka.assign(arr, model, threshold=0.3, precision="bf16")[0]
+        depthwise = c.run(bf16).labels(shard) != -2
+        np.testing.assert_array_equal(c.run(bf16).labels(shard)[depthwise], want[depthwise])
+        exact = c.run(fp32).labels(shard)
+        assert np.mean(c.run(bf16).labels(shard)[depthwise] == exact[depthwise]) >= 0.999
+
+
 @pytest.mark.parametrize(("row_bytes", "rows"), [(18, 1 << 22), (36, 1 << 22), (100, (256 << 20) // 100),
                                                  (196, (256 << 20) // 196), (1 << 40, 1 << 16), (0, 1 << 22)])
 def test_default_chunk_rows(row_bytes, rows):

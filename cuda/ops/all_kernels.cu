@@ -12,5 +12,7 @@ template __global__ void phased_kernel<NormalizeOp>(const NormalizeArgs);
 template __global__ void phased_kernel<EncodeOp>(const EncodeArgs);
 template __global__ void phased_kernel<AssignOp>(const AssignArgs);
 template __global__ void phased_kernel<PrototypesOp>(const PrototypesArgs);
+template __global__ void phased_kernel<EncodeOpT<true>>(const EncodeArgs);
+template __global__ void phased_kernel<AssignOpT<true>>(const AssignArgs);
 }  // namespace gpu
 }  // namespace kernelatlas

@@ -9,7 +9,8 @@
 // code are bit-identical to the AVX2 / AVX-512 engine's.
 //
 // Shared memory: ae_layout (encode.cuh) -- [staged blob][xt d][buf0 w][buf1 w], rows of T + 1 floats.  Phases: 0 stage
-// the blob (through the table, or all of it for the MLP) + load the tile, 1 everything else, per thread.
+// the blob (through the table, or all of it for the MLP) + load the tile, 1 everything else, per thread.  With
+// precision='tf32' (AssignOpT<true>): 1 normalise, 2 the first encoder layer by mma (tensor_core.cuh), 3 the rest.
 #pragma once
 #include "encode.cuh"
 
@@ -30,6 +31,9 @@ struct AssignArgs {
   int16_t* labels = nullptr;  // [rows]
   float* scores = nullptr;    // [rows]
   float* codes = nullptr;     // [rows]
+  bool tf32 = false;          // the first encoder layer by TF32 mma (the launcher picks AssignOpT<true>)
+  float recheck_code = 0.f;   // TF32: rows whose code is within this of an interval edge, or whose score is
+  float recheck_score = 0.f;  // within this of the threshold, are recomputed with the exact first layer
 };
 
 // x.r / |r| for a unit (or zero) column x and r_of(j) the decoded pattern; 0 when r = 0.
@@ -44,58 +48,97 @@ KA_DEV_INLINE float cosine_column(const float* x, int stride, int d, Recon r_of)
   return rr > 0.f ? xr / std::sqrt(rr) : 0.f;
 }
 
-struct AssignOp {
+// The layers from `first` on (layer first - 1's output in its parity buffer, buf0 for layer 0), then the decode
+// and the cosine with the normalised kernel x: the code z and the score.  The encoder, then (with the MLP) the
+// decoder, run as one chain of layers: the decoder's first layer reads the code where the encoder left it
+// (one inlined copy of the layer code instead of two).
+KA_DEV_INLINE void chain_and_score(const AssignArgs& a, const float* mp, const float* x, float* buf0, float* buf1,
+                                   int stride, bool mlp, int first, float* z_out, float* score_out) {
+  const GpuModel& m = a.m;
+  const int n_layers = m.n_enc + (mlp ? m.n_dec : 0);
+  const float* src = first == 0 ? x : ((first - 1) & 1 ? buf1 : buf0);
+  float z = 0.f;
+  for (int i = first; i < n_layers; ++i) {
+    float* dst = (i & 1) ? buf1 : buf0;
+    dense_column(i < m.n_enc ? m.enc[i] : m.dec[i - m.n_enc], mp, src, dst, stride);
+    src = dst;
+    if (i == m.n_enc - 1) z = *dst;
+  }
+  if (!mlp) {
+    const int32_t s = segment_of(z, m.n_seg, mp + m.seg_t);
+    const float u = z - mp[m.seg_zc + s];
+    const float* c = mp + m.seg_c + static_cast<int64_t>(s) * m.d;   // [d]
+    const float* sl = mp + m.seg_b + static_cast<int64_t>(s) * m.d;  // [d]
+    *score_out = cosine_column(x, stride, m.d, [=](int j) { return std::fma(u, sl[j], c[j]); });
+  } else {
+    const float* rec = src;  // [d] column of the decoded pattern
+    *score_out = cosine_column(x, stride, m.d, [=](int j) { return rec[j * stride]; });
+  }
+  *z_out = z;
+}
+
+// Whether a code / score is within the recheck margins of a decision: the threshold, or an interval edge.
+KA_DEV_INLINE bool near_decision(const AssignArgs& a, const float* mp, float z, float score) {
+  if (std::fabs(score - a.threshold) <= a.recheck_score) return true;
+  for (int i = 0; i < a.m.n_int; ++i)
+    if (std::fabs(z - mp[a.m.int_lo + i]) <= a.recheck_code || std::fabs(z - mp[a.m.int_hi + i]) <= a.recheck_code)
+      return true;
+  return false;
+}
+
+template <bool kTf32>
+struct AssignOpT {
   using Args = AssignArgs;
-  static constexpr int kPhases = 2;
+  static constexpr int kPhases = kTf32 ? 4 : 2;
 
   KA_DEV_INLINE static void phase(int p, const Args& a, const BlockCtx& b) {
     const GpuModel& m = a.m;
     const bool mlp = !a.use_segments || m.n_seg == 0;
-    const AeLayout L = ae_layout(m, a.stage_floats, mlp, b.threads);
+    const AeLayout L = ae_layout(m, a.stage_floats, mlp, b.threads, kTf32);
     const int stride = row_stride(b.threads);
     const int rows = rows_in_block(a.rows, b);
     const int64_t r0 = b.block * b.threads;
+    const float* mp = a.stage_floats > 0 ? b.smem : a.blob;
     if (p == 0) {
       stage(a.blob, a.stage_floats, b, b.smem);
       load_tile(a.x, a.dtype, r0, rows, m.d, b, b.smem + L.xt);
       return;
     }
+    if (kTf32 && p == 2) {
+      first_layer_tf32(m, L, mp, b);
+      return;
+    }
     if (b.thread >= rows) return;
-    const float* mp = a.stage_floats > 0 ? b.smem : a.blob;
     float* x = b.smem + L.xt + b.thread;
     float* buf0 = b.smem + L.buf0 + b.thread;
     float* buf1 = b.smem + L.buf1 + b.thread;
-    float good, norm;
-    normalize_column(x, stride, m.d, a.min_abs, &good, &norm);
-    // the encoder, then (with the MLP) the decoder, as one chain of layers: the decoder's first layer reads the
-    // code where the encoder left it (one inlined copy of the layer code instead of two)
-    const int n_layers = m.n_enc + (mlp ? m.n_dec : 0);
-    const float* src = x;
-    float z = 0.f;
-    for (int i = 0; i < n_layers; ++i) {
-      float* dst = (i & 1) ? buf1 : buf0;
-      dense_column(i < m.n_enc ? m.enc[i] : m.dec[i - m.n_enc], mp, src, dst, stride);
-      src = dst;
-      if (i == m.n_enc - 1) z = *dst;
+    float* good = b.smem + L.good + b.thread;
+    float g, norm;
+    if (p == 1) {
+      normalize_column(x, stride, m.d, a.min_abs, &g, &norm);
+      if (kTf32) {
+        *good = g;
+        return;
+      }
+    } else {  // kTf32, p == 3: layer 0 is in buf0
+      g = *good;
     }
-    float score;
-    if (!mlp) {
-      const int32_t s = segment_of(z, m.n_seg, mp + m.seg_t);
-      const float u = z - mp[m.seg_zc + s];
-      const float* c = mp + m.seg_c + static_cast<int64_t>(s) * m.d;   // [d]
-      const float* sl = mp + m.seg_b + static_cast<int64_t>(s) * m.d;  // [d]
-      score = cosine_column(x, stride, m.d, [=](int j) { return std::fma(u, sl[j], c[j]); });
-    } else {
-      const float* rec = src;  // [d] column of the decoded pattern
-      score = cosine_column(x, stride, m.d, [=](int j) { return rec[j * stride]; });
+    float z, score;
+    chain_and_score(a, mp, x, buf0, buf1, stride, mlp, kTf32 ? 1 : 0, &z, &score);
+    // TF32: a row near a decision (code near an interval edge, score near the threshold) is recomputed with the
+    // exact first layer -- then bit-identical to the fp32 path
+    if (kTf32 && g != 0.f && near_decision(a, mp, z, score)) {
+      dense_column(m.enc[0], mp, x, buf0, stride);
+      chain_and_score(a, mp, x, buf0, buf1, stride, mlp, 1, &z, &score);
     }
-    const bool ok = good != 0.f;
+    const bool ok = g != 0.f;
     const int32_t label = interval_label(z, m.n_int, mp + m.int_lo, mp + m.int_hi);
     a.labels[r0 + b.thread] = static_cast<int16_t>(ok && score >= a.threshold ? label : -1);
     a.scores[r0 + b.thread] = ok ? score : 0.f;
     a.codes[r0 + b.thread] = ok ? z : qnan_f();
   }
 };
+using AssignOp = AssignOpT<false>;
 
 }  // namespace gpu
 }  // namespace kernelatlas
@@ -110,9 +153,13 @@ inline void launch_assign(AssignArgs a, cudaStream_t stream) {
     throw std::invalid_argument("assign: null pointer");
   if (a.use_segments && a.m.n_seg == 0) throw std::invalid_argument("assign: the model has no segment table");
   const bool mlp = !a.use_segments;
-  const LaunchPlan plan = plan_or_throw(ae_row_floats(a.m, mlp), mlp ? a.m.floats_all : a.m.floats_table);
+  a.tf32 = a.tf32 && tf32_applies(a.m);
+  const LaunchPlan plan = plan_or_throw(ae_row_floats(a.m, mlp, a.tf32), mlp ? a.m.floats_all : a.m.floats_table);
   a.stage_floats = plan.stage_floats;
-  launch_phased<AssignOp>(a, a.rows, plan.threads, plan.smem_bytes, stream);
+  if (a.tf32)
+    launch_phased<AssignOpT<true>>(a, a.rows, plan.threads, plan.smem_bytes, stream);
+  else
+    launch_phased<AssignOp>(a, a.rows, plan.threads, plan.smem_bytes, stream);
 }
 }  // namespace gpu
 }  // namespace kernelatlas

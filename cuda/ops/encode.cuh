@@ -10,8 +10,11 @@
 //
 // Shared memory: [staged blob (when it fits)][xt d][buf0 w][buf1 w], rows of T + 1 floats, w the widest
 // padded encoder layer.  Phases: 0 stage the blob + load the tile, 1 normalise, encode, write the code.
+// With precision='tf32' (EncodeOpT<true>, tensor_core.cuh) the first layer is a warp phase of its own: 0 load,
+// 1 normalise (each row's good flag kept in a [good] row after buf1), 2 the first layer by mma, 3 the rest.
 #pragma once
 #include "normalize.cuh"
+#include "tensor_core.cuh"
 
 namespace kernelatlas {
 namespace gpu {
@@ -55,26 +58,35 @@ KA_DEV_INLINE const float* run_layers_column(const GpuLayer* layers, int n, cons
 
 // Where each buffer of an autoencoder op lives in shared memory (offsets in floats).
 struct AeLayout {
-  int64_t xt, buf0, buf1, total;
+  int64_t xt, buf0, buf1, good, total;
 };
 
 // stage_floats: the blob prefix staged at offset 0 (0: the blob is read from global memory); mlp: buffers wide
-// enough for the decoder MLP too.
-KA_DEV_INLINE AeLayout ae_layout(const GpuModel& m, int stage_floats, bool mlp, int threads) {
+// enough for the decoder MLP too; tf32: a row for the good flags (the TF32 path's phases).
+KA_DEV_INLINE AeLayout ae_layout(const GpuModel& m, int stage_floats, bool mlp, int threads, bool tf32 = false) {
   const int stride = row_stride(threads);
   const int w = mlp && m.dec_width > m.enc_width ? m.dec_width : m.enc_width;
   AeLayout L;
   L.xt = (static_cast<int64_t>(stage_floats) + 3) / 4 * 4;
   L.buf0 = L.xt + static_cast<int64_t>(m.d) * stride;
   L.buf1 = L.buf0 + static_cast<int64_t>(w) * stride;
-  L.total = L.buf1 + static_cast<int64_t>(w) * stride;
+  L.good = L.buf1 + static_cast<int64_t>(w) * stride;
+  L.total = L.good + (tf32 ? stride : 0);
   return L;
 }
 
 // Floats per row of T + 1 in ae_layout (for plan_launch).
-inline int ae_row_floats(const GpuModel& m, bool mlp) {
+inline int ae_row_floats(const GpuModel& m, bool mlp, bool tf32 = false) {
   const int w = mlp && m.dec_width > m.enc_width ? m.dec_width : m.enc_width;
-  return m.d + 2 * w;
+  return m.d + 2 * w + (tf32 ? 1 : 0);
+}
+
+// The first layer by TF32 mma, as the warp phase of an op (layout L; the tile normalised in xt): layer 0's
+// output in buf0, for every row of the warp.
+KA_DEV_INLINE void first_layer_tf32(const GpuModel& m, const AeLayout& L, const float* mp, const BlockCtx& b) {
+  int row0, lane0;
+  if (!warp_lanes(b, &row0, &lane0)) return;
+  dense_warp_tf32(m.enc[0], mp, b.smem + L.xt, b.smem + L.buf0, row_stride(b.threads), row0, lane0);
 }
 
 struct EncodeArgs {
@@ -86,32 +98,54 @@ struct EncodeArgs {
   int64_t rows = 0;
   float min_abs = 0.f;
   float* codes = nullptr;  // [rows]
+  bool tf32 = false;       // the first layer by TF32 mma (the launcher picks EncodeOpT<true>)
 };
 
-struct EncodeOp {
+template <bool kTf32>
+struct EncodeOpT {
   using Args = EncodeArgs;
-  static constexpr int kPhases = 2;
+  static constexpr int kPhases = kTf32 ? 4 : 2;
 
   KA_DEV_INLINE static void phase(int p, const Args& a, const BlockCtx& b) {
-    const AeLayout L = ae_layout(a.m, a.stage_floats, false, b.threads);
+    const AeLayout L = ae_layout(a.m, a.stage_floats, false, b.threads, kTf32);
     const int stride = row_stride(b.threads);
     const int rows = rows_in_block(a.rows, b);
     const int64_t r0 = b.block * b.threads;
+    const float* mp = a.stage_floats > 0 ? b.smem : a.blob;
     if (p == 0) {
       stage(a.blob, a.stage_floats, b, b.smem);
       load_tile(a.x, a.dtype, r0, rows, a.m.d, b, b.smem + L.xt);
       return;
     }
+    if (kTf32 && p == 2) {
+      first_layer_tf32(a.m, L, mp, b);
+      return;
+    }
     if (b.thread >= rows) return;
-    const float* mp = a.stage_floats > 0 ? b.smem : a.blob;
     float* x = b.smem + L.xt + b.thread;
-    float good, norm;
-    normalize_column(x, stride, a.m.d, a.min_abs, &good, &norm);
-    const float* z =
-        run_layers_column(a.m.enc, a.m.n_enc, mp, x, b.smem + L.buf0 + b.thread, b.smem + L.buf1 + b.thread, stride);
-    a.codes[r0 + b.thread] = good != 0.f ? *z : qnan_f();
+    float* good = b.smem + L.good + b.thread;
+    float* buf0 = b.smem + L.buf0 + b.thread;
+    float* buf1 = b.smem + L.buf1 + b.thread;
+    float g, norm;
+    if (p == 1) {
+      normalize_column(x, stride, a.m.d, a.min_abs, &g, &norm);
+      if (kTf32) {
+        *good = g;
+        return;
+      }
+    } else {  // kTf32, p == 3: layer 0 is in buf0
+      g = *good;
+    }
+    const float* z = kTf32 ? buf0 : x;  // layer i writes buf0 / buf1 by its parity, as in run_layers_column
+    for (int i = kTf32 ? 1 : 0; i < a.m.n_enc; ++i) {
+      float* dst = (i & 1) ? buf1 : buf0;
+      dense_column(a.m.enc[i], mp, z, dst, stride);
+      z = dst;
+    }
+    a.codes[r0 + b.thread] = g != 0.f ? *z : qnan_f();
   }
 };
+using EncodeOp = EncodeOpT<false>;
 
 }  // namespace gpu
 }  // namespace kernelatlas
@@ -123,9 +157,13 @@ namespace gpu {
 inline void launch_encode(EncodeArgs a, cudaStream_t stream) {
   check_kernels_arg(a.x, a.dtype, a.rows, a.m.d);
   if (a.rows > 0 && (a.codes == nullptr || a.blob == nullptr)) throw std::invalid_argument("encode: null pointer");
-  const LaunchPlan plan = plan_or_throw(ae_row_floats(a.m, false), a.m.floats_enc);
+  a.tf32 = a.tf32 && tf32_applies(a.m);
+  const LaunchPlan plan = plan_or_throw(ae_row_floats(a.m, false, a.tf32), a.m.floats_enc);
   a.stage_floats = plan.stage_floats;
-  launch_phased<EncodeOp>(a, a.rows, plan.threads, plan.smem_bytes, stream);
+  if (a.tf32)
+    launch_phased<EncodeOpT<true>>(a, a.rows, plan.threads, plan.smem_bytes, stream);
+  else
+    launch_phased<EncodeOp>(a, a.rows, plan.threads, plan.smem_bytes, stream);
 }
 }  // namespace gpu
 }  // namespace kernelatlas

@@ -133,16 +133,14 @@ class Autoencoder:
         device: str = "auto",
     ) -> np.ndarray:
         """Normalise kernels [n, d] / [n, k, k] and encode them: codes float32 [n] (NaN for dead/flat/non-finite).
-        ``precision``: 'fp32' (default) or 'bf16' (opt-in, AVX512_BF16 CPUs; see :func:`kernelatlas.assign`).
-        ``device``: 'cpu', 'cuda' or 'auto', as for :func:`kernelatlas.assign` (the GPU runs fp32 only)."""
+        ``precision``: 'fp32' (default), 'bf16' (opt-in, AVX512_BF16 CPUs) or 'tf32' (opt-in, GPU tensor cores);
+        see :func:`kernelatlas.assign`.  ``device``: 'cpu', 'cuda' or 'auto', as for :func:`kernelatlas.assign`."""
         from kernelatlas import gpu
 
         where, dev_in = gpu.resolve(device, x)
+        gpu.check_precision(where, precision)
         if where == "cuda":
-            if precision != "fp32":
-                raise ValueError(f"precision={precision!r} is a CPU path (AVX512_BF16); the GPU runs exact fp32 so "
-                                 "far: use device='cpu' or precision='fp32'")
-            return gpu.encode(self, x, dev_in, out, float(min_abs))
+            return gpu.encode(self, x, dev_in, out, float(min_abs), precision)
         host = dev_in.to_host() if dev_in is not None else x
         codes = self._engine.encode(host, out=out, min_abs=float(min_abs), threads=thread_count(threads),
                                     precision=precision)
@@ -156,26 +154,45 @@ class Autoencoder:
         edge, or whose score within the score margin of the threshold, are recomputed in fp32.  (Margins from the
         largest deviation recheck 70-95% of the rows of a trained model -- slower than fp32; these recheck 4-11%
         and keep >= 99.96% of labels, BENCHMARKS.md "Reduced precision".)  Cached per decoder."""
-        if decoder not in self._margins_cache:
-            rng = np.random.default_rng(0)
-            noise = rng.standard_normal((4096, self.d)).astype(np.float32)
-            if self.clusters:
-                lo, hi = self.clusters[0][0], self.clusters[-1][1]
-            else:
-                codes = self.encode(noise)
-                lo, hi = float(np.nanmin(codes)), float(np.nanmax(codes))
-            pat = self.decode(np.linspace(lo, hi, 1024, dtype=np.float32))
-            spread = pat.std(axis=1, keepdims=True)
-            calib = np.concatenate([pat + level * spread * rng.standard_normal(pat.shape).astype(np.float32)
-                                    for level in (0.0, 0.05, 0.2, 0.5)] + [noise]).astype(np.float32)
+        return self._margins("bf16", decoder)
+
+    def tf32_margins(self, decoder: str = "auto") -> tuple[float, float]:
+        """The recheck margins of ``precision='tf32'`` on the GPU, calibrated as :meth:`bf16_margins` is, from
+        the TF32 path's own deviation (run on the GPU with no recheck).  Rows near a decision are recomputed with
+        the exact first layer on the GPU.  Cached per decoder."""
+        return self._margins("tf32", decoder)
+
+    def _calibration_set(self) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        noise = rng.standard_normal((4096, self.d)).astype(np.float32)
+        if self.clusters:
+            lo, hi = self.clusters[0][0], self.clusters[-1][1]
+        else:
+            codes = self.encode(noise, device="cpu")
+            lo, hi = float(np.nanmin(codes)), float(np.nanmax(codes))
+        pat = self.decode(np.linspace(lo, hi, 1024, dtype=np.float32))
+        spread = pat.std(axis=1, keepdims=True)
+        return np.concatenate([pat + level * spread * rng.standard_normal(pat.shape).astype(np.float32)
+                               for level in (0.0, 0.05, 0.2, 0.5)] + [noise]).astype(np.float32)
+
+    def _margins(self, precision: str, decoder: str) -> tuple[float, float]:
+        key = f"{precision}:{decoder}"
+        if key not in self._margins_cache:
+            calib = self._calibration_set()
             ref = self._engine.assign(calib, threshold=-1.0, decoder=decoder, threads=thread_count(None))
-            low = self._engine.assign(calib, threshold=-1.0, decoder=decoder, threads=thread_count(None),
-                                      precision="bf16")
+            if precision == "bf16":
+                low = self._engine.assign(calib, threshold=-1.0, decoder=decoder, threads=thread_count(None),
+                                          precision="bf16")
+            else:
+                from kernelatlas import gpu
+
+                low = gpu.device_autoencoder(self).assign_host(calib, threshold=-1.0, decoder=decoder,
+                                                               precision="tf32")
             live = ~np.isnan(ref[2])
             dz = float(np.quantile(np.abs(low[2][live] - ref[2][live]), 0.9)) if live.any() else 0.0
             ds = float(np.quantile(np.abs(low[1][live] - ref[1][live]), 0.9)) if live.any() else 0.0
-            self._margins_cache[decoder] = (2.0 * dz, 2.0 * ds)
-        return self._margins_cache[decoder]
+            self._margins_cache[key] = (2.0 * dz, 2.0 * ds)
+        return self._margins_cache[key]
 
     def decode(self, codes: np.ndarray, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Decode codes float32 [n] into patterns [n, d] (rows of NaN for non-finite codes)."""

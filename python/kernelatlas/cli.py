@@ -546,6 +546,11 @@ def _add_assign(sub: Any) -> None:
                    help="where to compute: cuda streams the shards through the GPU (refused, with the reason, "
                    "without a GPU that passes its self-check); auto uses the GPU when one passes it, else the CPU "
                    "(default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default="fp32",
+                   help="the encoder's arithmetic (with --model): fp32 exact; bf16 on CPUs with AVX512_BF16 and "
+                   "tf32 on the GPU's tensor cores are opt-in, faster where the hardware has them, with rows near "
+                   "a decision recomputed in fp32 (labels agree with fp32 on >= 99.9%% of kernels; BENCHMARKS.md) "
+                   "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     p.add_argument("--min-abs", type=float, default=0.0,
                    help="kernels whose entries are all <= this are dead (default: 0, exact zeros only)")
@@ -563,7 +568,7 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     check_device(args.device)
     rid = assign_corpus(args.corpus, model=args.model, prototypes=args.prototypes, threshold=args.threshold,
                         kind=args.kind, run_id=args.run, threads=args.threads, min_abs=args.min_abs,
-                        device=args.device,
+                        device=args.device, precision=args.precision,
                         models=args.models, progress=not args.no_progress,
                         command=" ".join(["kernelatlas", *sys.argv[1:]]), cluster=args.cluster,
                         task_rows=args.task_rows)

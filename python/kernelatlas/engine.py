@@ -114,13 +114,13 @@ def assign(
     the threshold -- are recomputed in fp32, so labels agree with fp32 on >= 99.9% of kernels (measured
     speed-up and agreement: BENCHMARKS.md "Reduced precision"); other rows' codes and scores differ by up to
     ~1e-2).  'bf16' raises ValueError, naming the reason, where it cannot run (``build_info()['bf16']``).
+    'tf32' (opt-in, on the GPU: the first encoder layer by TF32 tensor-core mma, the rest exact fp32; labels
+    agree with fp32 on >= 99.9% of kernels, BENCHMARKS.md "GPU") is refused on the CPU.
     """
     where, dev_in = gpu.resolve(device, x)
+    gpu.check_precision(where, precision)
     if where == "cuda":
-        if precision != "fp32":
-            raise ValueError(f"precision={precision!r} is a CPU path (AVX512_BF16); the GPU runs exact fp32 so far: "
-                             "use device='cpu' or precision='fp32'")
-        return gpu.assign(model, x, dev_in, float(threshold), float(min_abs), decoder, out)
+        return gpu.assign(model, x, dev_in, float(threshold), float(min_abs), decoder, out, precision)
     labels, scores, codes = out if out is not None else (None, None, None)
     margins = model.bf16_margins(decoder) if precision == "bf16" else (0.0, 0.0)
     res = model._engine.assign(

@@ -86,6 +86,7 @@ def status() -> dict[str, Any]:
         "cuda_usable": ok and _SELF_CHECK.get("error") is None,
         "cuda_reason": why,
         "cuda_self_check": _SELF_CHECK.get("state", "not run"),
+        "cuda_tf32_check": _SELF_CHECK.get("tf32_state", "not run"),
         "cuda_verified": VERIFIED_ON_HARDWARE,
         "cuda_backend": "" if VERIFIED_ON_HARDWARE else NOT_VERIFIED,
     }
@@ -297,6 +298,53 @@ def self_check() -> str | None:
     return _SELF_CHECK["error"]
 
 
+TF32_TOL = 1e-3  # |code| and |score| of precision='tf32' vs the CPU's fp32 on the check batches (measured: <= 4e-5)
+
+
+def tf32_check() -> str | None:
+    """Once per process, before the first precision='tf32' call: the TF32 path (not bit-exact by design) must
+    stay within :data:`TF32_TOL` of the CPU engine's fp32 codes and scores on the self-check's batches, with the
+    same dead / flat / non-finite rows and the same labels wherever a code or score is not within the tolerance
+    of a decision.  A wrong fragment layout or rounding gives errors of ~0.1, far outside it.  None when it
+    passes, else the error (then precision='tf32' is refused for the process; 'fp32' is unaffected)."""
+    if "tf32_state" in _SELF_CHECK:
+        return _SELF_CHECK.get("tf32_error")
+    mod = _module()
+    problems: list[str] = []
+    try:
+        for d, dtype in ((9, np.float32), (49, np.float16)):
+            x = _check_batch(d, dtype, seed=d)
+            model = _check_model(d)
+            dev = mod.DeviceAutoencoder(*model._engine_args())
+            for decoder in ("segments", "mlp"):
+                got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000, precision="tf32")
+                want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
+                _compare(f"tf32 assign ({decoder}) codes d={d}", got[2], want[2], TF32_TOL, problems)
+                _compare(f"tf32 assign ({decoder}) scores d={d}", got[1], want[1], TF32_TOL, problems)
+                edges = np.array([e for iv in model.clusters or [] for e in iv])
+                near = (np.abs(want[1] - 0.5) <= TF32_TOL) | (
+                    np.abs(np.nan_to_num(want[2])[:, None] - edges[None, :]) <= TF32_TOL).any(axis=1)
+                _compare(f"tf32 assign ({decoder}) labels d={d}", got[0][~near], want[0][~near], 0, problems)
+            _compare(f"tf32 encode d={d}", dev.encode_host(x, chunk_rows=1000, precision="tf32"),
+                     model._engine.encode(x, threads=0), TF32_TOL, problems)
+    except Exception as exc:
+        problems.append(f"{type(exc).__name__}: {exc}")
+    _SELF_CHECK["tf32_state"] = "failed" if problems else "passed"
+    _SELF_CHECK["tf32_error"] = (
+        "precision='tf32' disagrees with the CPU engine's fp32 beyond TF32 rounding on its check, so it is not used "
+        "in this process: " + "; ".join(problems[:5]) + " -- use precision='fp32', and please report this with "
+        "`kernelatlas build-info`"
+    ) if problems else None
+    return _SELF_CHECK["tf32_error"]
+
+
+def _require_tf32(precision: str) -> None:
+    if precision == "tf32":
+        error = tf32_check()
+        if error is not None:
+            raise GpuUnavailable(error)
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
@@ -321,6 +369,17 @@ def resolve(device: str, x: Any) -> tuple[str, DeviceInput | None]:
         raise GpuUnavailable(error)
     warnings.warn(f"{error}; running on the CPU instead", RuntimeWarning, stacklevel=3)
     return "cpu", dev_in
+
+
+def check_precision(where: str, precision: str) -> None:
+    """Refuses a precision the chosen device does not have: 'bf16' is the CPU's AVX512_BF16 path, 'tf32' the
+    GPU's tensor-core path; 'fp32' (exact) runs everywhere."""
+    if where == "cuda" and precision not in ("fp32", "tf32"):
+        raise ValueError(f"precision on the GPU must be 'fp32' or 'tf32', got {precision!r}"
+                         + (" ('bf16' is the CPU's AVX512_BF16 path: use device='cpu')" if precision == "bf16" else ""))
+    if where == "cpu" and precision == "tf32":
+        raise ValueError("precision='tf32' is the GPU's tensor-core path and this call runs on the CPU: use "
+                         "device='cuda' (with a usable GPU), or precision='fp32' / 'bf16' on the CPU")
 
 
 def module() -> Any:
@@ -352,30 +411,34 @@ def normalize(x: Any, dev_in: DeviceInput | None, out: Any, norms: Any, min_abs:
     return o, nr
 
 
-def encode(model: Any, x: Any, dev_in: DeviceInput | None, out: Any, min_abs: float) -> Any:
+def encode(model: Any, x: Any, dev_in: DeviceInput | None, out: Any, min_abs: float, precision: str = "fp32") -> Any:
+    _require_tf32(precision)
     dev = device_autoencoder(model)
     if dev_in is None:
-        return dev.encode_host(x, out=out, min_abs=min_abs)
+        return dev.encode_host(x, out=out, min_abs=min_abs, precision=precision)
     no_out_for_gpu_arrays(out)
     _check_d(dev_in, model.d)
     codes = dev_in.empty((dev_in.rows,), np.float32)
-    dev.encode_ptr(dev_in.ptr, dev_in.dtype, dev_in.rows, min_abs, pointer(codes), dev_in.stream)
+    dev.encode_ptr(dev_in.ptr, dev_in.dtype, dev_in.rows, min_abs, pointer(codes), dev_in.stream, precision)
     return codes
 
 
 def assign(model: Any, x: Any, dev_in: DeviceInput | None, threshold: float, min_abs: float, decoder: str,
-           out: Any) -> tuple[Any, Any, Any]:
+           out: Any, precision: str = "fp32") -> tuple[Any, Any, Any]:
+    _require_tf32(precision)
     dev = device_autoencoder(model)
+    margins = model.tf32_margins(decoder) if precision == "tf32" else (0.0, 0.0)
     if dev_in is None:
         labels, scores, codes = out if out is not None else (None, None, None)
         return tuple(dev.assign_host(x, threshold=threshold, labels=labels, scores=scores, codes=codes,
-                                     min_abs=min_abs, decoder=decoder))
+                                     min_abs=min_abs, decoder=decoder, precision=precision,
+                                     recheck_code=margins[0], recheck_score=margins[1]))
     no_out_for_gpu_arrays(out)
     _check_d(dev_in, model.d)
     n = (dev_in.rows,)
     labels, scores, codes = dev_in.empty(n, np.int16), dev_in.empty(n, np.float32), dev_in.empty(n, np.float32)
     dev.assign_ptr(dev_in.ptr, dev_in.dtype, dev_in.rows, threshold, min_abs, decoder, pointer(labels),
-                   pointer(scores), pointer(codes), dev_in.stream)
+                   pointer(scores), pointer(codes), dev_in.stream, precision, *margins)
     return labels, scores, codes
 
 

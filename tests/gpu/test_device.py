@@ -129,3 +129,38 @@ def test_corpus_assign_device_cuda_gives_the_cpu_runs_files(tmp_path):
     assert a.keys() == b.keys() and a
     if SIMD:
         assert a == b
+
+
+# ---------------------------------------------------------------------------------------------- precision='tf32'
+
+
+def test_tf32_check_passes():
+    assert gpu.tf32_check() is None, gpu.tf32_check()
+
+
+@pytest.mark.parametrize("d", [9, 25, 49])
+@pytest.mark.parametrize("rows", [1, 31, 33, 129, 100003])
+def test_tf32_on_the_device_matches_the_harness_reference(d, rows, make_autoencoder, make_kernels):
+    """The tensor cores' TF32 codes against the float64 reference on TF32-rounded operands
+    (tests/test_cuda_tf32.py): the fragment layout of the hardware is the one the harness emulates."""
+    import reference as R
+    from test_cuda_tf32 import tf32_reference_codes
+
+    model, enc, _ = make_autoencoder(d)
+    x = make_kernels(rows, d, pattern_model=(d,))
+    codes = model.encode(x, device="cuda", precision="tf32")
+    want = tf32_reference_codes(x, enc)
+    np.testing.assert_array_equal(np.isnan(codes), np.isnan(want))
+    good = ~np.isnan(want)
+    # the tensor core sums in its own order (and may truncate): a little more than the harness's 1e-6
+    assert np.all(np.abs(codes[good] - want[good]) <= 1e-5 * R.conditioning(x, R.normalize(x))[good])
+
+
+@pytest.mark.parametrize("decoder", ["segments", "mlp"])
+def test_tf32_labels_agree_with_fp32(decoder, make_autoencoder, make_kernels):
+    model, _, _, _, threshold = calibrated_model(49, make_autoencoder, make_kernels)
+    x = make_kernels(200003, 49, pattern_model=(49,))
+    got = ka.assign(x, model, threshold=threshold, decoder=decoder, device="cuda", precision="tf32")
+    want = ka.assign(x, model, threshold=threshold, decoder=decoder, device="cuda")
+    assert np.mean(got[0] == want[0]) >= 0.999
+    np.testing.assert_array_equal(np.isnan(got[2]), np.isnan(want[2]))

@@ -339,6 +339,7 @@ def assign_corpus(
     client: Any = None,
     task_rows: int | None = None,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> str:
     """Assign every kernel of the model's size (of layers of ``kind``: depthwise | regular | grouped | all) in
     the corpus; returns the run id.  Exactly one of ``model`` (a model directory) or ``prototypes`` (a file,
@@ -358,7 +359,11 @@ def assign_corpus(
     and commits the run.  The files are byte-identical to an in-process run's (kernelatlas.cluster).
 
     ``device``: 'cpu' (the default), 'cuda' (every chunk streamed through the GPU: kernelatlas.gpu) or 'auto'
-    (the GPU when one passes its self-check, else the CPU).  The cluster path runs on the workers' CPUs."""
+    (the GPU when one passes its self-check, else the CPU).  The cluster path runs on the workers' CPUs.
+
+    ``precision`` (autoencoder runs): 'fp32' (default, exact), 'bf16' (CPUs with AVX512_BF16, workers
+    included) or 'tf32' (the GPU's tensor cores) -- see :func:`kernelatlas.assign`; a run's id includes it, so
+    runs of different precisions never mix."""
 
     from kernelatlas import gpu
     from kernelatlas.autoencoder import Autoencoder
@@ -368,6 +373,17 @@ def assign_corpus(
         device = "cuda" if gpu.available() and gpu.self_check() is None else "cpu"
     if device == "cuda" and (cluster is not None or client is not None):
         raise ValueError("--device cuda runs in this process; with --cluster the workers use their CPUs: drop one")
+    if precision not in ("fp32", "bf16", "tf32"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'tf32', got {precision!r}")
+    if precision != "fp32" and prototypes is not None:
+        raise ValueError(f"precision={precision!r} is for the autoencoder's encoder; prototype runs are fp32")
+    gpu.check_precision(device, precision)
+    if precision == "bf16" and cluster is None and client is None:
+        from kernelatlas import build_info
+
+        info = build_info()
+        if not info.get("bf16"):
+            raise ValueError(f"precision='bf16' is not available: {info.get('bf16_note')}")
     c = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
     if (model is None) == (prototypes is None):
         raise ValueError("give exactly one of --model MODEL or --prototypes FILE")
@@ -388,6 +404,8 @@ def assign_corpus(
                              "prototype": iv.get("prototype")})
         options = {"mode": "autoencoder", "model": _model_digest(mdir), "threshold": threshold, "kind": kind,
                    "min_abs": min_abs, "decoder": decoder}
+        if precision != "fp32":  # (absent for fp32: the ids of earlier fp32 runs stay as they were)
+            options["precision"] = precision
         extra = {"holdout": ae.info.get("holdout")}  # + the control, computed when the run is committed
     else:
         protos, pnames = load_prototypes(prototypes)  # type: ignore[arg-type]
@@ -433,7 +451,7 @@ def assign_corpus(
                        chunk_rows=chunk_rows, progress=progress, command=command,
                        runner=(ae if model is not None else engine), cluster=cl, task_rows=task_rows,
                        remote=(("autoencoder", str(Path(model).resolve()), options["model"]) if model is not None
-                               else ("prototypes", protos)), device=device)
+                               else ("prototypes", protos)), device=device, precision=precision)
     return rid
 
 
@@ -442,7 +460,7 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
                    clusters: list[dict[str, Any]], extra: dict[str, Any], model_ids: list[int] | None,
                    threads: int | None, min_abs: float, decoder: str, chunk_rows: int | None, progress: bool,
                    command: str, runner: Any, cluster: Any = None, task_rows: int | None = None,
-                   remote: tuple[Any, ...] = (), device: str = "cpu") -> None:
+                   remote: tuple[Any, ...] = (), device: str = "cpu", precision: str = "fp32") -> None:
     """The shards of a run, each committed labels-last, then assign_layers.parquet and run.json (the commit),
     every file and folder fsynced before the next step depends on it.  With a cluster, the shards not done yet
     are computed by its workers first (:func:`_assign_on_cluster`)."""
@@ -458,7 +476,8 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
     if cluster is not None:
         computed = _assign_on_cluster(cluster, c, root, k, shards, spans, bar=bar, n_labels=n_labels,
                                       with_codes=model is not None, threshold=threshold, min_abs=min_abs,
-                                      decoder=decoder, chunk_rows=chunk_rows, task_rows=task_rows, remote=remote)
+                                      decoder=decoder, chunk_rows=chunk_rows, task_rows=task_rows, remote=remote,
+                                      precision=precision)
     for shard in shards:
         arr = c.shard_array(shard)
         rows_per_call = chunk_rows or default_chunk_rows(arr.strides[0])
@@ -472,7 +491,8 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
         elif not final["labels"].is_file():
             out = _ShardOutput(final, len(arr), rows_per_call, sp.layers, n_labels)
             _fill_outputs(arr, out, pieces, runner, with_model=model is not None, threshold=threshold,
-                          min_abs=min_abs, threads=threads, decoder=decoder, done=bar.update, device=device)
+                          min_abs=min_abs, threads=threads, decoder=decoder, done=bar.update, device=device,
+                          precision=precision)
             out.commit()
             counts = out.counts
         else:  # done by an earlier, interrupted run: count from its files
@@ -503,7 +523,7 @@ def _assign_shards(c: Corpus, root: Path, outdir: Path, rid: str, shards: list[s
 
 def _fill_outputs(arr: np.ndarray, out: _ShardOutput, pieces: Sequence[tuple[int, int]], runner: Any, *,
                   with_model: bool, threshold: float, min_abs: float, threads: int | None, decoder: str,
-                  done: Any = None, device: str = "cpu") -> None:
+                  done: Any = None, device: str = "cpu", precision: str = "fp32") -> None:
     """The engine over ``pieces`` (row ranges, ascending) of a shard, its outputs written in place into ``out``'s
     staging blocks, the next piece's pages asked for ahead; ``out`` closed (the rows up to its end filled) or,
     on an error, discarded.  ``done(rows)`` after each piece.  The one loop of in-process runs and cluster
@@ -519,7 +539,8 @@ def _fill_outputs(arr: np.ndarray, out: _ShardOutput, pieces: Sequence[tuple[int
             buf = out.buffers(a, b)
             if with_model:
                 kernelatlas.assign(arr[a:b], runner, threshold=threshold, min_abs=min_abs, threads=threads,
-                                   decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]), device=device)
+                                   decoder=decoder, out=(buf["labels"], buf["scores"], buf["codes"]), device=device,
+                                   precision=precision)
             else:
                 kernelatlas.assign_prototypes(arr[a:b], runner, threshold=threshold, min_abs=min_abs,
                                               threads=threads, out=(buf["labels"], buf["scores"]), device=device)
@@ -546,7 +567,7 @@ def _task_pieces(rows: int, runs: Sequence[tuple[int, int]], task_rows: int,
 def _assign_on_cluster(cluster: Any, c: Corpus, root: Path, k: int, shards: list[str], spans: dict[str, _Spans], *,
                        bar: Any, n_labels: int, with_codes: bool, threshold: float, min_abs: float, decoder: str,
                        chunk_rows: int | None, task_rows: int | None,
-                       remote: tuple[Any, ...]) -> dict[str, dict[int, np.ndarray]]:
+                       remote: tuple[Any, ...], precision: str = "fp32") -> dict[str, dict[int, np.ndarray]]:
     """Compute every shard without a labels file on the cluster; returns its per-layer label counts.  Each
     shard's output files are created here at full size (the 4 KiB .npy header written, the rest sparse); every
     task writes its own rows (engine outputs, fill values between runs) in place, so the bytes do not depend on
@@ -572,7 +593,7 @@ def _assign_on_cluster(cluster: Any, c: Corpus, root: Path, k: int, shards: list
             runs = [(max(a, lo), min(b, hi)) for a, b in sp.runs if a < hi and b > lo]
             tasks.append((str(c.root / shard), arr.shape, lo, hi, runs, sp.layers,
                           {n: str(p) for n, p in final.items()}, remote, threshold, min_abs, decoder,
-                          rows_per_call, n_labels))
+                          rows_per_call, n_labels, precision))
             owner.append(shard)
         outputs[shard] = (final, tmp)
     left = Counter(owner)
@@ -619,7 +640,8 @@ def _task_runner(remote: tuple[Any, ...]) -> Any:
 
 def _assign_task(shard_file: str, shape: tuple[int, int], lo: int, hi: int, runs: list[tuple[int, int]],
                  layers: np.ndarray, final: dict[str, str], remote: tuple[Any, ...], threshold: float,
-                 min_abs: float, decoder: str, chunk_rows: int, n_labels: int) -> dict[int, np.ndarray]:
+                 min_abs: float, decoder: str, chunk_rows: int, n_labels: int,
+                 precision: str = "fp32") -> dict[int, np.ndarray]:
     """One cluster task (runs on a worker): rows [lo, hi) of a shard -- the rows of ``runs`` through the
     engine, fill values for the rest -- written in place into the temp files of the shard's outputs ``final``
     by the in-process loop (:func:`_fill_outputs`, O_DIRECT writes off the engine's thread); returns the
@@ -632,7 +654,8 @@ def _assign_task(shard_file: str, shape: tuple[int, int], lo: int, hi: int, runs
     largest = max((b - a for a, b in pieces), default=1)
     out = _ShardOutput({n: Path(p) for n, p in final.items()}, hi, largest, layers, n_labels, lo=lo)
     _fill_outputs(arr, out, pieces, _task_runner(remote), with_model=remote[0] == "autoencoder",
-                  threshold=threshold, min_abs=min_abs, threads=engine_threads() or None, decoder=decoder)
+                  threshold=threshold, min_abs=min_abs, threads=engine_threads() or None, decoder=decoder,
+                  precision=precision)
     return out.counts
 
 

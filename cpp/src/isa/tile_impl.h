@@ -190,16 +190,40 @@ static inline vf act(vf x) {
     return vactivate(A, x);
 }
 
-// dst[b][v0+v] = act(bias[b] + sum_j w[j*stride + b] * src[j][v0+v])  for NB units and NVB row vectors.
+// The next tile's input, fetched into the cache while this tile's first layer computes: a tile streamed from
+// memory loaded at twice its in-cache cost, not overlapped with anything (k = 7: 20 of 148 ns per kernel per core,
+// benchmarks/native/tile_breakdown.sh), and the hardware prefetchers do not run a tile ahead.  Its cache lines
+// are spread over the first layer's micro-kernel calls, one per input entry of a call, so that the misses
+// overlap arithmetic instead of queueing at once.
+struct Ahead {
+  const char* p = nullptr;  // the first line
+  int lines = 0;            // 64-byte lines from p
+};
+
+// The next tile after rows [r0, r0 + rows) of x when this worker takes it next (parallel_for hands out runs of
+// consecutive tiles), else nothing.
+static inline Ahead next_tile(const KernelsIn& x, idx_t r0, int rows) {
+  const idx_t next = r0 + rows;
+  if (rows < T || next >= x.rows) return {};
+  const idx_t elem = x.dtype == DType::float32 ? 4 : 2;
+  const idx_t n = std::min<idx_t>(T, x.rows - next) * x.d * elem;
+  return {static_cast<const char*>(x.data) + next * x.d * elem, static_cast<int>((n + 63) / 64)};
+}
+
+// dst[b][v0+v] = act(bias[b] + sum_j w[j*stride + b] * src[j][v0+v])  for NB units and NVB row vectors; the
+// first `ahead.lines` iterations also prefetch a line of ahead.p each.
 template <int NB, int NVB, Activation A>
 static inline void dense_micro(const float* w, int stride, const float* bias, int in, const float* src, float* dst,
-                               int v0) {
+                               int v0, Ahead ahead = {}) {
   vf acc[NB][NVB];
   for (int b = 0; b < NB; ++b) {
     const vf bb = vset(bias[b]);
     for (int v = 0; v < NVB; ++v) acc[b][v] = bb;
   }
   for (int j = 0; j < in; ++j) {
+#if KA_ISA >= 1
+    if (j < ahead.lines) _mm_prefetch(ahead.p + 64 * j, _MM_HINT_T0);
+#endif
     vf xv[NVB];
     for (int v = 0; v < NVB; ++v) xv[v] = vload(src + j * T + (v0 + v) * W);
     const float* wj = w + j * stride;
@@ -212,19 +236,26 @@ static inline void dense_micro(const float* w, int stride, const float* bias, in
     for (int v = 0; v < NVB; ++v) vstore(dst + b * T + (v0 + v) * W, act<A>(acc[b][v]));
 }
 
-// dst[out_pad][T] = act(W src + b), src [in][T].
+// dst[out_pad][T] = act(W src + b), src [in][T]; ahead's lines prefetched over the micro-kernel calls.
 template <Activation A>
-static void dense_layer_t(const LayerView& L, const float* src, float* dst) {
+static void dense_layer_t(const LayerView& L, const float* src, float* dst, Ahead ahead) {
   if (L.block == 1) {
     // a single unit (the code layer): all row vectors at once, for enough independent FMA chains
     for (int o = 0; o < L.out_pad; ++o) dense_micro<1, NV, A>(L.w + o * L.in, 1, L.b + o, L.in, src, dst + o * T, 0);
     return;
   }
+  const int calls = L.out_pad / BB * (NV / V);
+  const int per_call = (ahead.lines + calls - 1) / calls;
   for (int ob = 0; ob < L.out_pad; ob += kBlockOut) {
     const float* panel = L.w + static_cast<idx_t>(ob) * L.in;  // [in][kBlockOut]
     for (int boff = 0; boff < kBlockOut; boff += BB)
-      for (int v0 = 0; v0 < NV; v0 += V)
-        dense_micro<BB, V, A>(panel + boff, kBlockOut, L.b + ob + boff, L.in, src, dst + (ob + boff) * T, v0);
+      for (int v0 = 0; v0 < NV; v0 += V) {
+        const int n = std::min(per_call, ahead.lines);
+        dense_micro<BB, V, A>(panel + boff, kBlockOut, L.b + ob + boff, L.in, src, dst + (ob + boff) * T, v0,
+                              {ahead.p, n});
+        ahead.p += 64 * n;
+        ahead.lines -= n;
+      }
   }
 }
 
@@ -242,16 +273,17 @@ static inline void with_activation(Activation a, Fn&& fn) {
   }
 }
 
-static void dense_layer(const LayerView& L, const float* src, float* dst) {
-  with_activation(L.act, [&](auto a) { dense_layer_t<decltype(a)::value>(L, src, dst); });
+static void dense_layer(const LayerView& L, const float* src, float* dst, Ahead ahead = {}) {
+  with_activation(L.act, [&](auto a) { dense_layer_t<decltype(a)::value>(L, src, dst, ahead); });
 }
 
-// Runs layers[0..n) from src; returns the buffer holding the last output.
-static const float* run_layers(const LayerView* layers, int n, const float* src, const TileScratch& s) {
+// Runs layers[0..n) from src; returns the buffer holding the last output.  The first layer prefetches `ahead`.
+static const float* run_layers(const LayerView* layers, int n, const float* src, const TileScratch& s,
+                               Ahead ahead = {}) {
   float* bufs[2] = {s.buf0, s.buf1};
   for (int i = 0; i < n; ++i) {
     float* dst = bufs[i & 1];
-    dense_layer(layers[i], src, dst);
+    dense_layer(layers[i], src, dst, i == 0 ? ahead : Ahead{});
     src = dst;
   }
   return src;
@@ -344,12 +376,12 @@ KA_BF16_TARGET static const float* run_layers_bf16(const LayerView* layers, int 
 #endif
 
 // Encodes the normalised tile in s.xt; writes the raw code of every row to aux[kCode].
-static void encode_normalized(const ModelView& m, Precision precision, const TileScratch& s) {
+static void encode_normalized(const ModelView& m, Precision precision, const TileScratch& s, Ahead ahead = {}) {
   const float* z = nullptr;
 #if KA_ISA == 2
   if (precision == Precision::bf16) z = run_layers_bf16(m.enc, m.n_enc, s.xt, s);
 #endif
-  if (z == nullptr) z = run_layers(m.enc, m.n_enc, s.xt, s);  // fp32 (bf16 is refused off AVX-512 by the engine)
+  if (z == nullptr) z = run_layers(m.enc, m.n_enc, s.xt, s, ahead);  // fp32 (bf16 is refused off AVX-512 by the engine)
   (void)precision;
   std::memcpy(s.aux + kCode * T, z, sizeof(float) * T);
 }
@@ -583,7 +615,7 @@ static void encode_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int r
                          float* codes, const TileScratch& s) {
   load_tile(x, r0, rows, s.xt);
   normalize_tile(s.xt, x.d, min_abs, s.aux + kGood * T, s.aux + kNorm * T);
-  encode_normalized(m, precision, s);
+  encode_normalized(m, precision, s, next_tile(x, r0, rows));
   const float* good = s.aux + kGood * T;
   const float* z = s.aux + kCode * T;
   for (int r = 0; r < rows; ++r) codes[r] = good[r] != 0.f ? z[r] : qnan();
@@ -605,7 +637,7 @@ static void assign_entry(const ModelView& m, const KernelsIn& x, idx_t r0, int r
   load_tile(x, r0, rows, s.xt);
   float* good = s.aux + kGood * T;
   normalize_tile(s.xt, x.d, p.min_abs, good, s.aux + kNorm * T);
-  encode_normalized(m, p.precision, s);
+  encode_normalized(m, p.precision, s, next_tile(x, r0, rows));
   float* sc = s.aux + kScore * T;
   cosine_tile(m, p.use_segments, s, sc);
 #if KA_ISA == 2
@@ -637,7 +669,7 @@ static void assign_prototypes_entry(const PrototypeView& p, const KernelsIn& x, 
   load_tile(x, r0, rows, s.xt);
   float* good = s.aux + kGood * T;
   normalize_tile(s.xt, x.d, min_abs, good, s.aux + kNorm * T);
-  dense_layer(p.layer, s.xt, s.buf0);  // [n_proto_pad][T] cosines (prototypes are unit vectors)
+  dense_layer(p.layer, s.xt, s.buf0, next_tile(x, r0, rows));  // [n_proto_pad][T] cosines (unit prototypes)
   int32_t lab[T];
   float best_out[T];
   const vf thr = vset(threshold);

@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "bindings_args.h"
+#include "bindings_model.h"
 #include "kernelatlas/engine.h"
 #include "kernelatlas/model.h"
 #include "parallel.h"
@@ -40,44 +41,6 @@ py::array_t<T> out_arg(const std::optional<py::array>& out, const std::vector<py
   return py::reinterpret_borrow<py::array_t<T>>(a);
 }
 
-float check_threshold(double threshold) {
-  if (!std::isfinite(threshold) || threshold < -1.0 || threshold > 1.0)
-    throw py::value_error("threshold must be a cosine in [-1, 1], got " + std::to_string(threshold));
-  return static_cast<float>(threshold);
-}
-
-float check_min_abs(double min_abs) {
-  if (!std::isfinite(min_abs) || min_abs < 0.0)
-    throw py::value_error("min_abs must be finite and >= 0 (0 = only exact zeros are dead), got " +
-                          std::to_string(min_abs));
-  return static_cast<float>(min_abs);
-}
-
-std::vector<DenseSpec> layers_arg(const py::list& layers, const char* side) {
-  std::vector<DenseSpec> out;
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const auto t = layers[i].cast<py::tuple>();
-    if (t.size() != 3)
-      throw py::value_error(std::string(side) + " layer " + std::to_string(i) + " must be (weight, bias, activation)");
-    auto w = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(t[0]);
-    auto b = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(t[1]);
-    if (!w || w.ndim() != 2)
-      throw py::value_error(std::string(side) + " layer " + std::to_string(i) + ": weight must be 2-D [out, in]");
-    if (!b || b.ndim() != 1)
-      throw py::value_error(std::string(side) + " layer " + std::to_string(i) + ": bias must be 1-D [out]");
-    DenseSpec s;
-    const std::string where = std::string(side) + " layer " + std::to_string(i);
-    // a bound only against narrowing: the model checks widths against kMaxWidth with its own message
-    s.out = int_extent(w.shape(0), std::numeric_limits<int>::max(), where + "'s output width");
-    s.in = int_extent(w.shape(1), std::numeric_limits<int>::max(), where + "'s input width");
-    s.act = parse_activation(t[2].cast<std::string>());
-    s.weight.assign(w.data(), w.data() + w.size());
-    s.bias.assign(b.data(), b.data() + b.size());
-    out.push_back(std::move(s));
-  }
-  return out;
-}
-
 template <class T>
 py::array_t<T> vec_to_array(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
   py::array_t<T> a(shape);
@@ -89,19 +52,6 @@ Precision precision_arg(const std::string& name) {
   if (name == "fp32") return Precision::fp32;
   if (name == "bf16") return Precision::bf16;
   throw py::value_error("precision must be 'fp32' or 'bf16', got '" + name + "'");
-}
-
-bool use_segments_arg(const AutoencoderModel& m, const std::string& decoder) {
-  if (decoder == "auto") return m.piecewise_linear();
-  if (decoder == "mlp") return false;
-  if (decoder == "segments") {
-    if (!m.piecewise_linear())
-      throw py::value_error(
-          "decoder='segments' needs a decoder whose activations are all relu/identity; "
-          "use decoder='auto' or 'mlp'");
-    return true;
-  }
-  throw py::value_error("decoder must be 'auto', 'segments' or 'mlp', got '" + decoder + "'");
 }
 
 }  // namespace
@@ -119,7 +69,7 @@ PYBIND11_MODULE(_core, m) {
         std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
         auto out_a = out_arg<float>(out, shape, "out");
         auto norms_a = out_arg<float>(norms, {static_cast<py::ssize_t>(in.rows)}, "norms");
-        const float ma = check_min_abs(min_abs);
+        const float ma = min_abs_arg(min_abs);
         float* o = out_a.mutable_data();
         float* nr = norms_a.mutable_data();
         {
@@ -161,7 +111,7 @@ PYBIND11_MODULE(_core, m) {
             const KernelsIn in = kernels_arg(x, self.d(), "x");
             const Precision prec = precision_arg(precision);
             auto codes = out_arg<float>(out, {static_cast<py::ssize_t>(in.rows)}, "out");
-            const float ma = check_min_abs(min_abs);
+            const float ma = min_abs_arg(min_abs);
             float* c = codes.mutable_data();
             {
               py::gil_scoped_release release;
@@ -196,7 +146,7 @@ PYBIND11_MODULE(_core, m) {
              int threads) {
             const KernelsIn in = kernels_arg(x, self.d(), "x");
             auto dec = out_arg<float>(out, {static_cast<py::ssize_t>(in.rows), self.d()}, "out");
-            const float ma = check_min_abs(min_abs);
+            const float ma = min_abs_arg(min_abs);
             float* o = dec.mutable_data();
             {
               py::gil_scoped_release release;
@@ -219,7 +169,7 @@ PYBIND11_MODULE(_core, m) {
             auto lab = out_arg<int16_t>(labels, shape, "labels");
             auto sc = out_arg<float>(scores, shape, "scores");
             auto cd = out_arg<float>(codes, shape, "codes");
-            const float thr = check_threshold(threshold), ma = check_min_abs(min_abs);
+            const float thr = threshold_arg(threshold), ma = min_abs_arg(min_abs);
             const bool seg = use_segments_arg(self, decoder);
             int16_t* l = lab.mutable_data();
             float* s = sc.mutable_data();
@@ -263,7 +213,7 @@ PYBIND11_MODULE(_core, m) {
             const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(in.rows)};
             auto lab = out_arg<int16_t>(labels, shape, "labels");
             auto sc = out_arg<float>(scores, shape, "scores");
-            const float thr = check_threshold(threshold), ma = check_min_abs(min_abs);
+            const float thr = threshold_arg(threshold), ma = min_abs_arg(min_abs);
             int16_t* l = lab.mutable_data();
             float* s = sc.mutable_data();
             {

@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,30 @@ def compare(x: np.ndarray, model: Autoencoder, threshold: float, threads: int, r
     }
 
 
+def synthetic_cases(args: argparse.Namespace, threads: int) -> Iterator[tuple[int, np.ndarray, Autoencoder, float]]:
+    """(k, kernels, calibrated bench model, threshold) for each --k: the corpus and model of `kernelatlas bench`."""
+    for k in (int(v) for v in args.k.split(",")):
+        rng = np.random.default_rng(0)
+        patterns = synthetic.synthetic_patterns(k)
+        x = synthetic.synth_kernels(rng, args.n, k, patterns)
+        enc, dec = synthetic.make_autoencoder(k)
+        model, tau, _ = synthetic.calibrate(enc, dec, patterns, x[:100_000], threads)
+        yield k, x, model, tau
+
+
+def trained_cases(args: argparse.Namespace) -> Iterator[tuple[int, np.ndarray, Autoencoder]]:
+    """(k, the corpus's kernels of size k, the trained model) for each model of the --run folder."""
+    if args.run is None:
+        return
+    from kernelatlas.corpus.store import Corpus
+
+    corpus = Corpus.open(args.run / "corpus")
+    for model_dir in sorted((args.run / "models").glob("k*")):
+        model = Autoencoder.load(model_dir)
+        k = model.kernel_size
+        yield k, np.concatenate([np.asarray(ch.kernels) for ch in corpus.iter_chunks(k)]), model
+
+
 def compare_tf32(x: np.ndarray, model: Autoencoder, threshold: float) -> dict[str, Any]:
     """precision='tf32' against fp32 through the CUDA harness, recheck margins from the model's calibration set."""
     from kernelatlas import _cuda_harness
@@ -98,24 +123,12 @@ def main_tf32(args: argparse.Namespace) -> int:
               f"{r['labels_agree_without_recheck']:.4%} without recheck)  rechecked {r['rechecked_share']:.1%}  "
               f"max |code - fp32| {r['code_error_max']:.1e}", flush=True)
 
-    for k in (int(v) for v in args.k.split(",")):
-        rng = np.random.default_rng(0)
-        patterns = synthetic.synthetic_patterns(k)
-        x = synthetic.synth_kernels(rng, args.n, k, patterns)
-        enc, dec = synthetic.make_autoencoder(k)
-        model, tau, _ = synthetic.calibrate(enc, dec, patterns, x[:100_000], _default_threads())
+    for k, x, model, tau in synthetic_cases(args, _default_threads()):
         report(f"synthetic k={k} (bench model)", compare_tf32(x, model, tau))
-    if args.run is not None:
-        from kernelatlas.corpus.store import Corpus
-
-        corpus = Corpus.open(args.run / "corpus")
-        for model_dir in sorted((args.run / "models").glob("k*")):
-            model = Autoencoder.load(model_dir)
-            k = model.kernel_size
-            x = np.concatenate([np.asarray(ch.kernels) for ch in corpus.iter_chunks(k)])
-            report(f"trained k={k}, {len(x):,} real kernels", compare_tf32(x, model, 0.85))
-            noise = np.random.default_rng(1).standard_normal((max(len(x), 100_000), k * k)).astype(np.float32)
-            report(f"trained k={k}, random control", compare_tf32(noise, model, 0.85))
+    for k, x, model in trained_cases(args):
+        report(f"trained k={k}, {len(x):,} real kernels", compare_tf32(x, model, 0.85))
+        noise = np.random.default_rng(1).standard_normal((max(len(x), 100_000), k * k)).astype(np.float32)
+        report(f"trained k={k}, random control", compare_tf32(noise, model, 0.85))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
@@ -149,26 +162,14 @@ def main() -> int:
               f"labels agree {r['labels_agree']:.4%} ({r['labels_differ']} differ)  rechecked "
               f"{r['rechecked_share']:.1%}", flush=True)
 
-    for k in (int(v) for v in args.k.split(",")):
-        rng = np.random.default_rng(0)
-        patterns = synthetic.synthetic_patterns(k)
-        x = synthetic.synth_kernels(rng, args.n, k, patterns)
-        enc, dec = synthetic.make_autoencoder(k)
-        model, tau, _ = synthetic.calibrate(enc, dec, patterns, x[:100_000], threads)
+    for k, x, model, tau in synthetic_cases(args, threads):
         report(f"synthetic k={k} (bench model)", compare(x, model, tau, threads, args.rounds))
-    if args.run is not None:
-        from kernelatlas.corpus.store import Corpus
-
-        corpus = Corpus.open(args.run / "corpus")
-        for model_dir in sorted((args.run / "models").glob("k*")):
-            model = Autoencoder.load(model_dir)
-            k = model.kernel_size
-            x = np.concatenate([np.asarray(ch.kernels) for ch in corpus.iter_chunks(k)])
-            reps = max(1, args.n // max(1, len(x)))  # repeated to a timeable size; agreement counts each copy
-            report(f"trained k={k}, {len(x):,} real kernels", compare(np.tile(x, (reps, 1)), model, 0.85, threads,
-                                                                       args.rounds))
-            noise = np.random.default_rng(1).standard_normal((len(x) * reps, k * k)).astype(np.float32)
-            report(f"trained k={k}, random control", compare(noise, model, 0.85, threads, args.rounds))
+    for k, x, model in trained_cases(args):
+        reps = max(1, args.n // max(1, len(x)))  # repeated to a timeable size; agreement counts each copy
+        report(f"trained k={k}, {len(x):,} real kernels", compare(np.tile(x, (reps, 1)), model, 0.85, threads,
+                                                                   args.rounds))
+        noise = np.random.default_rng(1).standard_normal((len(x) * reps, k * k)).astype(np.float32)
+        report(f"trained k={k}, random control", compare(noise, model, 0.85, threads, args.rounds))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -257,6 +257,17 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, tol: float, problems:
                         f"{want.reshape(len(want), -1)[off[:3], 0].tolist()}")
 
 
+def _compare_assign(name: str, d: int, got: Any, want: Any, model: Any, tol: float, problems: list[str]) -> None:
+    """Codes and scores (threshold 0.5) within ``tol`` of the CPU engine's, and labels equal except where a
+    difference of ``tol`` may flip one: a score at the threshold, a code at an interval edge."""
+    _compare(f"{name} codes d={d}", got[2], want[2], tol, problems)
+    _compare(f"{name} scores d={d}", got[1], want[1], tol, problems)
+    edges = np.array([e for iv in model.clusters or [] for e in iv])
+    near = (np.abs(want[1] - 0.5) <= tol) | (
+        np.abs(np.nan_to_num(want[2])[:, None] - edges[None, :]) <= tol).any(axis=1)
+    _compare(f"{name} labels d={d}", got[0][~near], want[0][~near], 0, problems)
+
+
 def self_check() -> str | None:
     """Runs the self-check once per process: None when the GPU agrees with the CPU engine, else the error."""
     if "state" in _SELF_CHECK:
@@ -275,13 +286,7 @@ def self_check() -> str | None:
             for decoder in ("segments", "mlp"):
                 got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000)
                 want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
-                _compare(f"assign ({decoder}) codes d={d}", got[2], want[2], 1e-5, problems)
-                _compare(f"assign ({decoder}) scores d={d}", got[1], want[1], 1e-5, problems)
-                # labels, except where fp32 rounding may flip one: a score at the threshold, a code at an edge
-                edges = np.array([e for iv in model.clusters or [] for e in iv])
-                near = (np.abs(want[1] - 0.5) <= 1e-5) | (
-                    np.abs(np.nan_to_num(want[2])[:, None] - edges[None, :]) <= 1e-5).any(axis=1)
-                _compare(f"assign ({decoder}) labels d={d}", got[0][~near], want[0][~near], 0, problems)
+                _compare_assign(f"assign ({decoder})", d, got, want, model, 1e-5, problems)
             protos = _check_batch(d, np.float32, seed=99)[10:26]
             got_p = mod.DevicePrototypes(np.ascontiguousarray(protos)).assign_host(x, threshold=0.3, chunk_rows=1000)
             want_p = _core.PrototypeEngine(np.ascontiguousarray(protos)).assign(x, threshold=0.3, threads=0)
@@ -319,12 +324,7 @@ def tf32_check() -> str | None:
             for decoder in ("segments", "mlp"):
                 got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000, precision="tf32")
                 want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
-                _compare(f"tf32 assign ({decoder}) codes d={d}", got[2], want[2], TF32_TOL, problems)
-                _compare(f"tf32 assign ({decoder}) scores d={d}", got[1], want[1], TF32_TOL, problems)
-                edges = np.array([e for iv in model.clusters or [] for e in iv])
-                near = (np.abs(want[1] - 0.5) <= TF32_TOL) | (
-                    np.abs(np.nan_to_num(want[2])[:, None] - edges[None, :]) <= TF32_TOL).any(axis=1)
-                _compare(f"tf32 assign ({decoder}) labels d={d}", got[0][~near], want[0][~near], 0, problems)
+                _compare_assign(f"tf32 assign ({decoder})", d, got, want, model, TF32_TOL, problems)
             _compare(f"tf32 encode d={d}", dev.encode_host(x, chunk_rows=1000, precision="tf32"),
                      model._engine.encode(x, threads=0), TF32_TOL, problems)
     except Exception as exc:

@@ -246,15 +246,15 @@ static void dense_layer_t(const LayerView& L, const float* src, float* dst, Ahea
   }
   const int calls = L.out_pad / BB * (NV / V);
   const int per_call = (ahead.lines + calls - 1) / calls;
+  int done = 0;  // lines handed out so far (an offset, so that no pointer runs past the input)
   for (int ob = 0; ob < L.out_pad; ob += kBlockOut) {
     const float* panel = L.w + static_cast<idx_t>(ob) * L.in;  // [in][kBlockOut]
     for (int boff = 0; boff < kBlockOut; boff += BB)
       for (int v0 = 0; v0 < NV; v0 += V) {
-        const int n = std::min(per_call, ahead.lines);
+        const int n = std::min(per_call, ahead.lines - done);
         dense_micro<BB, V, A>(panel + boff, kBlockOut, L.b + ob + boff, L.in, src, dst + (ob + boff) * T, v0,
-                              {ahead.p, n});
-        ahead.p += 64 * n;
-        ahead.lines -= n;
+                              n > 0 ? Ahead{ahead.p + 64 * static_cast<idx_t>(done), n} : Ahead{});
+        done += n;
       }
   }
 }

@@ -223,6 +223,21 @@ def test_precision_of_a_corpus_run(tmp_path):
         assert np.mean(c.run(bf16).labels(shard)[depthwise] == exact[depthwise]) >= 0.999
 
 
+def test_assign_cli_takes_precision(tmp_path, capsys):
+    from kernelatlas import cli
+
+    c = make_corpus(tmp_path / "c")
+    mdir, _ = make_model(tmp_path)
+    base = ["assign", str(c.root), "--model", str(mdir), "--threshold", "0.3", "--no-progress"]
+    assert cli.main([*base, "--precision", "tf32", "--device", "cpu"]) == 1
+    assert "precision='tf32' is the GPU's tensor-core path" in capsys.readouterr().err
+    assert not list(c.root.glob("runs/*/run.json"))  # refused before anything was written
+    if ka.build_info().get("bf16"):
+        assert cli.main([*base, "--precision", "bf16"]) == 0
+        (run_json,) = (c.root / "runs").glob("*/run.json")
+        assert json.loads(run_json.read_text())["options"]["precision"] == "bf16"
+
+
 @pytest.mark.parametrize(("row_bytes", "rows"), [(18, 1 << 22), (36, 1 << 22), (100, (256 << 20) // 100),
                                                  (196, (256 << 20) // 196), (1 << 40, 1 << 16), (0, 1 << 22)])
 def test_default_chunk_rows(row_bytes, rows):

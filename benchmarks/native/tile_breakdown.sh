@@ -10,9 +10,9 @@ mkdir -p "$out"
 cxx=${CXX:-g++}
 common=(-O3 -std=c++17 -fno-math-errno -fno-trapping-math -I"$root/cpp/include" -I"$root/cpp/src")
 "$cxx" "${common[@]}" -DKA_ISA=2 -DKA_NS=isa_avx512 -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma -mf16c -mavx2 \
-  -mprefer-vector-width=512 "$root/benchmarks/native/tile_breakdown.cpp" -o "$out/avx512"
+  -mprefer-vector-width=512 "$root/benchmarks/native/tile_breakdown.cpp" "$root/cpp/src/model.cpp" -o "$out/avx512"
 "$cxx" "${common[@]}" -DKA_ISA=1 -DKA_NS=isa_avx2 -mavx2 -mfma -mf16c "$root/benchmarks/native/tile_breakdown.cpp" \
-  -o "$out/avx2"
+  "$root/cpp/src/model.cpp" -o "$out/avx2"
 avx512=0
 grep -q avx512bw /proc/cpuinfo && avx512=1
 for rows in 20160 2000160; do

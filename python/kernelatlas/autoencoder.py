@@ -22,7 +22,7 @@ import numpy as np
 
 from kernelatlas import _core
 from kernelatlas._files import atomic_write as _atomic_write
-from kernelatlas.engine import thread_count
+from kernelatlas.engine import _back, _on_host, thread_count
 
 __all__ = ["ACTIVATIONS", "Autoencoder", "Dense"]
 
@@ -141,10 +141,9 @@ class Autoencoder:
         gpu.check_precision(where, precision)
         if where == "cuda":
             return gpu.encode(self, x, dev_in, out, float(min_abs), precision)
-        host = dev_in.to_host() if dev_in is not None else x
-        codes = self._engine.encode(host, out=out, min_abs=float(min_abs), threads=thread_count(threads),
-                                    precision=precision)
-        return dev_in.from_host(codes) if dev_in is not None else codes
+        codes = self._engine.encode(_on_host(dev_in, x), out=out, min_abs=float(min_abs),
+                                    threads=thread_count(threads), precision=precision)
+        return _back(dev_in, (codes,))[0]
 
     def bf16_margins(self, decoder: str = "auto") -> tuple[float, float]:
         """The recheck margins of ``precision='bf16'`` for this model: (code, score) = twice the 90th percentile

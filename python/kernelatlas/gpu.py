@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,10 +84,10 @@ def status() -> dict[str, Any]:
     """For build_info: availability, the self-check's outcome so far, and whether the backend is verified."""
     ok, why = _probe()
     return {
-        "cuda_usable": ok and _SELF_CHECK.get("error") is None,
+        "cuda_usable": ok and _SELF_CHECK.get("fp32") is None,
         "cuda_reason": why,
-        "cuda_self_check": _SELF_CHECK.get("state", "not run"),
-        "cuda_tf32_check": _SELF_CHECK.get("tf32_state", "not run"),
+        "cuda_self_check": _check_state("fp32"),
+        "cuda_tf32_check": _check_state("tf32"),
         "cuda_verified": VERIFIED_ON_HARDWARE,
         "cuda_backend": "" if VERIFIED_ON_HARDWARE else NOT_VERIFIED,
     }
@@ -209,7 +210,26 @@ def device_input(x: Any) -> DeviceInput | None:
 
 # ---------------------------------------------------------------------------------------------- self-check
 
-_SELF_CHECK: dict[str, Any] = {}
+_SELF_CHECK: dict[str, str | None] = {}  # check name -> None (passed) or its error; absent: not run yet
+
+
+def _check_state(name: str) -> str:
+    return "not run" if name not in _SELF_CHECK else "failed" if _SELF_CHECK[name] else "passed"
+
+
+def _run_check(name: str, body: Callable[[Any, list[str]], None], failed: str, fix: str) -> str | None:
+    """Runs ``body(module, problems)`` once per process under ``name``: None when it found no problem, else the
+    error (``failed``, the first problems, ``fix``), remembered for the process.  An exception -- a CUDA error
+    from the driver, a launch or memory -- is a failed check too."""
+    if name not in _SELF_CHECK:
+        problems: list[str] = []
+        try:
+            body(_module(), problems)
+        except Exception as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
+        _SELF_CHECK[name] = (f"{failed}: " + "; ".join(problems[:5]) + f" -- {fix}, and please report this with "
+                             "`kernelatlas build-info`") if problems else None
+    return _SELF_CHECK[name]
 
 
 def _check_batch(d: int, dtype: Any, seed: int) -> np.ndarray:
@@ -268,42 +288,47 @@ def _compare_assign(name: str, d: int, got: Any, want: Any, model: Any, tol: flo
     _compare(f"{name} labels d={d}", got[0][~near], want[0][~near], 0, problems)
 
 
-def self_check() -> str | None:
-    """Runs the self-check once per process: None when the GPU agrees with the CPU engine, else the error."""
-    if "state" in _SELF_CHECK:
-        return _SELF_CHECK.get("error")
+def _fp32_checks(mod: Any, problems: list[str]) -> None:
     from kernelatlas import _core
 
-    mod = _module()
-    problems: list[str] = []
-    try:
-        for d, dtype in ((9, np.float32), (49, np.float16)):
-            x = _check_batch(d, dtype, seed=d)
-            model = _check_model(d)
-            cpu_norm = _core.normalize(x, threads=0)
-            _compare(f"normalize d={d}", mod.normalize_host(x, chunk_rows=1000)[0], cpu_norm[0], 1e-6, problems)
-            dev = mod.DeviceAutoencoder(*model._engine_args())
-            for decoder in ("segments", "mlp"):
-                got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000)
-                want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
-                _compare_assign(f"assign ({decoder})", d, got, want, model, 1e-5, problems)
-            protos = _check_batch(d, np.float32, seed=99)[10:26]
-            got_p = mod.DevicePrototypes(np.ascontiguousarray(protos)).assign_host(x, threshold=0.3, chunk_rows=1000)
-            want_p = _core.PrototypeEngine(np.ascontiguousarray(protos)).assign(x, threshold=0.3, threads=0)
-            _compare(f"prototype scores d={d}", got_p[1], want_p[1], 1e-5, problems)
-            near = np.abs(want_p[1] - 0.3) <= 1e-5
-            _compare(f"prototype labels d={d}", got_p[0][~near], want_p[0][~near], 0, problems)
-    except Exception as exc:  # a CUDA error (driver, launch, memory) is a failed check too
-        problems.append(f"{type(exc).__name__}: {exc}")
-    _SELF_CHECK["state"] = "failed" if problems else "passed"
-    _SELF_CHECK["error"] = (
-        "the CUDA backend disagrees with the CPU engine on its self-check, so it is not used in this process: "
-        + "; ".join(problems[:5]) + " -- use device='cpu', and please report this with `kernelatlas build-info`"
-    ) if problems else None
-    return _SELF_CHECK["error"]
+    for d, dtype in ((9, np.float32), (49, np.float16)):
+        x = _check_batch(d, dtype, seed=d)
+        model = _check_model(d)
+        cpu_norm = _core.normalize(x, threads=0)
+        _compare(f"normalize d={d}", mod.normalize_host(x, chunk_rows=1000)[0], cpu_norm[0], 1e-6, problems)
+        dev = mod.DeviceAutoencoder(*model._engine_args())
+        for decoder in ("segments", "mlp"):
+            got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000)
+            want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
+            _compare_assign(f"assign ({decoder})", d, got, want, model, 1e-5, problems)
+        protos = _check_batch(d, np.float32, seed=99)[10:26]
+        got_p = mod.DevicePrototypes(np.ascontiguousarray(protos)).assign_host(x, threshold=0.3, chunk_rows=1000)
+        want_p = _core.PrototypeEngine(np.ascontiguousarray(protos)).assign(x, threshold=0.3, threads=0)
+        _compare(f"prototype scores d={d}", got_p[1], want_p[1], 1e-5, problems)
+        near = np.abs(want_p[1] - 0.3) <= 1e-5
+        _compare(f"prototype labels d={d}", got_p[0][~near], want_p[0][~near], 0, problems)
+
+
+def self_check() -> str | None:
+    """Runs the self-check once per process: None when the GPU agrees with the CPU engine, else the error."""
+    return _run_check("fp32", _fp32_checks, "the CUDA backend disagrees with the CPU engine on its self-check, so "
+                      "it is not used in this process", "use device='cpu'")
 
 
 TF32_TOL = 1e-3  # |code| and |score| of precision='tf32' vs the CPU's fp32 on the check batches (measured: <= 4e-5)
+
+
+def _tf32_checks(mod: Any, problems: list[str]) -> None:
+    for d, dtype in ((9, np.float32), (49, np.float16)):
+        x = _check_batch(d, dtype, seed=d)
+        model = _check_model(d)
+        dev = mod.DeviceAutoencoder(*model._engine_args())
+        for decoder in ("segments", "mlp"):
+            got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000, precision="tf32")
+            want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
+            _compare_assign(f"tf32 assign ({decoder})", d, got, want, model, TF32_TOL, problems)
+        _compare(f"tf32 encode d={d}", dev.encode_host(x, chunk_rows=1000, precision="tf32"),
+                 model._engine.encode(x, threads=0), TF32_TOL, problems)
 
 
 def tf32_check() -> str | None:
@@ -312,30 +337,8 @@ def tf32_check() -> str | None:
     same dead / flat / non-finite rows and the same labels wherever a code or score is not within the tolerance
     of a decision.  A wrong fragment layout or rounding gives errors of ~0.1, far outside it.  None when it
     passes, else the error (then precision='tf32' is refused for the process; 'fp32' is unaffected)."""
-    if "tf32_state" in _SELF_CHECK:
-        return _SELF_CHECK.get("tf32_error")
-    mod = _module()
-    problems: list[str] = []
-    try:
-        for d, dtype in ((9, np.float32), (49, np.float16)):
-            x = _check_batch(d, dtype, seed=d)
-            model = _check_model(d)
-            dev = mod.DeviceAutoencoder(*model._engine_args())
-            for decoder in ("segments", "mlp"):
-                got = dev.assign_host(x, threshold=0.5, decoder=decoder, chunk_rows=1000, precision="tf32")
-                want = model._engine.assign(x, threshold=0.5, threads=0, decoder=decoder)
-                _compare_assign(f"tf32 assign ({decoder})", d, got, want, model, TF32_TOL, problems)
-            _compare(f"tf32 encode d={d}", dev.encode_host(x, chunk_rows=1000, precision="tf32"),
-                     model._engine.encode(x, threads=0), TF32_TOL, problems)
-    except Exception as exc:
-        problems.append(f"{type(exc).__name__}: {exc}")
-    _SELF_CHECK["tf32_state"] = "failed" if problems else "passed"
-    _SELF_CHECK["tf32_error"] = (
-        "precision='tf32' disagrees with the CPU engine's fp32 beyond TF32 rounding on its check, so it is not used "
-        "in this process: " + "; ".join(problems[:5]) + " -- use precision='fp32', and please report this with "
-        "`kernelatlas build-info`"
-    ) if problems else None
-    return _SELF_CHECK["tf32_error"]
+    return _run_check("tf32", _tf32_checks, "precision='tf32' disagrees with the CPU engine's fp32 beyond TF32 "
+                      "rounding on its check, so it is not used in this process", "use precision='fp32'")
 
 
 def _require_tf32(precision: str) -> None:

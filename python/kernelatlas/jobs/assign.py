@@ -378,7 +378,7 @@ def assign_corpus(
     if precision != "fp32" and prototypes is not None:
         raise ValueError(f"precision={precision!r} is for the autoencoder's encoder; prototype runs are fp32")
     gpu.check_precision(device, precision)
-    if precision == "bf16" and cluster is None and client is None:
+    if precision == "bf16" and cluster is None and client is None:  # (workers check their own CPUs)
         from kernelatlas import build_info
 
         info = build_info()

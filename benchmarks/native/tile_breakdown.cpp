@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <random>
 #include <vector>
@@ -74,9 +75,11 @@ int main(int argc, char** argv) {
       {0.f, 0.5f}, {0.5f, 1.f});
   const ModelView& m = model.view();
 
-  std::vector<float> xt(static_cast<size_t>(kMaxDim) * T), b0(static_cast<size_t>(kMaxWidth) * T),
-      b1(static_cast<size_t>(kMaxWidth) * T), aux(8 * T);
-  const TileScratch s{xt.data(), b0.data(), b1.data(), aux.data()};
+  // 64-byte aligned scratch, as the engine's (parallel.h): unaligned buffers split vector loads over cache lines
+  const size_t xt_n = static_cast<size_t>(kMaxDim) * T, buf_n = static_cast<size_t>(kMaxWidth) * T;
+  std::vector<float> scratch(xt_n + 2 * buf_n + 8 * T + 16);
+  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+  const TileScratch s{base, base + xt_n, base + xt_n + buf_n, base + xt_n + 2 * buf_n};
   std::vector<int16_t> labels(n);
   std::vector<float> scores(n), codes(n);
   AssignParams p;
@@ -97,6 +100,16 @@ int main(int argc, char** argv) {
         for (idx_t r0 = 0; r0 < n; r0 += T) encode_normalized(m, Precision::fp32, s);
       },
       n);
+  double t_layer[8] = {};
+  for (int i = 0; i < m.n_enc; ++i) {
+    const float* src = i == 0 ? s.xt : (i & 1 ? s.buf0 : s.buf1);
+    float* dst = i & 1 ? s.buf1 : s.buf0;
+    t_layer[i] = ns_per_row(
+        [&] {
+          for (idx_t r0 = 0; r0 < n; r0 += T) dense_layer(m.enc[i], src, dst);
+        },
+        n);
+  }
   const double t_cos = ns_per_row(
       [&] {
         for (idx_t r0 = 0; r0 < n; r0 += T) cosine_tile(m, true, s, s.aux + kScore * T);
@@ -116,5 +129,9 @@ int main(int argc, char** argv) {
       : KA_ISA == 1 ? "avx2"
                     : "scalar",
       d, m.n_seg, static_cast<long long>(n), t_load, t_norm, t_enc, enc_flop / t_enc, t_cos, t_all, all_flop / t_all);
+  const double layer_flop[3] = {2.0 * d * 64, 2.0 * 64 * 32, 2.0 * 32};
+  std::printf("       layers:");
+  for (int i = 0; i < m.n_enc; ++i) std::printf("  %d: %5.1f ns (%5.1f GFLOP/s)", i, t_layer[i], layer_flop[i] / t_layer[i]);
+  std::printf("\n");
   return 0;
 }

@@ -15,8 +15,8 @@ common=(-O3 -std=c++17 -fno-math-errno -fno-trapping-math -I"$root/cpp/include" 
   "$root/cpp/src/model.cpp" -o "$out/avx2"
 avx512=0
 grep -q avx512bw /proc/cpuinfo && avx512=1
-for rows in 20160 2000160; do
-  for d in 9 25 49; do
+for rows in ${ROWS:-20160 2000160}; do
+  for d in ${DIMS:-9 25 49}; do
     [ $avx512 = 1 ] && "$out/avx512" "$d" "$rows"
     "$out/avx2" "$d" "$rows"
   done

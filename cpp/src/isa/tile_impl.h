@@ -322,8 +322,8 @@ KA_BF16_TARGET static void to_bf16_pairs(const float* src, int in, uint32_t* dst
 }
 
 template <int NB, int NVB, Activation A>
-KA_BF16_TARGET static inline void dense_micro_bf16(const uint32_t* w, const float* bias, int pairs, const uint32_t* src,
-                                                   float* dst, int v0) {
+KA_ALWAYS_INLINE KA_BF16_TARGET static inline void dense_micro_bf16(const uint32_t* w, const float* bias, int pairs,
+                                                                    const uint32_t* src, float* dst, int v0) {
   __m512 acc[NB][NVB];
   for (int b = 0; b < NB; ++b) {
     const vf bb = vset(bias[b]);

@@ -144,6 +144,23 @@ def test_preallocated_outputs_are_returned(isa, make_kernels):
     check_normalized(x, out, norms)
 
 
+@pytest.mark.parametrize("d", [9, 25, 49])
+@pytest.mark.parametrize("offset", [0, 1, 3, 15])
+def test_outputs_at_any_alignment_and_nothing_outside_them(isa, threads, d, offset, make_kernels):
+    # the engine streams rows of d >= 16 out past the cache (whole 64-byte lines only): an output view that starts
+    # inside a line, a partial last tile, and the floats just before and after the view that it must not touch
+    x = make_kernels(1000, d)
+    backing = np.full(offset + x.size + 17, 7.0, np.float32)
+    out = backing[offset : offset + x.size].reshape(x.shape)
+    norms = np.full(len(x), 7.0, np.float32)
+    got_out, _ = ka.normalize(x, out=out, norms=norms, threads=threads)
+    assert got_out is out
+    check_normalized(x, out, norms)
+    assert np.all(backing[:offset] == 7.0) and np.all(backing[offset + x.size :] == 7.0)
+    expected, _ = ka.normalize(x, threads=threads)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_memmap_in_and_out(isa, threads, tmp_path, make_kernels):
     x = make_kernels(5000, 49, np.float16)
     np.save(tmp_path / "kernels.npy", x)

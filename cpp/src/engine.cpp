@@ -35,7 +35,8 @@ bool openmp_enabled() {
 
 void normalize(const KernelsIn& x, float min_abs, float* normalized, float* norms, int threads) {
   const TileKernels& k = kernels();
-  for_each_tile(x.rows, k.tile_rows, 0, threads, [&](idx_t r0, int rows, const TileScratch& s) {
+  // layer buffers of kMaxDim rows: normalize_entry stages its output rows in buf0
+  for_each_tile(x.rows, k.tile_rows, kMaxDim, threads, [&](idx_t r0, int rows, const TileScratch& s) {
     k.normalize(x, r0, rows, min_abs, normalized + r0 * x.d, norms + r0, s);
   });
 }

@@ -607,10 +607,47 @@ static void recheck_bf16(const ModelView& m, const AssignParams& p, int rows, co
 
 // ---------------------------------------------------------------------------------------------- entry points
 
+#if KA_ISA >= 1
+// dst[0, n) = src[0, n) with non-temporal stores for the 64-byte lines dst covers whole (src in cache; dst an output
+// written once and not read again here): no read-for-ownership of each output line, which otherwise costs as much
+// memory traffic as the input.  Ends with a store fence, so the data is visible to whoever reads it next.
+constexpr int kStreamMinDim = 16;  // below (3x3) the extra pass over the tile costs more than the stores save
+static void stream_copy(const float* src, idx_t n, float* dst) {
+  const auto addr = reinterpret_cast<uintptr_t>(dst);
+  idx_t head = addr % 64 == 0 ? 0 : static_cast<idx_t>((64 - addr % 64) / sizeof(float));
+  if (addr % sizeof(float) != 0 || head > n) head = n;  // unaligned floats: plain copy
+  std::memcpy(dst, src, sizeof(float) * head);
+  idx_t i = head;
+  for (; i + 16 <= n; i += 16) {
+#if KA_ISA == 2
+    _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#else
+    _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    _mm256_stream_ps(dst + i + 8, _mm256_loadu_ps(src + i + 8));
+#endif
+  }
+  std::memcpy(dst + i, src + i, sizeof(float) * (n - i));
+  _mm_sfence();
+}
+#endif
+
 static void normalize_entry(const KernelsIn& x, idx_t r0, int rows, float min_abs, float* normalized, float* norms,
                             const TileScratch& s) {
   load_tile(x, r0, rows, s.xt);
+#if KA_ISA >= 1
+  const Ahead ahead = next_tile(x, r0, rows);
+  for (int l = 0; l < ahead.lines; ++l) _mm_prefetch(ahead.p + 64 * l, _MM_HINT_T0);
+#endif
   normalize_tile(s.xt, x.d, min_abs, s.aux + kGood * T, s.aux + kNorm * T);
+#if KA_ISA >= 1
+  if (x.d >= kStreamMinDim) {
+    // the rows into scratch (buf0 holds kMaxDim x T floats for this entry, engine.cpp), then streamed out
+    store_rows(s.xt, x.d, rows, s.buf0);
+    stream_copy(s.buf0, static_cast<idx_t>(rows) * x.d, normalized);
+    std::memcpy(norms, s.aux + kNorm * T, sizeof(float) * rows);
+    return;
+  }
+#endif
   store_rows(s.xt, x.d, rows, normalized);
   std::memcpy(norms, s.aux + kNorm * T, sizeof(float) * rows);
 }

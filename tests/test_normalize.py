@@ -146,10 +146,12 @@ def test_preallocated_outputs_are_returned(isa, make_kernels):
 
 @pytest.mark.parametrize("d", [9, 25, 49])
 @pytest.mark.parametrize("offset", [0, 1, 3, 15])
-def test_outputs_at_any_alignment_and_nothing_outside_them(isa, threads, d, offset, make_kernels):
-    # the engine streams rows of d >= 16 out past the cache (whole 64-byte lines only): an output view that starts
-    # inside a line, a partial last tile, and the floats just before and after the view that it must not touch
-    x = make_kernels(1000, d)
+@pytest.mark.parametrize("rows", [1000, 180_001])
+def test_outputs_at_any_alignment_and_nothing_outside_them(isa, threads, d, offset, rows, make_kernels):
+    # the engine streams large outputs (>= 2^22 floats) of rows with d >= 16 out past the cache, whole 64-byte
+    # lines only: an output view that starts inside a line, a partial last tile, and the floats just before and
+    # after the view that it must not touch
+    x = make_kernels(rows, d)
     backing = np.full(offset + x.size + 17, 7.0, np.float32)
     out = backing[offset : offset + x.size].reshape(x.shape)
     norms = np.full(len(x), 7.0, np.float32)

@@ -612,6 +612,8 @@ static void recheck_bf16(const ModelView& m, const AssignParams& p, int rows, co
 // written once and not read again here): no read-for-ownership of each output line, which otherwise costs as much
 // memory traffic as the input.  Ends with a store fence, so the data is visible to whoever reads it next.
 constexpr int kStreamMinDim = 16;  // below (3x3) the extra pass over the tile costs more than the stores save
+// outputs smaller than this (16 MiB) stay in the cache for whoever reads them next: plain stores
+constexpr idx_t kStreamMinFloats = idx_t{1} << 22;
 static void stream_copy(const float* src, idx_t n, float* dst) {
   const auto addr = reinterpret_cast<uintptr_t>(dst);
   idx_t head = addr % 64 == 0 ? 0 : static_cast<idx_t>((64 - addr % 64) / sizeof(float));
@@ -640,7 +642,7 @@ static void normalize_entry(const KernelsIn& x, idx_t r0, int rows, float min_ab
 #endif
   normalize_tile(s.xt, x.d, min_abs, s.aux + kGood * T, s.aux + kNorm * T);
 #if KA_ISA >= 1
-  if (x.d >= kStreamMinDim) {
+  if (x.d >= kStreamMinDim && x.rows * x.d >= kStreamMinFloats) {
     // the rows into scratch (buf0 holds kMaxDim x T floats for this entry, engine.cpp), then streamed out
     store_rows(s.xt, x.d, rows, s.buf0);
     stream_copy(s.buf0, static_cast<idx_t>(rows) * x.d, normalized);

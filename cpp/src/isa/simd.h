@@ -48,6 +48,7 @@ static inline vi imul(vi a, vi b) { return _mm512_mullo_epi32(a, b); }
 static inline vi imin(vi a, vi b) { return _mm512_min_epi32(a, b); }
 static inline vm ile(vi a, vi b) { return _mm512_cmple_epi32_mask(a, b); }
 static inline vi isel(vm m, vi a, vi b) { return _mm512_mask_blend_epi32(m, b, a); }
+static inline vi iinc(vm m, vi c) { return _mm512_mask_add_epi32(c, m, c, _mm512_set1_epi32(1)); }  // c + (m ? 1 : 0)
 static inline void istore(int32_t* p, vi a) { _mm512_storeu_si512(p, a); }
 static inline vf vgather(const float* base, vi idx) { return _mm512_i32gather_ps(idx, base, 4); }
 static inline vi vround_i(vf a) { return _mm512_cvtps_epi32(a); }
@@ -140,6 +141,7 @@ static inline vi imul(vi a, vi b) { return _mm256_mullo_epi32(a, b); }
 static inline vi imin(vi a, vi b) { return _mm256_min_epi32(a, b); }
 static inline vm ile(vi a, vi b) { return mnot(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, b))); }
 static inline vi isel(vm m, vi a, vi b) { return _mm256_blendv_epi8(b, a, _mm256_castps_si256(m)); }
+static inline vi iinc(vm m, vi c) { return _mm256_sub_epi32(c, _mm256_castps_si256(m)); }  // m's lanes are -1 or 0
 static inline void istore(int32_t* p, vi a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
 static inline vf vgather(const float* base, vi idx) { return _mm256_i32gather_ps(base, idx, 4); }
 static inline vi vround_i(vf a) { return _mm256_cvtps_epi32(a); }
@@ -219,6 +221,7 @@ static inline vi imul(vi a, vi b) { return a * b; }
 static inline vi imin(vi a, vi b) { return a < b ? a : b; }
 static inline vm ile(vi a, vi b) { return a <= b; }
 static inline vi isel(vm m, vi a, vi b) { return m ? a : b; }
+static inline vi iinc(vm m, vi c) { return m ? c + 1 : c; }
 static inline void istore(int32_t* p, vi a) { *p = a; }
 static inline vf vgather(const float* base, vi idx) { return base[idx]; }
 static inline float hsum(vf a) { return a; }
@@ -367,7 +370,7 @@ static inline vd dfinite_or(vd a, const float* rowmax, double fill) { return *ro
 // word comes from one of three windows of the input (halves [0, 64), [64, 128), [128, 144)), merged by masks.
 struct F16x9Permutes {
   uint16_t idx[5][32];
-  uint32_t from64[5];   // words whose source index is >= 64
+  uint32_t from64[5];  // words whose source index is >= 64
   uint32_t from128[5];  // ... >= 128
 };
 static constexpr F16x9Permutes make_f16x9_permutes() {

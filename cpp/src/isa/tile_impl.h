@@ -443,7 +443,7 @@ static void decode_segments_t(const ModelView& m, const float* z, float* rt) {
       // the number of breakpoints <= z, counted against broadcasts: no gathers (the breakpoints are sorted,
       // so this is the binary search's answer)
       vi c = iset(0);
-      for (int b = 0; b < nb; ++b) c = isel(vge(zv, vset(m.seg_t[b])), iadd(c, iset(1)), c);
+      for (int b = 0; b < nb; ++b) c = iinc(vge(zv, vset(m.seg_t[b])), c);
       sv = c;
     } else {
       sv = find_segment(m.n_seg, zv, [&](vi idx) { return vgather(m.seg_t, idx); });

@@ -148,9 +148,10 @@ def test_preallocated_outputs_are_returned(isa, make_kernels):
 @pytest.mark.parametrize("offset", [0, 1, 3, 15])
 @pytest.mark.parametrize("rows", [1000, 180_001])
 def test_outputs_at_any_alignment_and_nothing_outside_them(isa, threads, d, offset, rows, make_kernels):
-    # the engine streams large outputs (>= 2^22 floats) of rows with d >= 16 out past the cache, whole 64-byte
-    # lines only: an output view that starts inside a line, a partial last tile, and the floats just before and
-    # after the view that it must not touch
+    # the engine streams large outputs of rows with d >= 16 out past the cache, whole 64-byte lines only
+    # (kStreamMinDim, kStreamMinFloats = 2^22 in cpp/src/isa/tile_impl.h: 180,001 rows x 25 or 49 are above it,
+    # 1,000 rows below): an output view that starts inside a line, a partial last tile, and the floats just before
+    # and after the view that it must not touch
     x = make_kernels(rows, d)
     backing = np.full(offset + x.size + 17, 7.0, np.float32)
     out = backing[offset : offset + x.size].reshape(x.shape)

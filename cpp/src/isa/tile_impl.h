@@ -607,13 +607,16 @@ static void recheck_bf16(const ModelView& m, const AssignParams& p, int rows, co
 
 // ---------------------------------------------------------------------------------------------- entry points
 
+// normalize streams its output past the cache (stream_copy) only for rows of at least kStreamMinDim entries (below,
+// 3x3, the extra pass over the tile costs more than the stores save) and outputs of at least kStreamMinFloats
+// (16 MiB; smaller ones stay in the cache for whoever reads them next)
+constexpr int kStreamMinDim = 16;
+constexpr idx_t kStreamMinFloats = idx_t{1} << 22;
+
 #if KA_ISA >= 1
 // dst[0, n) = src[0, n) with non-temporal stores for the 64-byte lines dst covers whole (src in cache; dst an output
 // written once and not read again here): no read-for-ownership of each output line, which otherwise costs as much
 // memory traffic as the input.  Ends with a store fence, so the data is visible to whoever reads it next.
-constexpr int kStreamMinDim = 16;  // below (3x3) the extra pass over the tile costs more than the stores save
-// outputs smaller than this (16 MiB) stay in the cache for whoever reads them next: plain stores
-constexpr idx_t kStreamMinFloats = idx_t{1} << 22;
 static void stream_copy(const float* src, idx_t n, float* dst) {
   const auto addr = reinterpret_cast<uintptr_t>(dst);
   idx_t head = addr % 64 == 0 ? 0 : static_cast<idx_t>((64 - addr % 64) / sizeof(float));
@@ -646,11 +649,11 @@ static void normalize_entry(const KernelsIn& x, idx_t r0, int rows, float min_ab
     // the rows into scratch (buf0 holds kMaxDim x T floats for this entry, engine.cpp), then streamed out
     store_rows(s.xt, x.d, rows, s.buf0);
     stream_copy(s.buf0, static_cast<idx_t>(rows) * x.d, normalized);
-    std::memcpy(norms, s.aux + kNorm * T, sizeof(float) * rows);
-    return;
-  }
+  } else
 #endif
-  store_rows(s.xt, x.d, rows, normalized);
+  {
+    store_rows(s.xt, x.d, rows, normalized);
+  }
   std::memcpy(norms, s.aux + kNorm * T, sizeof(float) * rows);
 }
 
